@@ -1,0 +1,65 @@
+# meshnet — the front door. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTEST  := $(VENV)/bin/pytest
+DEB_PKGS := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod
+STAMP   := $(VENV)/.installed
+LAB     ?= demo
+
+.PHONY: help setup deps venv test test-unit test-root lint golden proto demo demo-down bench clean-netns
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+
+setup: deps venv ## install Debian packages and the Python venv (idempotent; quick when nothing is missing)
+
+deps: ## install the Debian packages the lab and the tests need, when missing
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root to install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 (3.11+) is required" >&2; exit 1; }
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "python3 must be 3.11 or newer" >&2; exit 1; }
+	@[ -x $(PY) ] || python3 -m venv $(VENV) || { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv $(VENV); }
+	$(VENV)/bin/pip install -q --upgrade pip >/dev/null
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	@touch $@
+
+test: setup ## set everything up and run the whole suite (root tests included when run as root)
+	$(PYTEST) -q -p no:cacheprovider
+
+test-unit: setup ## only the tests that need no root
+	$(PYTEST) -q -m "not root"
+
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check meshnet tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+golden: setup ## regenerate tests/golden from the templates (review with git diff)
+	$(PY) -m tests.golden_gen
+
+proto: setup ## regenerate meshnet/proto/*_pb2*.py from meshnet.proto
+	$(PY) -m grpc_tools.protoc -I meshnet/proto --python_out=meshnet/proto --grpc_python_out=meshnet/proto --pyi_out=meshnet/proto meshnet/proto/meshnet.proto
+	sed -i 's/^import meshnet_pb2 as/from meshnet.proto import meshnet_pb2 as/' meshnet/proto/meshnet_pb2_grpc.py
+
+demo: setup ## run tests/3node.yml on 3 emulated nodes (every link a VXLAN) and print connectivity
+	$(VENV)/bin/meshnetctl lab up tests/3node.yml --nodes 3 --name $(LAB) --ping
+
+demo-down: setup ## remove the demo lab
+	$(VENV)/bin/meshnetctl lab down --name $(LAB)
+
+bench: setup ## measure the speed targets and write docs/performance.md
+	$(PY) -m benchmarks.run --write docs/performance.md
+
+clean-netns: ## remove namespaces left by an interrupted test or lab (prefixes mnt-, mnl-, mnb-)
+	scripts/cleanup

@@ -1,0 +1,433 @@
+"""Topology resources as frozen dataclasses: parse raw dicts once, validate everything once.
+
+Input comes from Kubernetes YAML files (any mix of Topology, Pod and StatefulSet documents) and
+from the API (Topology objects as the API server returns them). Nothing downstream sees a raw
+value: names are checked by `naming`, addresses by `ipaddress`, numbers by range.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshnet import naming
+
+GROUP = "networkop.co.uk"
+VERSION = "v1beta1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "Topology"
+PLURAL = "topologies"
+LOCALHOST = "localhost"  # peer_pod value meaning "a macvlan on the node's interface peer_intf"
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+_LINK_FIELDS = {"uid", "peer_pod", "local_intf", "peer_intf", "local_ip", "peer_ip", "mtu"}
+_REQUIRED_LINK_FIELDS = ("uid", "peer_pod", "local_intf", "peer_intf")
+
+
+class ManifestError(ValueError):
+    """A resource meshnet refuses. Every problem names the source, the object, the uid and the field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _where(source: str, obj: str, uid: object = None, fld: str | None = None) -> str:
+    parts = [p for p in (source, obj) if p]
+    if uid is not None:
+        parts.append(f"link uid {uid}")
+    if fld:
+        parts.append(fld)
+    return ": ".join(parts)
+
+
+@dataclass(frozen=True)
+class Link:
+    uid: int
+    peer_pod: str
+    local_intf: str
+    peer_intf: str
+    local_ip: IPInterface | None = None
+    peer_ip: IPInterface | None = None
+    mtu: int | None = None
+
+    @property
+    def is_macvlan(self) -> bool:
+        return self.peer_pod == LOCALHOST
+
+    def to_api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "uid": self.uid,
+            "peer_pod": self.peer_pod,
+            "local_intf": self.local_intf,
+            "peer_intf": self.peer_intf,
+        }
+        if self.local_ip is not None:
+            out["local_ip"] = str(self.local_ip)
+        if self.peer_ip is not None:
+            out["peer_ip"] = str(self.peer_ip)
+        if self.mtu is not None:
+            out["mtu"] = self.mtu
+        return out
+
+    def mirrored(self, pod: str) -> Link:
+        """The same link as its peer pod `pod`'s Topology must describe it."""
+        return Link(self.uid, pod, self.peer_intf, self.local_intf, self.peer_ip, self.local_ip, self.mtu)
+
+
+@dataclass(frozen=True)
+class Skip:
+    pod_name: str
+    link_id: int
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    uid: int
+    kind: str  # veth | vxlan | macvlan
+    state: str  # up | pending | error
+    message: str = ""
+
+    def to_api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uid": self.uid, "kind": self.kind, "state": self.state}
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+@dataclass(frozen=True)
+class TopologyStatus:
+    src_ip: str = ""  # VTEP (node) address of the pod's node
+    net_ns: str = ""  # the runtime's netns path
+    container_id: str = ""
+    node: str = ""
+    skipped: tuple[Skip, ...] = ()
+    links: tuple[LinkStatus, ...] = ()
+    plumbing_error: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.src_ip and self.net_ns)
+
+    def to_api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("src_ip", "net_ns", "container_id", "node", "plumbing_error"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.skipped:
+            out["skipped"] = [{"pod_name": s.pod_name, "link_id": s.link_id} for s in self.skipped]
+        if self.links:
+            out["links"] = [ls.to_api() for ls in self.links]
+        return out
+
+    @classmethod
+    def from_api(cls, raw: Mapping[str, Any] | None) -> TopologyStatus:
+        # Status is written by meshnet daemons (ours or the original's): read it leniently.
+        if not raw:
+            return cls()
+        return cls(
+            src_ip=str(raw.get("src_ip") or ""),
+            net_ns=str(raw.get("net_ns") or ""),
+            container_id=str(raw.get("container_id") or ""),
+            node=str(raw.get("node") or ""),
+            skipped=tuple(
+                Skip(str(s.get("pod_name", "")), int(s.get("link_id", 0))) for s in raw.get("skipped") or ()
+            ),
+            links=tuple(
+                LinkStatus(int(ls.get("uid", 0)), str(ls.get("kind", "")), str(ls.get("state", "")),
+                           str(ls.get("message", "")))
+                for ls in raw.get("links") or ()
+            ),
+            plumbing_error=str(raw.get("plumbing_error") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    namespace: str
+    links: tuple[Link, ...]
+    status: TopologyStatus = field(default_factory=TopologyStatus)
+    resource_version: str = ""
+    source: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def link(self, uid: int) -> Link | None:
+        for lnk in self.links:
+            if lnk.uid == uid:
+                return lnk
+        return None
+
+    def with_status(self, status: TopologyStatus) -> Topology:
+        return replace(self, status=status)
+
+    def to_api(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if self.resource_version:
+            meta["resourceVersion"] = self.resource_version
+        out: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": meta,
+            "spec": {"links": [lnk.to_api() for lnk in self.links]},
+        }
+        status = self.status.to_api()
+        if status:
+            out["status"] = status
+        return out
+
+    @classmethod
+    def from_api(cls, raw: Mapping[str, Any], source: str = "") -> Topology:
+        """Parse and validate one Topology object (a YAML document or an API response)."""
+        return parse_topology(raw, source)
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    node_name: str = ""
+    source: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    topologies: tuple[Topology, ...]
+    pods: tuple[Pod, ...]
+
+    def topology(self, namespace: str, name: str) -> Topology | None:
+        for t in self.topologies:
+            if t.key == (namespace, name):
+                return t
+        return None
+
+
+def _parse_ip(value: object, where: str, problems: list[str]) -> IPInterface | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        problems.append(f"{where}: must be a CIDR string such as 12.12.12.1/24, not {value!r}")
+        return None
+    if "/" not in value:
+        problems.append(f"{where}: {value!r} has no prefix length (write it as a CIDR, e.g. {value}/24)")
+        return None
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        problems.append(f"{where}: {value!r} is not an IPv4 or IPv6 address with prefix length")
+        return None
+
+
+def _parse_link(raw: object, source: str, obj: str, index: int, problems: list[str]) -> Link | None:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{_where(source, obj)}: spec.links[{index}]: must be a mapping, not {raw!r}")
+        return None
+    uid_raw = raw.get("uid")
+    label = uid_raw if isinstance(uid_raw, int) and not isinstance(uid_raw, bool) else None
+    here = f"{_where(source, obj)}: spec.links[{index}]" if label is None else _where(source, obj, label)
+    before = len(problems)
+    unknown = sorted(set(raw) - _LINK_FIELDS)
+    if unknown:
+        problems.append(f"{here}: unknown field(s) {', '.join(map(str, unknown))} "
+                        f"(known: {', '.join(sorted(_LINK_FIELDS))})")
+    for key in _REQUIRED_LINK_FIELDS:
+        if key not in raw:
+            problems.append(f"{here}: {key}: is required")
+    if "uid" in raw and label is None:
+        problems.append(f"{here}: uid: must be an integer, not {uid_raw!r}")
+    elif label is not None and not 0 <= label <= naming.MAX_UID:
+        problems.append(f"{here}: uid: {label} is outside 0..{naming.MAX_UID} "
+                        f"(a namespace's links share one block of {naming.VNI_BLOCK_SIZE} VNIs)")
+    peer_pod = raw.get("peer_pod")
+    if "peer_pod" in raw and peer_pod != LOCALHOST:
+        why = naming.k8s_name_problem(peer_pod)
+        if why:
+            problems.append(f"{here}: peer_pod: {why}")
+    for key in ("local_intf", "peer_intf"):
+        if key in raw:
+            why = naming.ifname_problem(raw[key])
+            if why:
+                problems.append(f"{here}: {key}: {why}")
+    if raw.get("local_intf") == naming.POD_NETWORK_IF:
+        problems.append(f"{here}: local_intf: eth0 is reserved for the pod network")
+    if raw.get("peer_intf") == naming.POD_NETWORK_IF and peer_pod != LOCALHOST:
+        problems.append(f"{here}: peer_intf: eth0 is reserved for the pod network")
+    local_ip = _parse_ip(raw.get("local_ip"), f"{here}: local_ip", problems)
+    peer_ip = _parse_ip(raw.get("peer_ip"), f"{here}: peer_ip", problems)
+    if local_ip is not None and peer_ip is not None and local_ip.version != peer_ip.version:
+        problems.append(f"{here}: peer_ip: {peer_ip} is IPv{peer_ip.version} but local_ip is IPv{local_ip.version}")
+    mtu = raw.get("mtu")
+    if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535):
+        problems.append(f"{here}: mtu: must be an integer in 68..65535, not {mtu!r}")
+    if len(problems) > before or label is None:
+        return None
+    return Link(label, str(peer_pod), str(raw["local_intf"]), str(raw["peer_intf"]), local_ip, peer_ip, mtu)
+
+
+def _metadata(raw: Mapping[str, Any], source: str, kind: str, problems: list[str]) -> tuple[str, str, str]:
+    meta = raw.get("metadata")
+    if not isinstance(meta, Mapping):
+        problems.append(f"{source}: {kind}: metadata: is required")
+        return "", "", ""
+    name = meta.get("name")
+    namespace = meta.get("namespace") or "default"
+    obj = f"{kind} {namespace}/{name}"
+    why = naming.k8s_name_problem(name)
+    if why:
+        problems.append(f"{_where(source, obj)}: metadata.name: {why}")
+    why = naming.k8s_name_problem(namespace, label=True)
+    if why:
+        problems.append(f"{_where(source, obj)}: metadata.namespace: {why}")
+    return str(name), str(namespace), str(meta.get("resourceVersion") or "")
+
+
+def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
+    """One Topology object → `Topology`, or `ManifestError` listing every problem of it."""
+    problems: list[str] = []
+    if not isinstance(raw, Mapping):
+        raise ManifestError([f"{source}: Topology: must be a mapping"])
+    name, namespace, rv = _metadata(raw, source, KIND, problems)
+    obj = f"{KIND} {namespace}/{name}"
+    api_version = raw.get("apiVersion")
+    if api_version not in (None, API_VERSION):
+        problems.append(f"{_where(source, obj)}: apiVersion: {api_version!r} is not {API_VERSION}")
+    spec = raw.get("spec")
+    links_raw = spec.get("links") if isinstance(spec, Mapping) else None
+    if not isinstance(spec, Mapping) or not isinstance(links_raw, list):
+        problems.append(f"{_where(source, obj)}: spec.links: is required and must be a list")
+        raise ManifestError(problems)
+    links: list[Link] = []
+    for i, lr in enumerate(links_raw):
+        lnk = _parse_link(lr, source, obj, i, problems)
+        if lnk is not None:
+            links.append(lnk)
+    seen_uid: set[int] = set()
+    seen_if: dict[str, int] = {}
+    for lnk in links:
+        where = _where(source, obj, lnk.uid)
+        if lnk.uid in seen_uid:
+            problems.append(f"{where}: uid: used by more than one link of this pod")
+        seen_uid.add(lnk.uid)
+        if lnk.local_intf in seen_if:
+            problems.append(f"{where}: local_intf: {lnk.local_intf} is already used by link uid "
+                            f"{seen_if[lnk.local_intf]} of this pod")
+        seen_if.setdefault(lnk.local_intf, lnk.uid)
+        if lnk.peer_pod == name:
+            problems.append(f"{where}: peer_pod: a link from {name} to itself (self-loop) is not allowed")
+    if problems:
+        raise ManifestError(problems)
+    status = TopologyStatus.from_api(raw.get("status") if isinstance(raw.get("status"), Mapping) else None)
+    return Topology(name, namespace, tuple(links), status, rv, source)
+
+
+def check_peers(topologies: Iterable[Topology]) -> None:
+    """Cross-object rules: symmetric links and namespace-unique uids. Raises ManifestError."""
+    problems: list[str] = []
+    by_key = {t.key: t for t in topologies}
+    owners: dict[tuple[str, int], list[Topology]] = {}
+    for t in by_key.values():
+        for lnk in t.links:
+            owners.setdefault((t.namespace, lnk.uid), []).append(t)
+    for (ns, uid), ts in sorted(owners.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        names = sorted(t.name for t in ts)
+        if len(ts) > 2:
+            problems.append(f"{_where(ts[0].source, f'namespace {ns}', uid)}: uid: used by {len(ts)} "
+                            f"pods ({', '.join(names)}); a uid names one link between two pods")
+            continue
+        for t in ts:
+            mine = t.link(uid)
+            assert mine is not None
+            lnk = mine
+            if lnk.is_macvlan:
+                if len(ts) > 1:
+                    problems.append(f"{_where(t.source, f'{KIND} {ns}/{t.name}', uid)}: uid: also used by "
+                                    f"{', '.join(n for n in names if n != t.name)}")
+                continue
+            peer = by_key.get((ns, lnk.peer_pod))
+            if peer is None:
+                continue  # a peer without a Topology is legal: the link simply never comes up
+            theirs = peer.link(uid)
+            where = _where(t.source, f"{KIND} {ns}/{t.name}", uid)
+            if theirs is None:
+                problems.append(f"{where}: peer_pod: {peer.name} has no link with uid {uid}")
+                continue
+            want = lnk.mirrored(t.name)
+            for fld in ("peer_pod", "local_intf", "peer_intf", "local_ip", "peer_ip", "mtu"):
+                if getattr(theirs, fld) != getattr(want, fld) and t.name < peer.name:
+                    problems.append(f"{where}: {fld}: {peer.name} has {getattr(theirs, fld)!r} but this "
+                                    f"link needs {getattr(want, fld)!r} there (links must be mirrored)")
+    if problems:
+        raise ManifestError(problems)
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _iter_documents(text: str, source: str) -> Iterator[Mapping[str, Any]]:
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        raise ManifestError([f"{source}: not valid YAML: {e}"]) from e
+    for doc in docs:
+        if doc is None:
+            continue
+        if not isinstance(doc, Mapping):
+            raise ManifestError([f"{source}: every YAML document must be a mapping, got {doc!r:.60}"])
+        if doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            yield from doc["items"]
+        else:
+            yield doc
+
+
+def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
+    """A Kubernetes YAML stream → Topologies and Pods (StatefulSets expand to their pods)."""
+    problems: list[str] = []
+    topologies: list[Topology] = []
+    pods: list[Pod] = []
+    for doc in _iter_documents(text, source):
+        kind = doc.get("kind")
+        try:
+            if kind == KIND:
+                topologies.append(parse_topology(doc, source))
+            elif kind == "Pod":
+                name, ns, _ = _metadata(doc, source, "Pod", problems)
+                spec = _mapping(doc.get("spec"))
+                pods.append(Pod(name, ns, str(spec.get("nodeName") or ""), source))
+            elif kind == "StatefulSet":
+                name, ns, _ = _metadata(doc, source, "StatefulSet", problems)
+                spec = _mapping(doc.get("spec"))
+                replicas = spec.get("replicas", 1)
+                if not isinstance(replicas, int) or replicas < 0:
+                    problems.append(f"{source}: StatefulSet {ns}/{name}: spec.replicas: {replicas!r}")
+                    continue
+                pods.extend(Pod(f"{name}-{i}", ns, "", source) for i in range(replicas))
+        except ManifestError as e:
+            problems.extend(e.problems)
+    seen: set[tuple[str, str, str]] = set()
+    for obj in [*((KIND, t.namespace, t.name) for t in topologies), *(("Pod", p.namespace, p.name) for p in pods)]:
+        if obj in seen:
+            problems.append(f"{source}: {obj[0]} {obj[1]}/{obj[2]}: metadata.name: defined twice")
+        seen.add(obj)
+    if problems:
+        raise ManifestError(problems)
+    check_peers(topologies)
+    return Manifest(tuple(topologies), tuple(pods))
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ManifestError([f"{p}: cannot read: {e.strerror}"]) from e
+    return parse_manifest(text, str(p))

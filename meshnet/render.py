@@ -1,0 +1,139 @@
+"""The one Jinja environment: link plans → `ip` commands (argv tuples, grouped by namespace).
+
+Templates (`templates/<kind>/<action>.j2`) hold the whole link logic; this module only feeds them
+validated, frozen plans and turns their lines into `Command`s. Everything is rendered before
+anything runs, so a template error never leaves a half-built link behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from meshnet.plan import LinkPlan
+
+HERE = "."  # the namespace the executor runs in (the node's)
+ACTIONS = ("add", "del", "update")
+KINDS = ("veth", "vxlan", "macvlan")
+
+
+def templates_dir() -> Path:
+    override = os.environ.get("MESHNET_TEMPLATES")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+class RenderError(Exception):
+    """A template failed; names the template file and line."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `ip` command: `ip -n netns ARGV...` (netns None: the executor's own namespace)."""
+
+    netns: str | None
+    argv: tuple[str, ...]
+    uid: int = -1  # the link it belongs to, for journals and rollback
+
+    @property
+    def creates(self) -> tuple[str | None, str] | None:
+        """(namespace, interface) this command creates, if it is a `link add`."""
+        if self.argv[:2] != ("link", "add"):
+            return None
+        head = self.argv[: self.argv.index("type")] if "type" in self.argv else self.argv
+        where = head[head.index("netns") + 1] if "netns" in head else self.netns
+        return where, self.argv[2]
+
+    def shell(self) -> str:
+        prefix = ["ip"] if self.netns is None else ["ip", "-n", self.netns]
+        return shlex.join([*prefix, *self.argv])
+
+
+@lru_cache(maxsize=4)
+def environment(root: str) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(root),
+        undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly, never renders ""
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+
+
+def _parse(text: str, uid: int, where: str) -> list[Command]:
+    commands: list[Command] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if not line.startswith("[") or "]" not in line:
+            raise RenderError(f"{where}: output line {lineno} is not '[NETNS] ip-args': {line!r}")
+        ns, _, rest = line[1:].partition("]")
+        # Values are validated before rendering (no whitespace or quotes in names, addresses via
+        # ipaddress), so a plain split is exact; the checks below keep it so.
+        argv = tuple(rest.split())
+        if not argv or any(c in rest for c in "'\"\\#;") or not ns or " " in ns:
+            raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {line!r}")
+        commands.append(Command(None if ns == HERE else ns, argv, uid))
+    return commands
+
+
+def render_link(plan: LinkPlan, action: str) -> list[Command]:
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    name = f"{plan.kind}/{action}.j2"
+    env = environment(str(templates_dir()))
+    try:
+        template = env.get_template(name)
+        text = template.render(link=plan, node=plan.node_netns or HERE)
+    except jinja2.TemplateSyntaxError as e:
+        raise RenderError(f"{e.filename or name}:{e.lineno}: {e.message}") from e
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{name}: {e}") from e
+    return _parse(text, plan.uid, name)
+
+
+def render(plans: Iterable[LinkPlan], action: str) -> list[Command]:
+    commands: list[Command] = []
+    for plan in plans:
+        commands.extend(render_link(plan, action))
+    return commands
+
+
+def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
+    """Group commands into batches: creations first, then the rest; one batch per namespace each.
+
+    Creations run in the node's namespace before addressing runs in the pods, whatever order the
+    links came in; inside a batch the template order is kept.
+    """
+    out: list[list[tuple[str | None, list[Command]]]] = []
+    for want_create in (True, False):
+        groups: dict[str | None, list[Command]] = {}
+        for c in commands:
+            if (c.argv[:2] == ("link", "add")) == want_create:
+                groups.setdefault(c.netns, []).append(c)
+        if groups:
+            out.append(list(groups.items()))
+    return out
+
+
+def script(commands: Sequence[Command], *, header: str = "") -> str:
+    """A replayable shell script: one `ip -batch` here-document per namespace and phase."""
+    lines = ["#!/bin/sh", "set -e"]
+    if header:
+        lines.extend(f"# {h}" if h else "#" for h in header.splitlines())
+    for phase in phases(commands):
+        for ns, batch in phase:
+            prefix = "ip -batch -" if ns is None else f"ip -n {ns} -batch -"
+            lines.append(f"{prefix} <<'EOF'")
+            lines.extend(" ".join(c.argv) for c in batch)
+            lines.append("EOF")
+    return "\n".join(lines) + "\n"
