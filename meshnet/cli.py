@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from meshnet.model import ManifestError, load_manifest
+
+if TYPE_CHECKING:
+    from meshnet.lab.cluster import Lab
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -37,6 +43,159 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab(args: argparse.Namespace, *, quiet: bool = False) -> Lab:
+    from meshnet.lab.cluster import Lab
+
+    progress = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    return Lab(args.name, progress=progress)
+
+
+def _print_table(rows: list[list[str]], head: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
+    for row in [head, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
+
+
+def _print_connectivity(results: list[dict[str, Any]]) -> bool:
+    if not results:
+        print("no addressed links to ping")
+        return True
+    _print_table([[r["from"], r["to"], r["address"], "ok" if r["ok"] else "FAIL"] for r in results],
+                 ["FROM", "TO", "ADDRESS", "PING"])
+    good = sum(r["ok"] for r in results)
+    print(f"{good}/{len(results)} link ends answer")
+    return good == len(results)
+
+
+def _cmd_lab_up(args: argparse.Namespace) -> int:
+    from meshnet.lab.cluster import LabError
+
+    lab = _lab(args)
+    try:
+        cni_bin = [args.cni_bin] if args.cni_bin else None
+        summary = lab.up(args.file, args.nodes, store=args.store, kubeconfig=args.kubeconfig, cni_bin=cni_bin)
+    except (LabError, ManifestError) as e:
+        print(f"meshnetctl lab up: {e}", file=sys.stderr)
+        if not isinstance(e, ManifestError) and lab.exists():
+            print(f"the lab is partly up; remove it with: meshnetctl lab down --name {args.name}", file=sys.stderr)
+        return 1
+    per_node = ", ".join(f"{n}: {c}" for n, c in sorted(summary["pods_per_node"].items()))
+    kinds = ", ".join(f"{k}: {c}" for k, c in sorted(summary["links_up_by_kind"].items())) or "none"
+    print(f"lab {summary['lab']} up in {summary['seconds']:.2f}s")
+    print(f"  pods per node: {per_node}")
+    print(f"  links up: {kinds} (of {summary['links_total']} in the topology)")
+    ok = not summary["failed"]
+    for pod, err in sorted(summary["failed"].items()):
+        print(f"  FAILED {pod}: {err}")
+    if args.ping:
+        print("connectivity (each addressed link end pinged from its peer):")
+        ok = _print_connectivity(lab.connectivity()) and ok
+    print(f"explore: meshnetctl lab exec --name {args.name} r1 -- ip -br addr   |   status: meshnetctl lab status "
+          f"--name {args.name}   |   remove: meshnetctl lab down --name {args.name}")
+    return 0 if ok else 1
+
+
+def _cmd_lab_down(args: argparse.Namespace) -> int:
+    problems = _lab(args).down()
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    print(f"lab {args.name} removed")
+    return 0
+
+
+def _cmd_lab_status(args: argparse.Namespace) -> int:
+    from meshnet.lab.cluster import LabError
+
+    try:
+        status = _lab(args, quiet=True).status()
+    except LabError as e:
+        print(f"meshnetctl lab status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"lab {status['lab']} ({status['manifest']}, store {status['store']})")
+    _print_table([[n["name"], n["vtep"], n["daemon"], str(n["daemon_pid"])] for n in status["nodes"]],
+                 ["NODE", "VTEP", "MESHNETD", "PID"])
+    print()
+    _print_table([[p["name"], p["node"], p["state"], p["error"][:60]] for p in status["pods"]],
+                 ["POD", "NODE", "STATE", "ERROR"])
+    print()
+    _print_table([[str(lk["uid"]), lk["a"], lk["b"], lk["kind"], lk["state"]] for lk in status["links"]],
+                 ["UID", "END A", "END B", "KIND", "STATE"])
+    return 0
+
+
+def _cmd_lab_exec(args: argparse.Namespace) -> int:
+    from meshnet.lab.cluster import LabError
+
+    lab = _lab(args, quiet=True)
+    try:
+        rec = lab.state.pods.get(args.pod)
+    except LabError as e:
+        print(f"meshnetctl lab exec: {e}", file=sys.stderr)
+        return 1
+    if rec is None:
+        print(f"meshnetctl lab exec: no pod {args.pod!r} in lab {args.name}", file=sys.stderr)
+        return 1
+    cmd = [c for c in args.cmd if c != "--"] or ["sh"]
+    os.execvp("ip", ["ip", "netns", "exec", rec.netns, *cmd])
+    return 1  # not reached
+
+
+def _cmd_lab_ping(args: argparse.Namespace) -> int:
+    return 0 if _print_connectivity(_lab(args, quiet=True).connectivity()) else 1
+
+
+def _cmd_lab_pod_restart(args: argparse.Namespace) -> int:
+    rec = _lab(args).restart_pod(args.pod)
+    print(f"{rec.name}: {rec.state} ({rec.links} link(s), {rec.seconds:.2f}s){' ' + rec.error if rec.error else ''}")
+    return 0 if rec.state == "up" else 1
+
+
+def _cmd_lab_daemon_restart(args: argparse.Namespace) -> int:
+    _lab(args).restart_daemon(args.node)
+    print(f"meshnetd on {args.node} restarted")
+    return 0
+
+
+def _add_lab_parser(sub: Any) -> None:
+    lab = sub.add_parser("lab", help="an emulated multi-node cluster on this machine (root)")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+
+    def with_name(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--name", default="lab", help="lab name (several labs can run side by side)")
+        return p
+
+    p = with_name(lsub.add_parser("up", help="create nodes, start one meshnetd per node, ADD every pod"))
+    p.add_argument("file")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--store", choices=("sqlite", "kube"), default="sqlite")
+    p.add_argument("--kubeconfig", default="")
+    p.add_argument("--cni-bin", default="", help="CNI binary to run (default: this venv's meshnet)")
+    p.add_argument("--ping", action="store_true", help="print the connectivity matrix when up")
+    p.set_defaults(func=_cmd_lab_up)
+    p = with_name(lsub.add_parser("down", help="DEL every pod, stop the daemons, remove everything"))
+    p.set_defaults(func=_cmd_lab_down)
+    p = with_name(lsub.add_parser("status", help="nodes, pods and every link with kind and state"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_lab_status)
+    p = with_name(lsub.add_parser("exec", help="run a command in a pod: lab exec POD -- CMD..."))
+    p.add_argument("pod")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_lab_exec)
+    p = with_name(lsub.add_parser("ping", help="ping every addressed link end from its peer"))
+    p.set_defaults(func=_cmd_lab_ping)
+    pod = lsub.add_parser("pod", help="pod operations").add_subparsers(dest="pod_command", required=True)
+    p = with_name(pod.add_parser("restart", help="DEL, new network namespace, ADD"))
+    p.add_argument("pod")
+    p.set_defaults(func=_cmd_lab_pod_restart)
+    daemon = lsub.add_parser("daemon", help="daemon operations").add_subparsers(dest="daemon_command", required=True)
+    p = with_name(daemon.add_parser("restart", help="kill -9 a node's meshnetd and start it again"))
+    p.add_argument("node")
+    p.set_defaults(func=_cmd_lab_daemon_restart)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshnetctl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="mnd-", help="namespace name prefix; default mnd-")
     p.add_argument("--delete", action="store_true", help="print the teardown instead")
     p.set_defaults(func=_cmd_plan)
+
+    _add_lab_parser(sub)
     return parser
 
 

@@ -8,12 +8,14 @@ decided by the same planner, in the order a sequence of ADDs would take.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from meshnet import naming
 from meshnet.model import Manifest
 from meshnet.plan import (
     LabLayout,
+    LinkPlan,
     MacvlanPlan,
     NodeInfo,
     every_link_plan,
@@ -84,43 +86,51 @@ def link_commands(lab: DryRunLab) -> list[Command]:
     return render(every_link_plan(simulate_adds(lab.manifest, lab.layout)), "add")
 
 
-def setup_script(lab: DryRunLab) -> str:
-    steps = simulate_adds(lab.manifest, lab.layout)
-    plans = every_link_plan(steps)
-    out = [
-        f"# underlay {lab.underlay_ns}: a bridge joining the nodes' eth0 ({UNDERLAY})",
-        f"ip netns add {lab.underlay_ns}",
-        f"ip -n {lab.underlay_ns} link add br0 type bridge",
-        f"ip -n {lab.underlay_ns} link set br0 up",
-    ]
-    for i, node in enumerate(lab.layout.nodes):
-        out += [
-            f"# node {node.name}: VTEP {node.vtep_ip}",
-            f"ip netns add {node.netns}",
-            f"ip -n {node.netns} link set lo up",
-            f"ip -n {lab.underlay_ns} link add ul{i} type veth peer name eth0 netns {node.netns}",
-            f"ip -n {lab.underlay_ns} link set ul{i} master br0 up",
-            f"ip -n {node.netns} addr add {node.vtep_ip}/{UNDERLAY.prefixlen} dev eth0",
-            f"ip -n {node.netns} link set eth0 up",
+def infra_commands(prefix: str, nodes: Sequence[NodeInfo], external_addrs: Iterable[str] = ()) -> list[Command]:
+    """The emulated cluster around the pods, in order: underlay bridge, nodes, external namespace.
+
+    Shared by the dry-run script and `meshnetctl lab`, so both build the same thing.
+    """
+    ul, ext = f"{prefix}ul", f"{prefix}ext"
+    plen = UNDERLAY.prefixlen
+    cmds = [Command(None, ("netns", "add", ul)), Command(ul, ("link", "add", "br0", "type", "bridge")),
+            Command(ul, ("link", "set", "br0", "up"))]
+    for i, node in enumerate(nodes):
+        assert node.netns is not None
+        cmds += [
+            Command(None, ("netns", "add", node.netns)),
+            Command(node.netns, ("link", "set", "lo", "up")),
+            Command(ul, ("link", "add", f"ul{i}", "type", "veth", "peer", "name", "eth0", "netns", node.netns)),
+            Command(ul, ("link", "set", f"ul{i}", "master", "br0", "up")),
+            Command(node.netns, ("addr", "add", f"{node.vtep_ip}/{plen}", "dev", "eth0")),
+            Command(node.netns, ("link", "set", "eth0", "up")),
         ]
-    ext = lab.external_ns
-    out += [
-        f"# external {ext}: where macvlan ends (peer_pod: localhost) are reached from",
-        f"ip netns add {ext}",
-        f"ip -n {lab.underlay_ns} link add ulx type veth peer name eth0 netns {ext}",
-        f"ip -n {lab.underlay_ns} link set ulx master br0 up",
-        f"ip -n {ext} addr add {UNDERLAY[EXTERNAL_HOST]}/{UNDERLAY.prefixlen} dev eth0",
-        f"ip -n {ext} link set eth0 up",
+    cmds += [
+        Command(None, ("netns", "add", ext)),
+        Command(ul, ("link", "add", "ulx", "type", "veth", "peer", "name", "eth0", "netns", ext)),
+        Command(ul, ("link", "set", "ulx", "master", "br0", "up")),
+        Command(ext, ("addr", "add", f"{UNDERLAY[EXTERNAL_HOST]}/{plen}", "dev", "eth0")),
+        Command(ext, ("link", "set", "eth0", "up")),
     ]
-    ext_addrs = {a for a in (_external_address(p) for p in plans if isinstance(p, MacvlanPlan)) if a}
-    out += [f"ip -n {ext} addr add {a} dev eth0" for a in sorted(ext_addrs)]
+    cmds += [Command(ext, ("addr", "add", a, "dev", "eth0")) for a in sorted(set(external_addrs))]
+    return cmds
+
+
+def external_addresses(plans: Iterable[LinkPlan]) -> set[str]:
+    return {a for a in (_external_address(p) for p in plans if isinstance(p, MacvlanPlan)) if a}
+
+
+def setup_script(lab: DryRunLab) -> str:
+    plans = every_link_plan(simulate_adds(lab.manifest, lab.layout))
+    out = ["#!/bin/sh", "# meshnet dry-run: replay as root to build the lab", "set -e",
+           f"# the emulated cluster: underlay {lab.underlay_ns} ({UNDERLAY}), nodes, external {lab.external_ns}"]
+    out += [c.shell() for c in infra_commands(lab.prefix, lab.layout.nodes, external_addresses(plans))]
     out.append("# pods")
     for key in pod_names(lab.manifest):
         ns = lab.layout.pod_netns[key]
         out += [f"ip netns add {ns}  # {key} on {lab.layout.pod_node[key]}", f"ip -n {ns} link set lo up"]
     body = script(render(plans, "add"), header="links: one ip -batch per namespace and phase")
-    head = "\n".join(["#!/bin/sh", "# meshnet dry-run: replay as root to build the lab", "set -e", *out])
-    return head + "\n" + body.split("\n", 2)[2]
+    return "\n".join(out) + "\n" + body.split("\n", 2)[2]
 
 
 def teardown_script(lab: DryRunLab) -> str:

@@ -103,7 +103,7 @@ class BatchOutcome:
 
 class Executor:
     def __init__(self, ip: str = "ip", *, dry_run: bool = False, journal: Journal | None = None,
-                 timeout: float = 120.0, log: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 timeout: float = 120.0, log: Callable[..., None] | None = None) -> None:
         self._ip = local[ip]
         self.dry_run = dry_run
         self.journal = journal if journal is not None else Journal()
@@ -122,8 +122,8 @@ class Executor:
         elapsed = time.monotonic() - started
         self.journal.record(netns, batch, rc, elapsed, stderr if rc else "")
         if self._log is not None:
-            self._log({"event": "ip-batch", "netns": netns or ".", "commands": len(batch), "rc": rc,
-                       "ms": round(elapsed * 1000, 2), **({"stderr": stderr.strip()} if rc else {})})
+            self._log(event="ip-batch", netns=netns or ".", commands=len(batch), rc=rc,
+                      ms=round(elapsed * 1000, 2), **({"stderr": stderr.strip()} if rc else {}))
         return BatchOutcome(netns, batch, rc, stderr)
 
     def _run_phase(self, phase: list[tuple[str | None, list[Command]]], *, force: bool) -> list[BatchOutcome]:
@@ -167,6 +167,28 @@ class Executor:
                 where = f"in namespace {failure.netns}" if failure.netns else "in the node namespace"
                 text = f"{msg} ({where}: ip {' '.join(bad.argv) if bad else '-batch'})"
                 raise _classify(failure.stderr)(text, bad, failure.stderr)
+
+    def run_sequence(self, commands: Sequence[Command]) -> None:
+        """Run commands strictly in the given order (consecutive ones of a namespace share a batch).
+
+        For set-up steps whose order matters across namespaces (`netns add` before `link add ...
+        netns`), which `apply`'s phases would reorder. No rollback: callers tear down by namespace.
+        """
+        if self.dry_run:
+            self.recorded.extend(commands)
+            return
+        i = 0
+        while i < len(commands):
+            j = i
+            while j < len(commands) and commands[j].netns == commands[i].netns:
+                j += 1
+            out = self._batch(commands[i].netns, list(commands[i:j]), force=False)
+            if out.rc != 0:
+                idx = out.failed_index
+                bad = out.batch[idx] if idx is not None and idx < len(out.batch) else None
+                raise _classify(out.stderr)(f"{out.stderr.strip()} ({bad.shell() if bad else 'ip -batch'})",
+                                            bad, out.stderr)
+            i = j
 
     def remove(self, commands: Sequence[Command]) -> list[str]:
         """Run commands that tear links down; what is already gone is fine. Returns other errors."""

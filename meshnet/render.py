@@ -108,17 +108,23 @@ def render(plans: Iterable[LinkPlan], action: str) -> list[Command]:
     return commands
 
 
-def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
-    """Group commands into batches: creations first, then the rest; one batch per namespace each.
+def _phase(c: Command) -> int:
+    verb = c.argv[:2]
+    return 0 if verb == ("link", "del") else 1 if verb == ("link", "add") else 2
 
-    Creations run in the node's namespace before addressing runs in the pods, whatever order the
-    links came in; inside a batch the template order is kept.
+
+def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
+    """Group commands into batches: deletions, then creations, then the rest (addresses, up).
+
+    One batch per namespace in each phase. Creations run in the node's namespace before
+    addressing runs in the pods, and an update's deletion before its re-creation, whatever order
+    the links came in; inside a batch the template order is kept.
     """
     out: list[list[tuple[str | None, list[Command]]]] = []
-    for want_create in (True, False):
+    for phase in (0, 1, 2):
         groups: dict[str | None, list[Command]] = {}
         for c in commands:
-            if (c.argv[:2] == ("link", "add")) == want_create:
+            if _phase(c) == phase:
                 groups.setdefault(c.netns, []).append(c)
         if groups:
             out.append(list(groups.items()))

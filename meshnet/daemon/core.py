@@ -1,0 +1,531 @@
+"""What meshnetd does: CNI ADD / DEL / CHECK / STATUS / GC and the peer calls, over a store.
+
+No gRPC or HTTP here: the servers in `api.py` and `peers.py` call into `Meshnet`, and the peer
+client is handed in (a fake in unit tests, gRPC in the daemon). Errors leave as `CniError` (for the
+shim) or `PeerDenied` (for the gRPC edge).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from meshnet import naming
+from meshnet.cni import delegate, spec
+from meshnet.cni.spec import CniError, CniRequest
+from meshnet.daemon import netns
+from meshnet.executor import ExecError, Executor, LinkExists
+from meshnet.model import LinkStatus, ManifestError, Skip, Topology, TopologyStatus
+from meshnet.plan import (
+    LinkPlan,
+    MacvlanPlan,
+    NodeInfo,
+    PeerState,
+    PodPlan,
+    VethPlan,
+    VxlanPlan,
+    plan_pod,
+    plan_remote_end,
+)
+from meshnet.render import Command, render
+from meshnet.store.base import Store, StoreError
+
+Log = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class PeerLink:
+    """A peer request, as the receiving node sees it (`pod` is on the receiver)."""
+
+    namespace: str
+    pod: str
+    peer_pod: str
+    uid: int
+    vni: int
+    local_intf: str
+    peer_intf: str
+    local_ip: str
+    peer_ip: str
+    peer_vtep: str
+
+
+class PeerDenied(Exception):
+    """A peer request the store does not back; nothing was done."""
+
+
+class PeerError(Exception):
+    """A peer daemon could not be reached or failed."""
+
+
+class PeerClient(Protocol):
+    def update(self, address: str, link: PeerLink) -> str: ...
+
+    def remove(self, address: str, link: PeerLink) -> str: ...
+
+
+def _forget_vanished(container_id: str) -> Callable[[Topology], TopologyStatus | None]:
+    """A status mutation: the pod's netns is gone (crash, reboot), so it is not alive any more."""
+
+    def fn(cur: Topology) -> TopologyStatus | None:
+        if cur.status.container_id != container_id:
+            return None
+        return TopologyStatus(plumbing_error=f"network namespace {cur.status.net_ns} vanished")
+
+    return fn
+
+
+def _ip(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def kernel_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{netns: {ifname: `ip -j -d link show` entry}} for each namespace (missing ones are empty)."""
+    view: dict[str, dict[str, dict[str, Any]]] = {}
+    for ns in set(names):
+        try:
+            view[ns] = {e["ifname"]: e for e in executor.show(ns)}
+        except ExecError:
+            view[ns] = {}
+    return view
+
+
+def _kind(entry: Mapping[str, Any] | None) -> str:
+    if not entry:
+        return ""
+    return str(entry.get("linkinfo", {}).get("info_kind", ""))
+
+
+def vxlan_matches(entry: Mapping[str, Any] | None, plan: VxlanPlan) -> bool:
+    if _kind(entry) != "vxlan":
+        return False
+    assert entry is not None
+    data = entry.get("linkinfo", {}).get("info_data", {})
+    return (data.get("id") == plan.vni and data.get("remote") == plan.remote_ip
+            and data.get("local") == plan.vtep_ip and data.get("port") == plan.port)
+
+
+class Meshnet:
+    def __init__(self, node: NodeInfo, store: Store, executor: Executor, peers: PeerClient, *,
+                 grpc_port: int, cni_path: str = "/opt/cni/bin", log: Log | None = None) -> None:
+        self.node = node
+        self.store = store
+        self.executor = executor
+        self.peers = peers
+        self.grpc_port = grpc_port
+        self.cni_path = cni_path
+        self._log: Log = log or (lambda **_: None)
+        self._locks: dict[tuple[str, int], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._eth0_cache: dict[str, dict[str, Any]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="peer")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _link_locks(self, namespace: str, uids: Iterable[int]) -> ExitStack:
+        """Serialise work per link (sorted, so two ADDs never wait on each other in a cycle)."""
+        stack = ExitStack()
+        with self._locks_guard:
+            locks = [self._locks.setdefault((namespace, uid), threading.Lock()) for uid in sorted(set(uids))]
+        for lock in locks:
+            stack.enter_context(lock)
+        return stack
+
+    def _pod(self, req: CniRequest) -> tuple[str, str]:
+        name = req.pod_name
+        namespace = req.pod_namespace or "default"  # podman passes no namespace
+        if not name:
+            return namespace, ""
+        for value, what in ((name, "K8S_POD_NAME"), (namespace, "K8S_POD_NAMESPACE")):
+            why = naming.k8s_name_problem(value, label=what == "K8S_POD_NAMESPACE")
+            if why:
+                raise CniError(spec.INVALID_ENV, f"CNI_ARGS {what} is invalid", why)
+        return namespace, name
+
+    def _eth0(self, req: CniRequest, command: str) -> dict[str, Any] | None:
+        conf = req.conf
+        if conf.delegate is not None:
+            env = self._delegate_env(req, command)
+            prev = self._eth0_cache.get(req.container_id) if command in ("DEL", "CHECK") else None
+            return delegate.run_delegate(conf.delegate, command, env, conf.cni_version, conf.name,
+                                         prev_result=prev, valid_attachments=conf.valid_attachments or ())
+        if command == "ADD":
+            return delegate.chained_prev_result(conf, command)
+        return None
+
+    def _delegate_env(self, req: CniRequest, command: str) -> dict[str, str]:
+        args = ";".join(f"{k}={v}" for k, v in req.args.items())
+        return {"CNI_COMMAND": command, "CNI_CONTAINERID": req.container_id, "CNI_NETNS": req.netns,
+                "CNI_IFNAME": req.ifname or "eth0", "CNI_ARGS": args,
+                "CNI_PATH": ":".join(req.path) or self.cni_path, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    def _peer_states(self, topologies: Iterable[Topology]) -> dict[str, PeerState]:
+        states: dict[str, PeerState] = {}
+        for t in topologies:
+            st = t.status
+            ns_name = ""
+            if st.alive and st.node == self.node.name and netns.exists(st.net_ns):
+                try:
+                    ns_name = netns.resolve(st.net_ns)
+                except netns.NetnsError:
+                    ns_name = ""
+            # A pod on this node whose namespace vanished is not alive, whatever the store says.
+            alive = st.alive and (st.node != self.node.name or bool(ns_name))
+            states[t.name] = PeerState(t.name, alive, st.node, st.src_ip, ns_name)
+        return states
+
+    # --- CNI -----------------------------------------------------------------------------------
+
+    def handle(self, command: str, env: Mapping[str, str], stdin: str) -> dict[str, Any] | None:
+        if command == "VERSION":
+            return spec.version_answer(stdin)
+        req = spec.parse_request(env, stdin)
+        handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "STATUS": self.status,
+                   "GC": self.gc}[req.command]
+        try:
+            return handler(req)
+        except StoreError as e:
+            raise CniError(spec.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
+        except netns.NetnsError as e:
+            raise CniError(spec.INVALID_ENV, "network namespace", str(e)) from e
+
+    def add(self, req: CniRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        eth0 = self._eth0(req, "ADD")
+        if eth0 is not None:
+            self._eth0_cache[req.container_id] = eth0
+        try:
+            result = self._add_links(req, eth0)
+        except BaseException:
+            if req.conf.delegate is not None:
+                try:  # undo eth0 too: a failed ADD leaves nothing behind
+                    self._eth0(req, "DEL")
+                except CniError as e:
+                    self._log(event="rollback-eth0-failed", error=str(e))
+                self._eth0_cache.pop(req.container_id, None)
+            raise
+        self._log(event="add", container=req.container_id[:12], ms=round((time.monotonic() - started) * 1000, 1))
+        return result
+
+    def _add_links(self, req: CniRequest, eth0: dict[str, Any] | None) -> dict[str, Any]:
+        namespace, pod = self._pod(req)
+        base = spec.Result.from_dict(eth0) if eth0 else spec.Result()
+        topo = self.store.get(namespace, pod) if pod else None
+        if topo is None:
+            return base.to_dict(req.conf.cni_version)
+        ns_name = netns.resolve(req.netns)
+
+        def mark_alive(cur: Topology) -> TopologyStatus:
+            return replace(cur.status, src_ip=self.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
+                           node=self.node.name, plumbing_error="", skipped=())
+
+        topo = self.store.update_status(namespace, pod, mark_alive) or topo
+        peers = self._peer_states(self.store.list(namespace))
+        plan = plan_pod(topo, ns_name, self.node, peers)
+        try:
+            self.build(namespace, plan.links)
+        except ExecError as e:
+            message = f"{pod}: {e}"
+            self.store.update_status(namespace, pod, lambda cur: replace(
+                cur.status, src_ip="", net_ns="", plumbing_error=message)
+                if cur.status.container_id == req.container_id else None)
+            raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from e
+        remote_errors = self.notify_peers(topo, plan)
+        self._record(namespace, pod, req.container_id, plan, remote_errors)
+        ifaces = list(base.interfaces)
+        ips = list(base.ips)
+        for lp in plan.links:
+            end = lp.a if isinstance(lp, VethPlan) else lp.local
+            ifaces.append(spec.Interface(end.intf, sandbox=req.netns))
+            if end.ip is not None:
+                ips.append(spec.IPConfig(str(end.ip), interface=len(ifaces) - 1))
+        return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
+
+    def _record(self, namespace: str, pod: str, container_id: str, plan: PodPlan,
+                remote_errors: Mapping[int, str]) -> None:
+        states = [LinkStatus(lp.uid, lp.kind, "error" if lp.uid in remote_errors else "up",
+                             remote_errors.get(lp.uid, "")) for lp in plan.links]
+        states += [LinkStatus(p.uid, "", "pending", p.reason) for p in plan.pending]
+        states.sort(key=lambda s: s.uid)
+        skipped = tuple(Skip(p.peer_pod, p.uid) for p in plan.pending)
+        error = "; ".join(f"uid {u}: {m}" for u, m in sorted(remote_errors.items()))
+
+        def write(cur: Topology) -> TopologyStatus | None:
+            if cur.status.container_id != container_id:
+                return None  # a newer sandbox owns the status now
+            return replace(cur.status, links=tuple(states), skipped=skipped, plumbing_error=error)
+
+        self.store.update_status(namespace, pod, write)
+
+    def build(self, namespace: str, plans: Sequence[LinkPlan]) -> None:
+        """Create links; what already exists and matches is left, what differs is made again."""
+        if not plans:
+            return
+        with self._link_locks(namespace, (p.uid for p in plans)):
+            try:
+                self.executor.apply(render(plans, "add"))
+                return
+            except LinkExists:
+                pass  # a concurrent ADD, a restarted daemon or a re-ADD got there first: look
+            todo = self._differences(plans)
+            if todo:
+                self.executor.apply(todo)
+
+    def _differences(self, plans: Sequence[LinkPlan]) -> list[Command]:
+        names = [e.netns for p in plans for e in p.ends]
+        view = kernel_view(self.executor, names)
+        commands: list[Command] = []
+        for p in plans:
+            if isinstance(p, VethPlan):
+                have_a, have_b = p.a.intf in view[p.a.netns], p.b.intf in view[p.b.netns]
+                if have_a and have_b:
+                    continue
+                if have_a:  # its far end is elsewhere: a stale pair
+                    commands += [Command(p.a.netns, ("link", "del", p.a.intf), p.uid)]
+                if have_b:
+                    commands += [Command(p.b.netns, ("link", "del", p.b.intf), p.uid)]
+                commands += render([p], "add")
+            elif isinstance(p, VxlanPlan):
+                entry = view[p.local.netns].get(p.local.intf)
+                if vxlan_matches(entry, p):
+                    continue
+                commands += render([p], "update" if entry else "add")
+            elif isinstance(p, MacvlanPlan):
+                entry = view[p.local.netns].get(p.local.intf)
+                if _kind(entry) == "macvlan":
+                    continue
+                if entry:
+                    commands += [Command(p.local.netns, ("link", "del", p.local.intf), p.uid)]
+                commands += render([p], "add")
+        return commands
+
+    def _peer_link(self, topo: Topology, uid: int) -> PeerLink:
+        link = topo.link(uid)
+        assert link is not None
+        return PeerLink(topo.namespace, link.peer_pod, topo.name, uid, naming.vni(topo.namespace, uid),
+                        link.peer_intf, link.local_intf, _ip(link.peer_ip), _ip(link.local_ip), self.node.vtep_ip)
+
+    def notify_peers(self, topo: Topology, plan: PodPlan) -> dict[int, str]:
+        """Ask each remote peer's daemon to build its vxlan end; returns {uid: error} for failures."""
+        if not plan.remote:
+            return {}
+        futures = {r.uid: self._pool.submit(self.peers.update, f"{r.peer_src_ip}:{self.grpc_port}",
+                                            self._peer_link(topo, r.uid)) for r in plan.remote}
+        errors: dict[int, str] = {}
+        for uid, fut in futures.items():
+            try:
+                action = fut.result()
+                self._log(event="peer-update", uid=uid, action=action)
+            except Exception as e:  # any failure of one peer must not hide the others
+                errors[uid] = f"peer update failed: {e}"
+                self._log(event="peer-update-failed", uid=uid, error=str(e))
+        return errors
+
+    def delete(self, req: CniRequest) -> None:
+        namespace, pod = self._pod(req)
+        topo = self.store.get(namespace, pod) if pod else None
+        if topo is not None:
+            owner = topo.status.container_id
+            if owner and owner != req.container_id:
+                # A DEL for an old sandbox arriving after a newer ADD: the links are the new one's.
+                self._log(event="del-skipped", pod=pod, container=req.container_id[:12], owner=owner[:12])
+            else:
+                self._delete_links(topo, req)
+        self._eth0(req, "DEL")
+        self._eth0_cache.pop(req.container_id, None)
+        return None
+
+    def _delete_links(self, topo: Topology, req: CniRequest) -> None:
+        path = req.netns or topo.status.net_ns
+        ns_name = ""
+        if netns.exists(path):
+            ns_name = netns.resolve(path)
+        remote = [lnk for lnk in topo.links if not lnk.is_macvlan]
+        peers = self._peer_states(t for t in self.store.list(topo.namespace)
+                                  if t.name in {lnk.peer_pod for lnk in remote})
+        if ns_name:
+            with self._link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+                problems = self.executor.remove([Command(ns_name, ("link", "del", lnk.local_intf), lnk.uid)
+                                                 for lnk in topo.links])
+            for p in problems:
+                self._log(event="del-problem", pod=topo.name, error=p)
+        far = [lnk for lnk in remote if (st := peers.get(lnk.peer_pod)) is not None and st.alive
+               and st.node != self.node.name and st.src_ip]
+        futures = [self._pool.submit(self.peers.remove, f"{peers[lnk.peer_pod].src_ip}:{self.grpc_port}",
+                                     self._peer_link(topo, lnk.uid)) for lnk in far]
+        for fut in futures:
+            try:
+                fut.result()
+            except Exception as e:  # the far end is garbage-collected later; DEL must succeed
+                self._log(event="peer-remove-failed", error=str(e))
+
+        def clear(cur: Topology) -> TopologyStatus | None:
+            if cur.status.container_id not in ("", req.container_id):
+                return None
+            return TopologyStatus()
+
+        self.store.update_status(topo.namespace, topo.name, clear)
+        if ns_name:
+            netns.detach(ns_name)
+
+    def check(self, req: CniRequest) -> None:
+        if req.conf.delegate is not None:
+            self._eth0(req, "CHECK")
+        namespace, pod = self._pod(req)
+        topo = self.store.get(namespace, pod) if pod else None
+        if topo is None:
+            return None
+        if topo.status.container_id != req.container_id:
+            raise CniError(spec.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
+                           f"status has container {topo.status.container_id or 'none'}")
+        ns_name = netns.resolve(req.netns)
+        plan = plan_pod(topo, ns_name, self.node, self._peer_states(self.store.list(namespace)))
+        view = kernel_view(self.executor, [ns_name])[ns_name]
+        addrs = {e["ifname"]: {f"{a['local']}/{a['prefixlen']}" for a in e.get("addr_info", ())}
+                 for e in self.executor.addresses(ns_name)}
+        problems = []
+        for lp in plan.links:
+            end = lp.a if isinstance(lp, VethPlan) else lp.local
+            entry = view.get(end.intf)
+            if entry is None:
+                problems.append(f"link uid {lp.uid}: {end.intf} is missing")
+            elif _kind(entry) != lp.kind:
+                problems.append(f"link uid {lp.uid}: {end.intf} is a {_kind(entry) or 'device'} not a {lp.kind}")
+            elif isinstance(lp, VxlanPlan) and not vxlan_matches(entry, lp):
+                problems.append(f"link uid {lp.uid}: {end.intf} has the wrong VNI or remote")
+            elif end.ip is not None and str(end.ip) not in addrs.get(end.intf, set()):
+                problems.append(f"link uid {lp.uid}: {end.intf} lacks {end.ip}")
+        if problems:
+            raise CniError(spec.LINK_PLUMBING_FAILED, f"{pod}: links differ from the topology", "; ".join(problems))
+        return None
+
+    def status(self, req: CniRequest) -> None:
+        try:
+            self.store.list("default")
+        except StoreError as e:
+            raise CniError(spec.PLUGIN_NOT_AVAILABLE, "meshnet cannot reach its topology store", str(e)) from e
+        if req.conf.delegate is not None:
+            self._eth0(req, "STATUS")
+        return None
+
+    def gc(self, req: CniRequest) -> None:
+        """Forget pods of this node whose sandbox the runtime no longer lists; remove their links."""
+        valid = {a.container_id for a in req.conf.valid_attachments or ()}
+        for topo in self.store.list(None):
+            st = topo.status
+            if st.node != self.node.name or not st.container_id or st.container_id in valid:
+                continue
+            self._log(event="gc", pod=topo.name, container=st.container_id[:12])
+            stale = replace(req, container_id=st.container_id, netns=st.net_ns if netns.exists(st.net_ns) else "")
+            self._delete_links(topo, stale)
+        if req.conf.delegate is not None:
+            self._eth0(req, "GC")
+        return None
+
+    # --- peers -----------------------------------------------------------------------------------
+
+    def _backed(self, req: PeerLink) -> tuple[Topology, Topology | None]:
+        """The local pod's Topology if the store backs the request; PeerDenied otherwise."""
+        try:
+            topo = self.store.get(req.namespace, req.pod)
+        except (StoreError, ManifestError) as e:
+            raise PeerDenied(f"store: {e}") from e
+        if topo is None:
+            raise PeerDenied(f"no Topology {req.namespace}/{req.pod}")
+        link = topo.link(req.uid)
+        if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
+            raise PeerDenied(f"{req.namespace}/{req.pod} has no link uid {req.uid} to {req.peer_pod}")
+        want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip),
+                naming.vni(req.namespace, req.uid))
+        got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni)
+        if want != got:
+            raise PeerDenied(f"link uid {req.uid} of {req.namespace}/{req.pod} differs from the request")
+        caller = self.store.get(req.namespace, req.peer_pod)
+        return topo, caller
+
+    def peer_update(self, req: PeerLink) -> str:
+        topo, caller = self._backed(req)
+        st = topo.status
+        if not st.alive or st.node != self.node.name:
+            raise PeerDenied(f"{req.namespace}/{req.pod} is not alive on node {self.node.name}")
+        if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
+                or caller.status.node == self.node.name:
+            raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
+        if not netns.exists(st.net_ns):
+            raise PeerDenied(f"{req.namespace}/{req.pod}: its network namespace {st.net_ns} is gone")
+        ns_name = netns.resolve(st.net_ns)
+        peer = PeerState(caller.name, True, caller.status.node, caller.status.src_ip, "")
+        plan = plan_remote_end(topo, req.uid, ns_name, self.node, peer)
+        with self._link_locks(req.namespace, [req.uid]):
+            entry = kernel_view(self.executor, [ns_name])[ns_name].get(plan.local.intf)
+            if vxlan_matches(entry, plan):
+                action = "unchanged"
+            else:
+                self.executor.apply(render([plan], "update" if entry else "add"))
+                action = "updated" if entry else "created"
+        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "vxlan", "up"))
+        return action
+
+    def peer_remove(self, req: PeerLink) -> str:
+        topo, _ = self._backed(req)
+        st = topo.status
+        if not st.alive or st.node != self.node.name or not netns.exists(st.net_ns):
+            return "absent"
+        ns_name = netns.resolve(st.net_ns)
+        with self._link_locks(req.namespace, [req.uid]):
+            entry = kernel_view(self.executor, [ns_name])[ns_name].get(req.local_intf)
+            data = (entry or {}).get("linkinfo", {}).get("info_data", {})
+            # Only the end that points at the caller goes: a newer incarnation elsewhere keeps its link.
+            if _kind(entry) != "vxlan" or data.get("remote") != req.peer_vtep or data.get("id") != req.vni:
+                return "absent"
+            self.executor.remove([Command(ns_name, ("link", "del", req.local_intf), req.uid)])
+        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "vxlan", "pending",
+                                                       f"peer pod {req.peer_pod} is not up"))
+        return "removed"
+
+    def _set_link_state(self, topo: Topology, uid: int, state: LinkStatus) -> None:
+        container = topo.status.container_id
+
+        def write(cur: Topology) -> TopologyStatus | None:
+            if cur.status.container_id != container:
+                return None
+            links = tuple(sorted([*(s for s in cur.status.links if s.uid != uid), state], key=lambda s: s.uid))
+            return None if links == cur.status.links else replace(cur.status, links=links)
+
+        self.store.update_status(topo.namespace, topo.name, write)
+
+    # --- reconcile --------------------------------------------------------------------------------
+
+    def reconcile(self) -> int:
+        """Rebuild whatever is missing for the pods alive on this node; returns links (re)built."""
+        built = 0
+        for topo in self.store.list(None):
+            st = topo.status
+            if not st.alive or st.node != self.node.name:
+                continue
+            if not netns.exists(st.net_ns):
+                self._log(event="stale-netns", pod=topo.name, net_ns=st.net_ns)
+                self.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
+                continue
+            ns_name = netns.resolve(st.net_ns)
+            peers = self._peer_states(self.store.list(topo.namespace))
+            plan = plan_pod(topo, ns_name, self.node, peers)
+            with self._link_locks(topo.namespace, (p.uid for p in plan.links)):
+                todo = self._differences(plan.links)
+                if todo:
+                    try:
+                        self.executor.apply(todo)
+                    except ExecError as e:
+                        self._log(event="reconcile-failed", pod=topo.name, error=str(e))
+                        continue
+            built += len({c.uid for c in todo})
+            errors = self.notify_peers(topo, plan)
+            self._record(topo.namespace, topo.name, st.container_id, plan, errors)
+        return built
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

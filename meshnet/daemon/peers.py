@@ -1,0 +1,96 @@
+"""The gRPC edge between daemons: the Peer servicer (refuses what the store does not back) and client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+
+from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
+from meshnet.executor import ExecError
+from meshnet.proto import meshnet_pb2, meshnet_pb2_grpc
+
+
+def to_message(link: PeerLink) -> meshnet_pb2.LinkRequest:
+    return meshnet_pb2.LinkRequest(
+        namespace=link.namespace, pod=link.pod, peer_pod=link.peer_pod, uid=link.uid, vni=link.vni,
+        local_intf=link.local_intf, peer_intf=link.peer_intf, local_ip=link.local_ip, peer_ip=link.peer_ip,
+        peer_vtep=link.peer_vtep)
+
+
+def from_message(msg: meshnet_pb2.LinkRequest) -> PeerLink:
+    return PeerLink(msg.namespace, msg.pod, msg.peer_pod, int(msg.uid), int(msg.vni), msg.local_intf,
+                    msg.peer_intf, msg.local_ip, msg.peer_ip, msg.peer_vtep)
+
+
+class PeerServicer(meshnet_pb2_grpc.PeerServicer):
+    def __init__(self, core: Meshnet, log: Callable[..., None]) -> None:
+        self.core = core
+        self.log = log
+
+    def _serve(self, fn: Callable[[PeerLink], str], request: meshnet_pb2.LinkRequest,
+               context: grpc.ServicerContext, what: str) -> meshnet_pb2.LinkReply:
+        link = from_message(request)
+        try:
+            action = fn(link)
+        except PeerDenied as e:
+            self.log(event=f"peer-{what}-denied", caller=context.peer(), pod=link.pod, uid=link.uid, reason=str(e))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except ExecError as e:
+            self.log(event=f"peer-{what}-failed", pod=link.pod, uid=link.uid, error=str(e))
+            context.abort(grpc.StatusCode.INTERNAL, str(e))
+        self.log(event=f"peer-{what}", caller=context.peer(), pod=link.pod, uid=link.uid, action=action)
+        return meshnet_pb2.LinkReply(action=action)
+
+    def Update(self, request: meshnet_pb2.LinkRequest, context: grpc.ServicerContext) -> meshnet_pb2.LinkReply:
+        return self._serve(self.core.peer_update, request, context, "update")
+
+    def Remove(self, request: meshnet_pb2.LinkRequest, context: grpc.ServicerContext) -> meshnet_pb2.LinkReply:
+        return self._serve(self.core.peer_remove, request, context, "remove")
+
+
+def serve(core: Meshnet, bind: str, port: int, log: Callable[..., None]) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
+    meshnet_pb2_grpc.add_PeerServicer_to_server(PeerServicer(core, log), server)
+    server.add_insecure_port(f"{bind}:{port}")
+    server.start()
+    return server
+
+
+class GrpcPeerClient:
+    """Channels are kept per peer address: an ADD to a busy node should not pay a TCP handshake."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self._stubs: dict[str, meshnet_pb2_grpc.PeerStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    def _stub(self, address: str) -> meshnet_pb2_grpc.PeerStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(address)
+                self._channels.append(channel)
+                stub = self._stubs[address] = meshnet_pb2_grpc.PeerStub(channel)
+            return stub
+
+    def _call(self, method: str, address: str, link: PeerLink) -> str:
+        try:
+            reply = getattr(self._stub(address), method)(to_message(link), timeout=self.timeout,
+                                                         wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise PeerError(f"{address}: {e.code().name}: {e.details()}") from e
+        return str(reply.action)
+
+    def update(self, address: str, link: PeerLink) -> str:
+        return self._call("Update", address, link)
+
+    def remove(self, address: str, link: PeerLink) -> str:
+        return self._call("Remove", address, link)
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()

@@ -1,0 +1,70 @@
+"""The store protocol: where Topologies (spec) and pod runtime state (status) live.
+
+Two implementations pass one contract test-suite (`tests/test_store_contract.py`): `kube` (the
+Topology CRs through the Kubernetes API) and `sqlite` (a local file, the lab's embedded default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from meshnet.model import Topology, TopologyStatus
+
+
+class StoreError(Exception):
+    """Any store failure; the CNI layer maps it to error 102 (store unavailable) unless more precise."""
+
+
+class StoreConflict(StoreError):
+    """A compare-and-set lost (stale resourceVersion) — and retrying did not help."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached (API server down, database locked for too long)."""
+
+
+class StoreInvalid(StoreError):
+    """The backend refused the object (e.g. the CRD schema rejected it)."""
+
+
+# fn(current) -> new status, or None for "leave it as it is"
+StatusMutation = Callable[[Topology], TopologyStatus | None]
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: Literal["ADDED", "MODIFIED", "DELETED"]
+    topology: Topology
+
+
+class Store(Protocol):
+    def get(self, namespace: str, name: str) -> Topology | None:
+        """The Topology, or None when there is none (not found is not an error)."""
+        ...
+
+    def list(self, namespace: str | None = None) -> list[Topology]:
+        """All Topologies of a namespace (None: of every namespace), sorted by (namespace, name)."""
+        ...
+
+    def apply(self, topology: Topology) -> Topology:
+        """Create, or replace the spec of, a Topology. Status is kept. Returns the stored object."""
+        ...
+
+    def delete(self, namespace: str, name: str) -> bool:
+        """Remove a Topology; False when it was not there."""
+        ...
+
+    def update_status(self, namespace: str, name: str, fn: StatusMutation) -> Topology | None:
+        """Compare-and-set the status: read, fn(current), write if the object did not change meanwhile;
+        on a conflict read again and retry (bounded). Returns the stored Topology, None if it does
+        not exist; raises StoreConflict when retries are exhausted."""
+        ...
+
+    def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
+              timeout: float = 1.0) -> Iterator[WatchEvent]:
+        """Changes after the call, until stop() is true (checked at least every `timeout` seconds)."""
+        ...
+
+    def close(self) -> None: ...
