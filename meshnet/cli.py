@@ -95,6 +95,22 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_lab_apply(args: argparse.Namespace) -> int:
+    from meshnet.lab.cluster import LabError
+
+    try:
+        result = _lab(args).apply(args.file)
+    except (LabError, ManifestError) as e:
+        print(f"meshnetctl lab apply: {e}", file=sys.stderr)
+        return 1
+    for what, names in result.items():
+        if names:
+            print(f"{what.replace('_', ' ')}: {', '.join(names)}")
+    if not any(result.values()):
+        print("nothing changed")
+    return 0
+
+
 def _cmd_lab_down(args: argparse.Namespace) -> int:
     problems = _lab(args).down()
     for p in problems:
@@ -148,7 +164,7 @@ def _cmd_lab_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab_pod_restart(args: argparse.Namespace) -> int:
-    rec = _lab(args).restart_pod(args.pod)
+    rec = _lab(args).restart_pod(args.pod, args.node)
     print(f"{rec.name}: {rec.state} ({rec.links} link(s), {rec.seconds:.2f}s){' ' + rec.error if rec.error else ''}")
     return 0 if rec.state == "up" else 1
 
@@ -175,6 +191,9 @@ def _add_lab_parser(sub: Any) -> None:
     p.add_argument("--cni-bin", default="", help="CNI binary to run (default: this venv's meshnet)")
     p.add_argument("--ping", action="store_true", help="print the connectivity matrix when up")
     p.set_defaults(func=_cmd_lab_up)
+    p = with_name(lsub.add_parser("apply", help="hot change: update the lab's store and pods from an edited FILE"))
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_lab_apply)
     p = with_name(lsub.add_parser("down", help="DEL every pod, stop the daemons, remove everything"))
     p.set_defaults(func=_cmd_lab_down)
     p = with_name(lsub.add_parser("status", help="nodes, pods and every link with kind and state"))
@@ -189,6 +208,7 @@ def _add_lab_parser(sub: Any) -> None:
     pod = lsub.add_parser("pod", help="pod operations").add_subparsers(dest="pod_command", required=True)
     p = with_name(pod.add_parser("restart", help="DEL, new network namespace, ADD"))
     p.add_argument("pod")
+    p.add_argument("--node", default="", help="restart it on another node (a move)")
     p.set_defaults(func=_cmd_lab_pod_restart)
     daemon = lsub.add_parser("daemon", help="daemon operations").add_subparsers(dest="daemon_command", required=True)
     p = with_name(daemon.add_parser("restart", help="kill -9 a node's meshnetd and start it again"))
@@ -212,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
 
     _add_lab_parser(sub)
+    from meshnet.standalone import add_parsers as add_standalone_parsers
+
+    add_standalone_parsers(sub)
     return parser
 
 

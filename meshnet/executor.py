@@ -214,8 +214,9 @@ class Executor:
         self.remove(undo)
 
     def show(self, netns: str | None) -> list[dict[str, Any]]:
-        """`ip -j -d link show` in a namespace (the kernel's view, for CHECK and reconcile)."""
-        args = (["-n", netns] if netns else []) + ["-j", "-d", "link", "show"]
+        """`ip -j -d addr show` in a namespace: links with their details and addresses in one call
+        (the kernel's view, for CHECK and reconcile)."""
+        args = (["-n", netns] if netns else []) + ["-j", "-d", "addr", "show"]
         rc, out, err = self._ip[args].run(retcode=None, timeout=self.timeout)
         if rc != 0:
             raise _classify(err)(err.strip() or f"ip link show failed ({rc})", None, err)

@@ -93,11 +93,15 @@ class LinkStatus:
     kind: str  # veth | vxlan | macvlan
     state: str  # up | pending | error
     message: str = ""
+    # The pod's interface meshnet made for this link: the only names garbage collection may remove.
+    intf: str = ""
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {"uid": self.uid, "kind": self.kind, "state": self.state}
         if self.message:
             out["message"] = self.message
+        if self.intf:
+            out["intf"] = self.intf
         return out
 
 
@@ -141,7 +145,7 @@ class TopologyStatus:
             ),
             links=tuple(
                 LinkStatus(int(ls.get("uid", 0)), str(ls.get("kind", "")), str(ls.get("state", "")),
-                           str(ls.get("message", "")))
+                           str(ls.get("message", "")), str(ls.get("intf", "")))
                 for ls in raw.get("links") or ()
             ),
             plumbing_error=str(raw.get("plumbing_error") or ""),
@@ -219,6 +223,11 @@ def _parse_ip(value: object, where: str, problems: list[str]) -> IPInterface | N
         return None
     if "/" not in value:
         problems.append(f"{where}: {value!r} has no prefix length (write it as a CIDR, e.g. {value}/24)")
+        return None
+    if "%" in value:
+        # ipaddress accepts any text as an IPv6 scope id ("fe80::1%x dev lo/64"); it would reach
+        # the `ip -batch` line verbatim, so scoped addresses are refused outright.
+        problems.append(f"{where}: {value!r} has a scope id ('%...'); link addresses take none")
         return None
     try:
         return ipaddress.ip_interface(value)
@@ -343,14 +352,22 @@ def check_peers(topologies: Iterable[Topology]) -> None:
             problems.append(f"{_where(ts[0].source, f'namespace {ns}', uid)}: uid: used by {len(ts)} "
                             f"pods ({', '.join(names)}); a uid names one link between two pods")
             continue
+        if len(ts) == 2:
+            a, b = ts
+            la, lb = a.link(uid), b.link(uid)
+            assert la is not None and lb is not None
+            if la.peer_pod != b.name or lb.peer_pod != a.name:
+                # Two links that do not point at each other (e.g. r1→r2 and r3→r4 whose peers have
+                # no Topology, or a macvlan and a pod link): the same uid would give both one VNI.
+                problems.append(f"{_where(ts[0].source, f'namespace {ns}', uid)}: uid: used by two different "
+                                f"links ({a.name}→{la.peer_pod} and {b.name}→{lb.peer_pod}); "
+                                f"a uid names one link between two pods")
+                continue
         for t in ts:
             mine = t.link(uid)
             assert mine is not None
             lnk = mine
             if lnk.is_macvlan:
-                if len(ts) > 1:
-                    problems.append(f"{_where(t.source, f'{KIND} {ns}/{t.name}', uid)}: uid: also used by "
-                                    f"{', '.join(n for n in names if n != t.name)}")
                 continue
             peer = by_key.get((ns, lnk.peer_pod))
             if peer is None:

@@ -22,8 +22,8 @@ from meshnet.daemon import netns
 from meshnet.executor import ExecError, Executor, LinkExists
 from meshnet.model import LinkStatus, ManifestError, Skip, Topology, TopologyStatus
 from meshnet.plan import (
+    Endpoint,
     LinkPlan,
-    MacvlanPlan,
     NodeInfo,
     PeerState,
     PodPlan,
@@ -100,6 +100,15 @@ def _kind(entry: Mapping[str, Any] | None) -> str:
     return str(entry.get("linkinfo", {}).get("info_kind", ""))
 
 
+def _configured(entry: Mapping[str, Any] | None, end: Endpoint) -> bool:
+    """The interface is up and carries exactly the link's address (besides link-local IPv6)."""
+    if not entry or "UP" not in entry.get("flags", ()):
+        return False
+    have = {f"{a.get('local')}/{a.get('prefixlen')}" for a in entry.get("addr_info", ())
+            if a.get("scope") != "link"}
+    return have == ({str(end.ip)} if end.ip is not None else set())
+
+
 def vxlan_matches(entry: Mapping[str, Any] | None, plan: VxlanPlan) -> bool:
     if _kind(entry) != "vxlan":
         return False
@@ -123,6 +132,7 @@ class Meshnet:
         self._locks_guard = threading.Lock()
         self._eth0_cache: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="peer")
+        self._seen: dict[tuple[str, str], Topology] = {}
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -235,7 +245,7 @@ class Meshnet:
                 if cur.status.container_id == req.container_id else None)
             raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from e
         remote_errors = self.notify_peers(topo, plan)
-        self._record(namespace, pod, req.container_id, plan, remote_errors)
+        self._record(topo, req.container_id, plan, remote_errors)
         ifaces = list(base.interfaces)
         ips = list(base.ips)
         for lp in plan.links:
@@ -245,21 +255,23 @@ class Meshnet:
                 ips.append(spec.IPConfig(str(end.ip), interface=len(ifaces) - 1))
         return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
 
-    def _record(self, namespace: str, pod: str, container_id: str, plan: PodPlan,
-                remote_errors: Mapping[int, str]) -> None:
-        states = [LinkStatus(lp.uid, lp.kind, "error" if lp.uid in remote_errors else "up",
-                             remote_errors.get(lp.uid, "")) for lp in plan.links]
-        states += [LinkStatus(p.uid, "", "pending", p.reason) for p in plan.pending]
+    def _record(self, topo: Topology, container_id: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
+        """Per-link state in the pod's status (only when it changed: every write wakes every watcher)."""
+        intf = {lnk.uid: lnk.local_intf for lnk in topo.links}
+        states = [LinkStatus(lp.uid, lp.kind, "error" if lp.uid in errors else "up", errors.get(lp.uid, ""),
+                             intf.get(lp.uid, "")) for lp in plan.links]
+        states += [LinkStatus(p.uid, "", "pending", p.reason, "") for p in plan.pending]
         states.sort(key=lambda s: s.uid)
         skipped = tuple(Skip(p.peer_pod, p.uid) for p in plan.pending)
-        error = "; ".join(f"uid {u}: {m}" for u, m in sorted(remote_errors.items()))
+        error = "; ".join(f"uid {u}: {m}" for u, m in sorted(errors.items()))
 
         def write(cur: Topology) -> TopologyStatus | None:
             if cur.status.container_id != container_id:
                 return None  # a newer sandbox owns the status now
-            return replace(cur.status, links=tuple(states), skipped=skipped, plumbing_error=error)
+            new = replace(cur.status, links=tuple(states), skipped=skipped, plumbing_error=error)
+            return None if new == cur.status else new
 
-        self.store.update_status(namespace, pod, write)
+        self.store.update_status(topo.namespace, topo.name, write)
 
     def build(self, namespace: str, plans: Sequence[LinkPlan]) -> None:
         """Create links; what already exists and matches is left, what differs is made again."""
@@ -275,32 +287,37 @@ class Meshnet:
             if todo:
                 self.executor.apply(todo)
 
-    def _differences(self, plans: Sequence[LinkPlan]) -> list[Command]:
-        names = [e.netns for p in plans for e in p.ends]
-        view = kernel_view(self.executor, names)
+    def _differences(self, plans: Sequence[LinkPlan],
+                     view: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> list[Command]:
+        """Commands that turn the kernel into the plans: missing links made, wrong ones made again,
+        links with other addresses (or down) configured again; links that match are left alone."""
+        if view is None:
+            view = kernel_view(self.executor, [e.netns for p in plans for e in p.ends])
         commands: list[Command] = []
         for p in plans:
+            entries = [view.get(e.netns, {}).get(e.intf) for e in p.ends]
             if isinstance(p, VethPlan):
-                have_a, have_b = p.a.intf in view[p.a.netns], p.b.intf in view[p.b.netns]
-                if have_a and have_b:
+                if all(_kind(e) == "veth" for e in entries):
+                    if not all(_configured(e, end) for e, end in zip(entries, p.ends, strict=True)):
+                        commands += render([p], "update")
                     continue
-                if have_a:  # its far end is elsewhere: a stale pair
-                    commands += [Command(p.a.netns, ("link", "del", p.a.intf), p.uid)]
-                if have_b:
-                    commands += [Command(p.b.netns, ("link", "del", p.b.intf), p.uid)]
+                # Missing, or an end whose far side is elsewhere (a stale pair): make the pair again.
+                commands += [Command(end.netns, ("link", "del", end.intf), p.uid)
+                             for e, end in zip(entries, p.ends, strict=True) if e is not None]
                 commands += render([p], "add")
-            elif isinstance(p, VxlanPlan):
-                entry = view[p.local.netns].get(p.local.intf)
-                if vxlan_matches(entry, p):
+                continue
+            entry = entries[0]
+            if isinstance(p, VxlanPlan):
+                if not vxlan_matches(entry, p):
+                    commands += render([p], "update" if entry else "add")
                     continue
-                commands += render([p], "update" if entry else "add")
-            elif isinstance(p, MacvlanPlan):
-                entry = view[p.local.netns].get(p.local.intf)
-                if _kind(entry) == "macvlan":
-                    continue
-                if entry:
-                    commands += [Command(p.local.netns, ("link", "del", p.local.intf), p.uid)]
+            elif _kind(entry) != "macvlan":
+                if entry is not None:
+                    commands.append(Command(p.local.netns, ("link", "del", p.local.intf), p.uid))
                 commands += render([p], "add")
+                continue
+            if not _configured(entry, p.ends[0]):
+                commands += render([p], "update")
         return commands
 
     def _peer_link(self, topo: Topology, uid: int) -> PeerLink:
@@ -500,32 +517,101 @@ class Meshnet:
 
     # --- reconcile --------------------------------------------------------------------------------
 
-    def reconcile(self) -> int:
-        """Rebuild whatever is missing for the pods alive on this node; returns links (re)built."""
-        built = 0
-        for topo in self.store.list(None):
-            st = topo.status
-            if not st.alive or st.node != self.node.name:
+    def reconcile(self, only: Iterable[tuple[str, str]] | None = None) -> int:
+        """Converge the pods alive on this node (all, or those in `only`); returns links changed.
+
+        Level-triggered: it compares the store's desired links with the kernel, so it is right after
+        a crash, a restart, a missed event or a hot change alike.
+        """
+        wanted = set(only) if only is not None else None
+        topologies = self.store.list(None)
+        by_namespace: dict[str, list[Topology]] = {}
+        for t in topologies:
+            by_namespace.setdefault(t.namespace, []).append(t)
+            self._seen[t.key] = t
+        changed = 0
+        for topo in topologies:
+            if wanted is not None and topo.key not in wanted:
                 continue
-            if not netns.exists(st.net_ns):
-                self._log(event="stale-netns", pod=topo.name, net_ns=st.net_ns)
-                self.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
-                continue
-            ns_name = netns.resolve(st.net_ns)
-            peers = self._peer_states(self.store.list(topo.namespace))
-            plan = plan_pod(topo, ns_name, self.node, peers)
-            with self._link_locks(topo.namespace, (p.uid for p in plan.links)):
-                todo = self._differences(plan.links)
-                if todo:
-                    try:
-                        self.executor.apply(todo)
-                    except ExecError as e:
-                        self._log(event="reconcile-failed", pod=topo.name, error=str(e))
-                        continue
-            built += len({c.uid for c in todo})
-            errors = self.notify_peers(topo, plan)
-            self._record(topo.namespace, topo.name, st.container_id, plan, errors)
-        return built
+            if topo.status.alive and topo.status.node == self.node.name:
+                changed += self.reconcile_pod(topo, by_namespace[topo.namespace])
+        return changed
+
+    def reconcile_pod(self, topo: Topology, namespace_topologies: Iterable[Topology]) -> int:
+        st = topo.status
+        if not netns.exists(st.net_ns):
+            self._log(event="stale-netns", pod=topo.name, net_ns=st.net_ns)
+            self.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
+            return 0
+        ns_name = netns.resolve(st.net_ns)
+        plan = plan_pod(topo, ns_name, self.node, self._peer_states(namespace_topologies))
+        errors: dict[int, str] = {}
+        uids = {p.uid for p in plan.links} | {s.uid for s in st.links}
+        with self._link_locks(topo.namespace, uids):
+            view = kernel_view(self.executor, [ns_name, *(e.netns for p in plan.links for e in p.ends)])
+            stale = self._stale(topo, ns_name, view.get(ns_name, {}))
+            todo = self._differences(plan.links, view)
+            if stale:
+                for problem in self.executor.remove(stale):
+                    self._log(event="gc-problem", pod=topo.name, error=problem)
+            if todo:
+                try:
+                    self.executor.apply(todo)
+                except ExecError as e:
+                    self._log(event="reconcile-failed", pod=topo.name, error=str(e))
+                    errors = {c.uid: str(e) for c in todo}
+        if stale or todo:
+            self._log(event="reconciled", pod=topo.name, removed=[c.argv[2] for c in stale],
+                      changed=sorted({c.uid for c in todo}))
+        self._record(topo, st.container_id, plan, errors)
+        return len({c.uid for c in todo}) + len(stale)
+
+    def _stale(self, topo: Topology, ns_name: str, view: Mapping[str, Mapping[str, Any]]) -> list[Command]:
+        """Interfaces meshnet made in this pod that no desired link owns any more (garbage).
+
+        Only names meshnet recorded in the pod's status, and vxlan devices with a VNI of the pod's
+        namespace block, are candidates: nothing another plugin made is ever touched.
+        """
+        desired = {lnk.local_intf for lnk in topo.links}
+        block = naming.vni_block(topo.namespace)
+        ours = {s.intf for s in topo.status.links if s.intf}
+        for name, entry in view.items():
+            vni = entry.get("linkinfo", {}).get("info_data", {}).get("id")
+            if _kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE == block:
+                ours.add(name)
+        return [Command(ns_name, ("link", "del", name)) for name in sorted(ours - desired) if name in view]
+
+    def affected(self, event_type: str, topo: Topology) -> set[tuple[str, str]]:
+        """Pods of this node a store change concerns. Status writes that only record link states
+        (ours included) concern nobody, so reconciling never feeds itself."""
+        old = self._seen.get(topo.key)
+        if event_type == "DELETED":
+            self._seen.pop(topo.key, None)
+            if old is not None and old.status.alive and old.status.node == self.node.name:
+                self._remove_all(old)
+        else:
+            self._seen[topo.key] = topo
+        spec_changed = old is None or old.links != topo.links or event_type == "DELETED"
+        moved = (old is not None and old.status.alive and (not topo.status.alive or
+                 (old.status.net_ns, old.status.node) != (topo.status.net_ns, topo.status.node)))
+        out: set[tuple[str, str]] = set()
+        if event_type != "DELETED" and spec_changed and topo.status.alive and topo.status.node == self.node.name:
+            out.add(topo.key)
+        if spec_changed or moved:
+            for other in self._seen.values():
+                if (other.namespace == topo.namespace and other.status.alive and other.status.node == self.node.name
+                        and any(lnk.peer_pod == topo.name for lnk in other.links)):
+                    out.add(other.key)
+        return out
+
+    def _remove_all(self, topo: Topology) -> None:
+        """A Topology deleted while its pod runs: the pod keeps eth0 and loses meshnet's links."""
+        if not netns.exists(topo.status.net_ns):
+            return
+        ns_name = netns.resolve(topo.status.net_ns)
+        with self._link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+            self.executor.remove([Command(ns_name, ("link", "del", lnk.local_intf), lnk.uid) for lnk in topo.links])
+        self._log(event="topology-deleted", pod=topo.name)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

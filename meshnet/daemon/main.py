@@ -8,11 +8,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshnet.daemon.config import DaemonConfig, parse_args
 from meshnet.executor import Executor, Journal, open_journal
 from meshnet.plan import DEFAULT_MTU, NodeInfo
+
+if TYPE_CHECKING:
+    from meshnet.daemon.core import Meshnet
+    from meshnet.store.base import Store
 
 _log_lock = threading.Lock()
 
@@ -28,6 +32,10 @@ def log(**event: Any) -> None:
 
 def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
     """The VTEP: HOST_IP on HOST_INTF, or the interface that carries HOST_IP (multi-NIC nodes)."""
+    if cfg.single_node:
+        # Every peer is on this host, so every link is a veth: the VTEP is never used and nothing
+        # has to be created on the host to stand in for one.
+        return NodeInfo(cfg.node_name, "127.0.0.1", "lo")
     entries = executor.addresses(None)
     for entry in entries:
         addrs = [a.get("local") for a in entry.get("addr_info", ())]
@@ -38,6 +46,63 @@ def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
             return NodeInfo(cfg.node_name, ip, str(entry["ifname"]), None, int(entry.get("mtu") or DEFAULT_MTU))
     raise SystemExit(f"meshnetd: no interface carries HOST_IP={cfg.host_ip!r} / HOST_INTF={cfg.host_intf!r}; "
                      "set one of them to the node's underlay address or interface")
+
+
+class Reconciler:
+    """One thread converges the node: everything at start and every `resync` seconds, and the pods
+    a store change concerns as soon as the watch reports it (changes within 50 ms are batched)."""
+
+    def __init__(self, core: Meshnet, resync: float, stopping: threading.Event, ready: threading.Event) -> None:
+        self.core = core
+        self.resync = resync
+        self.stopping = stopping
+        self.ready = ready
+        self._pending: set[tuple[str, str]] = set()
+        self._full = True
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def watch(self, store: Store) -> None:
+        while not self.stopping.is_set():
+            try:
+                for ev in store.watch(None, stop=self.stopping.is_set, timeout=1.0):
+                    targets = self.core.affected(ev.type, ev.topology)
+                    if targets:
+                        with self._lock:
+                            self._pending |= targets
+                        self._wake.set()
+            except Exception as e:  # a broken watch is restarted; the periodic resync covers the gap
+                log(event="watch-error", error=f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self._full = True
+                self.stopping.wait(1.0)
+
+    def run(self) -> None:
+        next_full = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_full:
+                with self._lock:
+                    self._full = True
+                next_full = now + self.resync
+            with self._lock:
+                full, targets = self._full, self._pending
+                self._full, self._pending = False, set()
+            if full or targets:
+                try:
+                    changed = self.core.reconcile(None if full else targets)
+                    if changed:
+                        log(event="reconcile", full=full, pods=len(targets), changed=changed)
+                except Exception as e:  # retried at the next change or tick
+                    log(event="reconcile-error", error=f"{type(e).__name__}: {e}")
+                    with self._lock:
+                        self._full = True
+                    self.stopping.wait(1.0)
+                self.ready.set()
+            self._wake.wait(max(0.0, min(1.0, next_full - time.monotonic())))
+            if self._wake.is_set():
+                self._wake.clear()
+                self.stopping.wait(0.05)  # gather a burst of changes into one pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,19 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def resync_loop() -> None:
-        # Level-triggered: after a crash or an upgrade, and then periodically, converge this node.
-        while not stopping.is_set():
-            try:
-                built = core.reconcile()
-                if built:
-                    log(event="reconciled", links=built)
-            except Exception as e:  # a failed pass is retried at the next tick
-                log(event="reconcile-error", error=f"{type(e).__name__}: {e}")
-            ready.set()
-            stopping.wait(cfg.resync_seconds)
-
-    threading.Thread(target=resync_loop, name="resync", daemon=True).start()
+    reconciler = Reconciler(core, cfg.resync_seconds, stopping, ready)
+    threading.Thread(target=reconciler.run, name="reconcile", daemon=True).start()
+    threading.Thread(target=reconciler.watch, args=(store,), name="watch", daemon=True).start()
     stopping.wait()
     api.stop()
     grpc_server.stop(grace=2).wait()

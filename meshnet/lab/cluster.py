@@ -16,12 +16,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from meshnet import naming
 from meshnet.dryrun import UNDERLAY, external_addresses, infra_commands
@@ -35,6 +37,7 @@ NETNS_DIR = Path("/var/run/netns")
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 GRPC_PORT = 51111
+FORWARDER = "kube-api-forward"  # key of the API relay's pid in LabState.daemons
 
 
 class LabError(Exception):
@@ -97,6 +100,9 @@ class Lab:
         self.executor = Executor()
         self._progress = progress or (lambda _msg: None)
         self._state: LabState | None = None
+        # Daemons this object started: waited for when stopped (no zombie, no ResourceWarning).
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._save_lock = threading.Lock()  # pods are added and deleted from worker threads
 
     # --- names and paths -------------------------------------------------------------------------
 
@@ -126,7 +132,8 @@ class Lab:
         return self._state
 
     def save(self) -> None:
-        self.state.save(self.state_path)
+        with self._save_lock:
+            self.state.save(self.state_path)
 
     def exists(self) -> bool:
         return self.state_path.exists()
@@ -173,6 +180,8 @@ class Lab:
         try:
             self._progress(f"lab {self.name}: {nodes} node(s), underlay {UNDERLAY}")
             self._build_infra(manifest, nodes)
+            if store == "kube":
+                self.forward_loopback_api(kubeconfig)
             self.load_topologies(manifest)
             for i in range(nodes):
                 self.start_daemon(f"node{i}")
@@ -208,6 +217,70 @@ class Lab:
         finally:
             store.close()
 
+    def forward_loopback_api(self, kubeconfig: str) -> None:
+        """Node namespaces have their own `lo`: relay a loopback API server's port into each of them."""
+        port = loopback_api_port(kubeconfig)
+        if port is None:
+            return
+        argv = [sys.executable, "-m", "meshnet.lab.forward", "--port", str(port),
+                *(self.node_netns(i) for i in range(len(self.state.nodes)))]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        # Kept with the daemons so that `down` stops it like one.
+        self.state.daemons[FORWARDER] = proc.pid
+        self.save()
+        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.wait(timeout=10)
+            raise LabError(f"cannot relay the Kubernetes API port {port} into the nodes: "
+                           f"{proc.stderr.read().decode(errors='replace').strip()}")
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def apply(self, manifest_path: str, workers: int = 8) -> dict[str, list[str]]:
+        """Hot change: make the running lab match an edited manifest.
+
+        Topologies are written to the store (the daemons watch it and rewire running pods), removed
+        ones deleted; new pods are added like a kubelet would, pods gone from the file are deleted.
+        """
+        from meshnet.store import open_store
+
+        manifest = load_manifest(manifest_path)
+        old = self.manifest()
+        new_keys = {t.key for t in manifest.topologies}
+        store = open_store(self.state.store_url)
+        changed: list[str] = []
+        removed: list[str] = []
+        try:
+            for t in manifest.topologies:
+                before = old.topology(t.namespace, t.name)
+                if before is None or before.links != t.links:
+                    store.apply(Topology(t.name, t.namespace, t.links))
+                    changed.append(t.name)
+            for t in old.topologies:
+                if t.key not in new_keys:
+                    store.delete(t.namespace, t.name)
+                    removed.append(t.name)
+        finally:
+            store.close()
+        new_pods = {p.name: p for p in manifest.pods}
+        gone = [name for name in self.state.pods if name not in new_pods]
+        for name in gone:
+            self.del_pod(name)
+            del self.state.pods[name]
+        added = [p.name for p in manifest.pods if p.name not in self.state.pods]
+        nodes = len(self.state.nodes)
+        for i, name in enumerate(added):
+            p = new_pods[name]
+            rr = self.state.nodes[(len(self.state.pods) + i) % nodes]
+            node = p.node_name if p.node_name in self.state.nodes else rr
+            self.state.pods[name] = PodRecord(name, p.namespace, node, self.pod_netns(name))
+        self.state.manifest = str(Path(manifest_path).resolve())
+        self.save()
+        if added:
+            self.add_pods(added, workers=workers)
+        return {"changed": changed, "removed": removed, "pods_added": added, "pods_removed": gone}
+
     def start_daemon(self, node: str) -> int:
         i = self.state.nodes.index(node)
         info = self.node_info(i)
@@ -222,6 +295,7 @@ class Lab:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         log.close()
+        self._children[proc.pid] = proc
         self.state.daemons[node] = proc.pid
         self.save()
         return proc.pid
@@ -246,6 +320,9 @@ class Lab:
     def stop_daemon(self, node: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         pid = self.state.daemons.pop(node, 0)
         self.save()
+        child = self._children.pop(pid, None)
+        if child is not None and child.poll() is not None:
+            return
         if not pid or not _alive(pid):
             return
         try:
@@ -259,6 +336,8 @@ class Lab:
             os.kill(pid, signal.SIGKILL)
             while _alive(pid):
                 time.sleep(0.02)
+        if child is not None:
+            child.wait()
 
     # --- pods (the kubelet's part) -------------------------------------------------------------------
 
@@ -344,9 +423,14 @@ class Lab:
         self.save()
         return rec
 
-    def restart_pod(self, pod: str) -> PodRecord:
-        """What a pod restart does to the network: DEL, a new sandbox (new netns), ADD."""
+    def restart_pod(self, pod: str, node: str = "") -> PodRecord:
+        """What a pod restart does to the network: DEL, a new sandbox (new netns), ADD — on `node`
+        when given (a pod rescheduled elsewhere)."""
+        if node and node not in self.state.nodes:
+            raise LabError(f"no node {node!r} in lab {self.name} (nodes: {', '.join(self.state.nodes)})")
         self.del_pod(pod)
+        if node:
+            self.state.pods[pod].node = node
         rec = self.add_pod(pod)
         self.save()
         return rec
@@ -501,6 +585,23 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ", 1)[1][:1] != "Z"
     except OSError:
         return False
+
+
+def loopback_api_port(kubeconfig: str) -> int | None:
+    """The port of the kubeconfig's API server if it listens on loopback, else None."""
+    import yaml
+
+    path = Path(kubeconfig or os.environ.get("KUBECONFIG", "") or Path.home() / ".kube" / "config")
+    try:
+        conf = yaml.safe_load(path.read_text()) or {}
+        context = next(c["context"] for c in conf["contexts"] if c["name"] == conf["current-context"])
+        server = next(c["cluster"]["server"] for c in conf["clusters"] if c["name"] == context["cluster"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration):
+        return None  # no usable kubeconfig: the store reports that itself
+    url = urlsplit(server)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return url.port or (443 if url.scheme == "https" else 80)
 
 
 def list_labs(root: Path = LAB_ROOT) -> list[str]:
