@@ -1,0 +1,154 @@
+"""What only the SQLite store promises: one file shared by processes, WAL, durability, speed."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from meshnet.model import Link, Topology, TopologyStatus
+from meshnet.store import StatusMutation, StoreError, StoreUnavailable, open_store
+from meshnet.store import sqlite as sqlite_store
+from meshnet.store.sqlite import SqliteStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One "daemon": increments the counter in status.container_id `count` times.
+INCREMENTER = """
+import sys
+from dataclasses import replace
+from meshnet.store.sqlite import SqliteStore
+
+store = SqliteStore(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    store.update_status("default", "r1", lambda t: replace(
+        t.status, container_id=str(int(t.status.container_id or "0") + 1)))
+store.close()
+"""
+
+
+def topo(name: str, namespace: str = "default") -> Topology:
+    return Topology(name, namespace, (Link(1, "r2", "eth1", "eth1"),))
+
+
+def set_container_id(value: str) -> StatusMutation:
+    return lambda t: replace(t.status, container_id=value)
+
+
+def test_processes_sharing_the_file_lose_no_update(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    store = SqliteStore(db)
+    store.apply(topo("r1"))
+    procs = [subprocess.Popen([sys.executable, "-c", INCREMENTER, str(db), "400"], cwd=REPO) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    final = store.get("default", "r1")
+    assert final is not None and final.status.container_id == "1200"
+    store.close()
+
+
+def test_wal_mode_and_file(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    store = SqliteStore(db)
+    store.apply(topo("r1"))
+    assert (tmp_path / "store.db-wal").exists()
+    with sqlite3.connect(db) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_reopen_keeps_data(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "store.db"  # the directory is created too
+    store = SqliteStore(db)
+    store.apply(topo("r1"))
+    written = store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/n"))
+    store.close()
+    again = SqliteStore(db)
+    assert again.get("default", "r1") == written
+    # resourceVersions keep growing across reopens: no watcher or writer mistakes an old one for new
+    later = again.update_status("default", "r1", lambda t: replace(t.status, node="n1"))
+    assert later is not None and written is not None
+    assert int(later.resource_version) > int(written.resource_version)
+    again.close()
+
+
+def test_locked_for_too_long_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)
+    db = tmp_path / "store.db"
+    store = SqliteStore(db)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.apply(topo("r1"))
+        assert time.monotonic() - started < 2
+        assert store.get("default", "r1") is None  # readers are not blocked by a writer (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.apply(topo("r1"))
+    store.close()
+
+
+def test_closed_store_refuses(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get("default", "r1")
+
+
+def test_watch_behind_the_pruned_change_log_resyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "CHANGES_KEPT", 4)
+    monkeypatch.setattr(sqlite_store, "PRUNE_EVERY", 2)
+    store = SqliteStore(tmp_path / "store.db")
+    store.apply(topo("gone"))
+    store.apply(topo("kept"))
+    with contextlib.closing(store.watch(stop=lambda: False, timeout=0.05)) as events:
+        # All of this happens before the watcher polls once: its cursor falls off the pruned log.
+        store.delete("default", "gone")
+        store.apply(topo("new"))
+        for i in range(10):
+            store.update_status("default", "new", set_container_id(str(i)))
+        got = [next(events) for _ in range(2)]
+    assert [(e.type, e.topology.name) for e in got] == [("DELETED", "gone"), ("ADDED", "new")]
+    assert got[1].topology.status.container_id == "9"
+    store.close()
+
+
+def test_status_update_is_fast(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    store.apply(Topology("r1", "default", tuple(Link(i, "r2", f"eth{i}", f"eth{i}") for i in range(1, 9))))
+    count = 200
+    started = time.perf_counter()
+    for i in range(count):
+        store.update_status("default", "r1", set_container_id(str(i)))
+    per_update = (time.perf_counter() - started) / count
+    assert per_update < 0.001, f"{per_update * 1000:.2f} ms per status update"
+    store.close()
+
+
+def test_open_store_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    absolute = open_store(f"sqlite://{tmp_path}/abs.db")
+    assert isinstance(absolute, SqliteStore) and absolute.path == tmp_path / "abs.db"
+    absolute.apply(topo("r1"))
+    absolute.close()
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:rel.db")
+    assert isinstance(relative, SqliteStore)
+    relative.apply(topo("r1"))
+    relative.close()
+    assert (tmp_path / "rel.db").exists() and (tmp_path / "abs.db").exists()
+
+
+@pytest.mark.parametrize("url", ["sqlite:", "sqlite://host/x.db", "sqlite:x.db?mode=ro", "etcd://x", "",
+                                 "kube://host", "kube:?qps=0", "kube:?qps=fast", "kube:?token=x"])
+def test_open_store_refuses_bad_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="store URL"):
+        open_store(url)
