@@ -53,6 +53,7 @@ proto: setup ## regenerate meshnet/proto/*_pb2*.py from meshnet.proto
 	sed -i 's/^import meshnet_pb2 as/from meshnet.proto import meshnet_pb2 as/' meshnet/proto/meshnet_pb2_grpc.py
 
 demo: setup ## run tests/3node.yml on 3 emulated nodes (every link a VXLAN) and print connectivity
+	@$(VENV)/bin/meshnetctl lab down --name $(LAB) >/dev/null 2>&1 || true
 	$(VENV)/bin/meshnetctl lab up tests/3node.yml --nodes 3 --name $(LAB) --ping
 
 demo-down: setup ## remove the demo lab
