@@ -16,6 +16,14 @@ POD_NETWORK_IF = "eth0"
 # Characters the kernel refuses in an interface name (`/`, `:`, whitespace) plus those that would
 # change the meaning of an `ip -batch` line or a shell script (quotes, `#`, backslash).
 _BAD_IFNAME = re.compile(r"[\s/:'\"#\\]")
+# What a name may be made of: no shell or `ip -batch` metacharacters (`;`, `$`, backticks, ...) and
+# no leading '-', which `ip` would read as an option.
+_IFNAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Words of the `ip link` grammar: as an interface name they would be read as a keyword.
+_IP_KEYWORDS = frozenset({
+    "add", "address", "alias", "all", "broadcast", "del", "dev", "down", "group", "help", "index", "link",
+    "master", "mtu", "name", "netns", "nomaster", "peer", "set", "show", "txqueuelen", "type", "up", "vf",
+})
 
 # Kubernetes object names (DNS-1123 subdomain) and namespaces (DNS-1123 label).
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -48,6 +56,10 @@ def ifname_problem(name: object) -> str | None:
         return f"{name!r} contains {bad.group()!r}; whitespace, '/', ':', quotes, '#' and '\\' are not allowed"
     if not name.isprintable():
         return f"{name!r} contains a non-printable character"
+    if not _IFNAME_OK.match(name):
+        return f"{name!r}: only letters, digits, '_', '.' and '-' are allowed, starting with a letter or digit"
+    if name in _IP_KEYWORDS:
+        return f"{name!r} is a keyword of `ip link` and cannot name an interface"
     return None
 
 

@@ -1,12 +1,11 @@
-from typing import ClassVar as _ClassVar
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LinkRequest(_message.Message):
-    __slots__ = ("local_intf", "local_ip", "namespace", "peer_intf", "peer_ip", "peer_pod", "peer_vtep", "pod", "uid", "vni")
+    __slots__ = ("namespace", "pod", "peer_pod", "uid", "vni", "local_intf", "peer_intf", "local_ip", "peer_ip", "peer_vtep")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     POD_FIELD_NUMBER: _ClassVar[int]
     PEER_POD_FIELD_NUMBER: _ClassVar[int]
@@ -27,7 +26,7 @@ class LinkRequest(_message.Message):
     local_ip: str
     peer_ip: str
     peer_vtep: str
-    def __init__(self, namespace: str | None = ..., pod: str | None = ..., peer_pod: str | None = ..., uid: int | None = ..., vni: int | None = ..., local_intf: str | None = ..., peer_intf: str | None = ..., local_ip: str | None = ..., peer_ip: str | None = ..., peer_vtep: str | None = ...) -> None: ...
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ..., peer_pod: _Optional[str] = ..., uid: _Optional[int] = ..., vni: _Optional[int] = ..., local_intf: _Optional[str] = ..., peer_intf: _Optional[str] = ..., local_ip: _Optional[str] = ..., peer_ip: _Optional[str] = ..., peer_vtep: _Optional[str] = ...) -> None: ...
 
 class LinkReply(_message.Message):
     __slots__ = ("action", "message")
@@ -35,4 +34,4 @@ class LinkReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     action: str
     message: str
-    def __init__(self, action: str | None = ..., message: str | None = ...) -> None: ...
+    def __init__(self, action: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

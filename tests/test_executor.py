@@ -1,0 +1,227 @@
+"""Executor against a faked `ip` (pytest-subprocess): batching, stdin, dry-run, errors, rollback, journal.
+
+plumbum resolves `local["ip"]` to its full path (/usr/sbin/ip), so the fakes are registered with
+`fp.program("ip")`, which matches any path ending in `ip`. plumbum hands a batch's stdin to Popen
+as a temporary file and closes it as soon as Popen returns; the `ip_calls` fixture reads it while
+the fake process is being set up, so every test sees the exact argv and stdin of every `ip`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_subprocess import FakeProcess
+from pytest_subprocess.fake_popen import FakePopen
+
+from meshnet.executor import (
+    CommandFailed,
+    Executor,
+    Journal,
+    LinkExists,
+    LinkNotFound,
+    NetnsNotFound,
+)
+from meshnet.render import Command
+
+Call = tuple[tuple[str, ...], str]  # (argv, stdin)
+
+
+@pytest.fixture
+def ip_calls(fp: FakeProcess, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    calls: list[Call] = []
+    lock = threading.Lock()
+    configure = FakePopen.configure
+
+    def capturing_configure(self: FakePopen, **kwargs: Any) -> None:
+        stdin = kwargs.get("stdin")
+        text = ""
+        if stdin is not None and hasattr(stdin, "read"):
+            stdin.seek(0)
+            data = stdin.read()
+            stdin.seek(0)
+            text = data.decode() if isinstance(data, bytes) else str(data)
+        with lock:
+            calls.append((tuple(str(a) for a in self.args), text))
+        configure(self, **kwargs)
+
+    monkeypatch.setattr(FakePopen, "configure", capturing_configure)
+    return calls
+
+
+def ip_argv(fp: FakeProcess, netns: str | None, *, force: bool = False) -> list[Any]:
+    return [fp.program("ip"), *(["-n", netns] if netns else []), *(["-force"] if force else []), "-batch", "-"]
+
+
+def veth(uid: int, a: str, b: str, intf: str, node: str | None = "node") -> list[Command]:
+    return [
+        Command(node, ("link", "add", intf, "netns", a, "type", "veth", "peer", "name", intf, "netns", b), uid),
+        Command(a, ("link", "set", intf, "up"), uid),
+        Command(b, ("link", "set", intf, "up"), uid),
+    ]
+
+
+def by_netns(calls: Sequence[Call]) -> dict[str, list[str]]:
+    """argv without the program → stdin lines (batches of one phase run in parallel threads)."""
+    return {" ".join(argv[1:]): stdin.splitlines() for argv, stdin in calls}
+
+
+def test_canary_ip_is_intercepted(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    # For real this fails ("Cannot open network namespace"): the namespace does not exist.
+    ghost = f"mnt-ghost-{secrets.token_hex(4)}"
+    assert not Path("/var/run/netns", ghost).exists()
+    fp.register(ip_argv(fp, ghost))
+    Executor().apply([Command(ghost, ("link", "set", "lo", "up"))])
+    assert ip_calls == [(("/usr/sbin/ip", "-n", ghost, "-batch", "-"), "link set lo up\n")]
+    assert len(fp.calls) == 1
+
+
+def test_unregistered_ip_is_not_run_for_real(fp: FakeProcess) -> None:
+    with pytest.raises(fp.exceptions.ProcessNotRegisteredError):
+        Executor().apply([Command("mnt-nowhere", ("link", "set", "lo", "up"))])
+
+
+def test_one_batch_per_namespace_and_phase(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    cmds = veth(1, "pa", "pb", "eth1") + veth(2, "pa", "pc", "eth2") + veth(3, "pb", "pc", "eth3", node=None)
+    for ns in ("node", None, "pa", "pb", "pc"):
+        fp.register(ip_argv(fp, ns))
+    Executor().apply(cmds)
+    assert len(fp.calls) == 5  # creations: node, "."; then pa, pb, pc
+    assert by_netns(ip_calls) == {
+        "-n node -batch -": ["link add eth1 netns pa type veth peer name eth1 netns pb",
+                             "link add eth2 netns pa type veth peer name eth2 netns pc"],
+        "-batch -": ["link add eth3 netns pb type veth peer name eth3 netns pc"],
+        "-n pa -batch -": ["link set eth1 up", "link set eth2 up"],
+        "-n pb -batch -": ["link set eth1 up", "link set eth3 up"],
+        "-n pc -batch -": ["link set eth2 up", "link set eth3 up"],
+    }
+    # creations ran before any addressing
+    first_phase = {" ".join(a[1:]) for a, _ in ip_calls[:2]}
+    assert first_phase == {"-n node -batch -", "-batch -"}
+
+
+def test_stdin_is_exactly_one_line_per_command(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    fp.register(ip_argv(fp, "pa"))
+    cmds = [Command("pa", ("addr", "add", "10.0.0.1/30", "dev", "eth1")), Command("pa", ("link", "set", "eth1", "up"))]
+    Executor().apply(cmds)
+    assert ip_calls[0][1] == "addr add 10.0.0.1/30 dev eth1\nlink set eth1 up\n"
+
+
+def test_dry_run_runs_nothing_and_records(fp: FakeProcess) -> None:
+    ex = Executor(dry_run=True)
+    cmds = veth(1, "pa", "pb", "eth1")
+    ex.apply(cmds)
+    assert ex.remove(cmds[:1]) == []
+    assert len(fp.calls) == 0
+    assert ex.recorded == [*cmds, cmds[0]]
+    assert ex.journal.entries == []
+
+
+@pytest.mark.parametrize(("stderr", "error"), [
+    ("RTNETLINK answers: File exists\nCommand failed -:2\n", LinkExists),
+    ('Cannot find device "eth9"\nCommand failed -:2\n', LinkNotFound),
+    ('Cannot open network namespace "pz": No such file or directory\nCommand failed -:2\n', NetnsNotFound),
+    ("RTNETLINK answers: Operation not permitted\nCommand failed -:2\n", CommandFailed),
+])
+def test_errors_are_typed_and_name_the_failing_command(fp: FakeProcess, ip_calls: list[Call], stderr: str,
+                                                       error: type[CommandFailed]) -> None:
+    cmds = [Command("pa", ("link", "set", "eth1", "up")), Command("pa", ("link", "set", "eth9", "up")),
+            Command("pa", ("link", "set", "eth3", "up"))]
+    fp.register(ip_argv(fp, "pa"), stderr=stderr, returncode=1)
+    with pytest.raises(CommandFailed) as e:
+        Executor().apply(cmds)
+    assert type(e.value) is error
+    assert e.value.command == cmds[1]
+    assert "link set eth9 up" in str(e.value) and "pa" in str(e.value)
+    assert e.value.stderr == stderr
+    assert len(fp.calls) == 1  # nothing created by the batch: no rollback process
+
+
+def test_rollback_deletes_exactly_what_lines_before_the_failure_created(fp: FakeProcess,
+                                                                        ip_calls: list[Call]) -> None:
+    cmds = veth(1, "pa", "pb", "eth1") + veth(2, "pa", "pc", "eth2") + veth(3, "pb", "pc", "eth3")
+    fp.register(ip_argv(fp, "node"), stderr="RTNETLINK answers: File exists\nCommand failed -:3\n", returncode=1)
+    fp.register(ip_argv(fp, "pa", force=True))
+    with pytest.raises(LinkExists) as e:
+        Executor().apply(cmds)
+    assert e.value.command == cmds[6]
+    assert len(fp.calls) == 2
+    assert ip_calls[1] == (("/usr/sbin/ip", "-n", "pa", "-force", "-batch", "-"), "link del eth2\nlink del eth1\n")
+
+
+def test_rollback_includes_earlier_successful_batches(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    # Phase 1 (creations) succeeds in two node namespaces; phase 2 fails in pb at line 1.
+    cmds = veth(1, "pa", "pb", "eth1", node="n1") + veth(2, "pc", "pd", "eth2", node="n2")
+    fp.register(ip_argv(fp, "n1"))
+    fp.register(ip_argv(fp, "n2"))
+    fp.register(ip_argv(fp, "pa"))
+    fp.register(ip_argv(fp, "pb"), stderr='Cannot find device "eth1"\nCommand failed -:1\n', returncode=1)
+    fp.register(ip_argv(fp, "pc"))
+    fp.register(ip_argv(fp, "pd"))
+    fp.register(ip_argv(fp, "pa", force=True))
+    fp.register(ip_argv(fp, "pc", force=True))
+    with pytest.raises(LinkNotFound):
+        Executor().apply(cmds)
+    undo = by_netns(ip_calls[-2:])
+    assert undo == {"-n pa -force -batch -": ["link del eth1"], "-n pc -force -batch -": ["link del eth2"]}
+    assert len(fp.calls) == 8
+
+
+def test_failure_without_line_number_rolls_back_only_earlier_batches(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    cmds = veth(1, "pa", "pb", "eth1")
+    fp.register(ip_argv(fp, "node"), stderr="Segmentation fault\n", returncode=139)
+    with pytest.raises(CommandFailed) as e:
+        Executor().apply(cmds)
+    assert e.value.command is None and "-batch" in str(e.value)
+    assert len(fp.calls) == 1
+
+
+def test_remove_tolerates_what_is_already_gone(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    fp.register(ip_argv(fp, "pa", force=True),
+                stderr='Cannot find device "eth1"\nCommand failed -:1\nCannot find device "eth2"\nCommand failed -:2\n',
+                returncode=1)
+    cmds = [Command("pa", ("link", "del", "eth1")), Command("pa", ("link", "del", "eth2"))]
+    assert Executor().remove(cmds) == []
+    assert ip_calls == [(("/usr/sbin/ip", "-n", "pa", "-force", "-batch", "-"), "link del eth1\nlink del eth2\n")]
+
+
+def test_remove_reports_other_errors(fp: FakeProcess) -> None:
+    fp.register(ip_argv(fp, "pa", force=True),
+                stderr='Cannot find device "eth1"\nCommand failed -:1\nRTNETLINK answers: Operation not permitted\n'
+                       "Command failed -:2\n", returncode=1)
+    cmds = [Command("pa", ("link", "del", "eth1")), Command("pa", ("link", "del", "eth2"))]
+    assert Executor().remove(cmds) == ["RTNETLINK answers: Operation not permitted"]
+
+
+def test_journal_records_every_batch(fp: FakeProcess, tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.jsonl")
+    cmds = veth(1, "pa", "pb", "eth1")
+    for ns in ("node", "pa"):
+        fp.register(ip_argv(fp, ns))
+    fp.register(ip_argv(fp, "pb"), stderr="RTNETLINK answers: Operation not permitted\nCommand failed -:1\n",
+                returncode=2)
+    fp.register(ip_argv(fp, "pa", force=True))
+    with pytest.raises(CommandFailed):
+        Executor(journal=journal).apply(cmds)
+    entries = journal.entries
+    assert len(entries) == 4 == len(fp.calls)
+    by_ns = {e["netns"]: e for e in entries[:3]}
+    assert by_ns["node"]["rc"] == 0 and by_ns["node"]["commands"] == [" ".join(cmds[0].argv)]
+    assert by_ns["pb"]["rc"] == 2 and "Operation not permitted" in by_ns["pb"]["error"]
+    assert entries[3]["netns"] == "pa" and entries[3]["commands"] == ["link del eth1"]
+    on_disk = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert on_disk == entries
+
+
+def test_show_parses_json_and_maps_errors(fp: FakeProcess) -> None:
+    fp.register([fp.program("ip"), "-n", "pa", "-j", "-d", "addr", "show"], stdout='[{"ifname": "eth1"}]')
+    assert Executor().show("pa") == [{"ifname": "eth1"}]
+    fp.register([fp.program("ip"), "-n", "pz", "-j", "-d", "addr", "show"],
+                stderr='Cannot open network namespace "pz": No such file or directory\n', returncode=1)
+    with pytest.raises(NetnsNotFound):
+        Executor().show("pz")

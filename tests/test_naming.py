@@ -1,0 +1,94 @@
+"""Interface-name rules, VNIs per namespace, deterministic kernel-object names."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshnet import naming
+
+
+@pytest.mark.parametrize("good", ["eth1", "e", "a" * 15, "e1-1", "ge-0.0.0", "Ethernet1", "eth1_2", "1eth"])
+def test_good_interface_names(good: str) -> None:
+    assert naming.ifname_problem(good) is None
+
+
+@pytest.mark.parametrize(("bad", "why"), [
+    ("", "empty"),
+    ("a" * 16, "at most 15"),
+    (".", "not allowed"),
+    ("..", "not allowed"),
+    ("eth 1", "' '"),
+    ("eth1\nlink", "'\\n'"),
+    ("eth/1", "'/'"),
+    ("eth:1", "':'"),
+    ("eth'1", "quotes"),
+    ('eth"1', "quotes"),
+    ("eth#1", "'#'"),
+    ("eth\\1", "'\\\\'"),
+    ("e;reboot", "only letters"),
+    ("$(reboot)", "only letters"),
+    ("`id`", "only letters"),
+    ("-force", "starting with a letter or digit"),
+    ("eth\x01", "non-printable"),
+    ("ethé", "only letters"),
+    (7, "must be a string"),
+    (None, "must be a string"),
+])
+def test_bad_interface_names(bad: object, why: str) -> None:
+    problem = naming.ifname_problem(bad)
+    assert problem is not None and why in problem
+
+
+@pytest.mark.parametrize(("name", "label", "ok"), [
+    ("r1", False, True), ("r1-0", False, True), ("a.b", False, True), ("R1", False, False),
+    ("r1;x", False, False), ("r2 netns x", False, False), ("-r1", False, False), ("a" * 254, False, False),
+    ("default", True, True), ("a.b", True, False), ("a" * 64, True, False), (None, False, False),
+])
+def test_kubernetes_names(name: object, label: bool, ok: bool) -> None:
+    assert (naming.k8s_name_problem(name, label=label) is None) is ok
+
+
+@pytest.mark.parametrize(("name", "ok"), [("mnt-abc", True), ("mnp-0123456789abcdef", True), ("-x", False),
+                                          ("a b", False), ("a/b", False), ("a" * 64, False), (None, False)])
+def test_netns_names(name: object, ok: bool) -> None:
+    assert (naming.netns_problem(name) is None) is ok
+
+
+def test_same_uid_in_two_namespaces_gets_different_vnis() -> None:
+    assert naming.vni("default", 1) != naming.vni("lab-a", 1)
+    assert naming.vni("lab-a", 1) != naming.vni("lab-b", 1)
+
+
+def test_vni_is_stable() -> None:
+    # crc32 of the namespace picks the block: the same on every daemon, after every restart.
+    # Pinned, because a change of format would re-number every running lab's VXLANs.
+    assert naming.vni("default", 1) == naming.vni("default", 1) == 2621441
+    assert naming.vni_block("default") == 640
+
+
+def test_vni_block_rule_and_24_bits() -> None:
+    for ns in ("default", "lab", "kne-test", "x" * 63, *(f"ns{i}" for i in range(200))):
+        block = naming.vni_block(ns)
+        assert 1 <= block <= naming.VNI_BLOCKS
+        for uid in (0, 1, naming.MAX_UID):
+            v = naming.vni(ns, uid)
+            assert v // naming.VNI_BLOCK_SIZE == block and v % naming.VNI_BLOCK_SIZE == uid
+            assert naming.VNI_BLOCK_SIZE <= v < 2**24  # clear of VNIs 0-4095, within 24 bits
+    assert naming.VNI_BLOCKS * naming.VNI_BLOCK_SIZE + naming.MAX_UID < 2**24
+
+
+def test_uids_of_one_namespace_get_distinct_vnis() -> None:
+    assert len({naming.vni("lab", uid) for uid in range(naming.MAX_UID + 1)}) == naming.MAX_UID + 1
+
+
+@pytest.mark.parametrize("uid", [-1, naming.MAX_UID + 1])
+def test_vni_uid_out_of_range(uid: int) -> None:
+    with pytest.raises(ValueError, match="outside"):
+        naming.vni("default", uid)
+
+
+def test_attached_netns_name_is_deterministic_and_safe() -> None:
+    a = naming.attached_netns_name("/proc/1234/ns/net")
+    assert a == naming.attached_netns_name("/proc/1234/ns/net")
+    assert a != naming.attached_netns_name("/proc/1235/ns/net")
+    assert a.startswith("mnp-") and len(a) == 20 and naming.netns_problem(a) is None

@@ -1,0 +1,156 @@
+"""Templates → `ip` commands: golden files, strictness, refusal of unsafe output, phases."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshnet import render
+from meshnet.plan import Endpoint, MacvlanPlan, VethPlan, VxlanPlan
+from meshnet.render import Command, RenderError, phases, render_link, script
+from tests import golden_gen
+
+VETH = VethPlan(7, Endpoint("pa", "eth1", ipaddress.ip_interface("10.0.0.1/30")),
+                Endpoint("pb", "eth2", ipaddress.ip_interface("10.0.0.2/30")), "node", 1500)
+VXLAN = VxlanPlan(8, Endpoint("pa", "eth3", ipaddress.ip_interface("2001:db8::1/64")), 4096 * 3 + 8,
+                  "198.51.100.2", "198.51.100.1", "eth0", None, 1450)
+MACVLAN = MacvlanPlan(9, Endpoint("pa", "eth4", None), "eth0", "node", None)
+
+
+CASES = [(m, n, a) for m in golden_gen.manifests() for n in golden_gen.NODE_COUNTS for a in render.ACTIONS]
+
+
+@pytest.mark.parametrize(("manifest", "nodes", "action"), CASES,
+                         ids=[golden_gen.golden_name(*c) for c in CASES])
+def test_golden_file_matches_rendering(manifest: Path, nodes: int, action: str) -> None:
+    name = golden_gen.golden_name(manifest, nodes, action)
+    path = golden_gen.GOLDEN / name
+    assert path.exists(), f"{name} missing: run `python -m tests.golden_gen` (make golden)"
+    want = golden_gen.golden_text(manifest, nodes, action)
+    assert want.strip(), f"{name}: rendering produced no commands"
+    assert path.read_text() == want, f"{name} differs: run make golden and review git diff"
+
+
+def test_no_stale_golden_files() -> None:
+    wanted = {golden_gen.golden_name(*c) for c in CASES}
+    assert {p.name for p in golden_gen.GOLDEN.glob("*.txt")} == wanted
+    assert len(wanted) == len(golden_gen.manifests()) * 2 * 3
+    assert "3node-mlink-n3-update.txt" in wanted and "macvlan-n1-del.txt" in wanted
+
+
+def test_golden_regeneration_is_idempotent(capsys: pytest.CaptureFixture[str]) -> None:
+    assert golden_gen.main() == 0
+    assert "0 changed" in capsys.readouterr().out
+
+
+def test_veth_add_renders_exact_commands() -> None:
+    lines = [c.shell() for c in render_link(VETH, "add")]
+    assert lines == [
+        "ip -n node link add eth1 mtu 1500 netns pa type veth peer name eth2 mtu 1500 netns pb",
+        "ip -n pa addr add 10.0.0.1/30 dev eth1",
+        "ip -n pa link set eth1 up",
+        "ip -n pb addr add 10.0.0.2/30 dev eth2",
+        "ip -n pb link set eth2 up",
+    ]
+    assert all(c.uid == 7 for c in render_link(VETH, "add"))
+
+
+def test_vxlan_add_runs_in_executor_namespace_when_node_netns_is_none() -> None:
+    cmds = render_link(VXLAN, "add")
+    assert cmds[0].netns is None
+    assert cmds[0].argv == ("link", "add", "eth3", "mtu", "1450", "netns", "pa", "type", "vxlan", "id",
+                            str(4096 * 3 + 8), "remote", "198.51.100.2", "local", "198.51.100.1",
+                            "dstport", "4789", "dev", "eth0")
+    assert cmds[1].shell() == "ip -n pa addr add 2001:db8::1/64 dev eth3"
+
+
+def test_macvlan_without_address_only_brings_link_up() -> None:
+    assert [c.shell() for c in render_link(MACVLAN, "add")] == [
+        "ip -n node link add eth4 link eth0 netns pa type macvlan mode bridge",
+        "ip -n pa link set eth4 up",
+    ]
+
+
+def test_unknown_action_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown action"):
+        render_link(VETH, "replace")
+
+
+def test_creates_names_the_namespace_the_interface_is_born_in() -> None:
+    add = render_link(VETH, "add")
+    assert add[0].creates == ("pa", "eth1")
+    assert add[1].creates is None
+    assert Command(None, ("link", "add", "dummy0", "type", "dummy")).creates == (None, "dummy0")
+
+
+def test_phases_put_creations_first_one_batch_per_namespace() -> None:
+    cmds = [*render_link(VETH, "add"), *render_link(VXLAN, "add"), *render_link(MACVLAN, "add")]
+    out = phases(cmds)
+    assert len(out) == 2
+    creations, rest = out
+    assert [ns for ns, _ in creations] == ["node", None]
+    assert all(c.argv[:2] == ("link", "add") for _, batch in creations for c in batch)
+    assert [c.argv[2] for c in dict(creations)["node"]] == ["eth1", "eth4"]  # template order kept
+    assert [ns for ns, _ in rest] == ["pa", "pb"]
+    assert not any(c.argv[:2] == ("link", "add") for _, batch in rest for c in batch)
+    assert [" ".join(c.argv) for c in dict(rest)["pa"]] == [
+        "addr add 10.0.0.1/30 dev eth1", "link set eth1 up", "addr add 2001:db8::1/64 dev eth3",
+        "link set eth3 up", "link set eth4 up"]
+
+
+def test_phases_of_deletions_only_have_one_phase() -> None:
+    assert [[ns for ns, _ in p] for p in phases(render_link(VETH, "del"))] == [["pa"]]
+
+
+def test_script_is_one_heredoc_per_namespace_and_phase() -> None:
+    text = script(render_link(VETH, "add"), header="hello")
+    assert text.startswith("#!/bin/sh\nset -e\n# hello\n")
+    assert text.count("-batch - <<'EOF'") == 3
+    assert "ip -n node -batch - <<'EOF'\nlink add eth1 mtu 1500" in text
+
+
+@pytest.fixture
+def templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private templates dir (MESHNET_TEMPLATES); the cached environment is reset around it."""
+    monkeypatch.setenv("MESHNET_TEMPLATES", str(tmp_path))
+    (tmp_path / "veth").mkdir()
+    render.environment.cache_clear()
+    yield tmp_path
+    render.environment.cache_clear()
+
+
+def test_missing_attribute_raises_render_error_naming_template(templates: Path) -> None:
+    (templates / "veth" / "add.j2").write_text("[{{ node }}] link add {{ link.a.no_such_field }}\n")
+    with pytest.raises(RenderError, match=r"veth/add\.j2") as e:
+        render_link(VETH, "add")
+    assert "no_such_field" in str(e.value)
+
+
+def test_template_syntax_error_names_file_and_line(templates: Path) -> None:
+    (templates / "veth" / "add.j2").write_text("[{{ node }}] link set x up\n{% if %}\n")
+    with pytest.raises(RenderError, match=r"add\.j2:2"):
+        render_link(VETH, "add")
+
+
+@pytest.mark.parametrize("line", [
+    "[{{ node }}] link add a;reboot type dummy",
+    "[{{ node }}] link add a type dummy # comment",
+    "[{{ node }}] link add 'a b' type dummy",
+    "[{{ node }}] link add a\\ b type dummy",
+    "link add a type dummy",          # no [NETNS]
+    "[] link add a type dummy",       # empty namespace
+    "[{{ node }}]   ",                # no command
+])
+def test_unsafe_or_malformed_output_is_refused(templates: Path, line: str) -> None:
+    (templates / "veth" / "add.j2").write_text(line + "\n")
+    with pytest.raises(RenderError, match=r"veth/add\.j2: output line 1"):
+        render_link(VETH, "add")
+
+
+def test_render_environment_is_back_to_the_real_templates() -> None:
+    # Guards the fixture above: later tests must see the project's templates again.
+    assert render.templates_dir() == Path(render.__file__).resolve().parent.parent / "templates"
+    assert render_link(VETH, "del")[0].shell() == "ip -n pa link del eth1"
