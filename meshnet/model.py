@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +167,12 @@ class Topology:
         return (self.namespace, self.name)
 
     def link(self, uid: int) -> Link | None:
-        for lnk in self.links:
-            if lnk.uid == uid:
-                return lnk
-        return None
+        return self._by_uid.get(uid)
+
+    @cached_property
+    def _by_uid(self) -> dict[int, Link]:
+        # Peer checks and planning look links up by uid once per link: keep that O(1).
+        return {lnk.uid: lnk for lnk in self.links}
 
     def with_status(self, status: TopologyStatus) -> Topology:
         return replace(self, status=status)

@@ -8,6 +8,7 @@ anything runs, so a template error never leaves a half-built link behind.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import jinja2
 
 from meshnet.plan import LinkPlan
 
+_UNSAFE = re.compile(r"['\"\\#;]")
 HERE = "."  # the namespace the executor runs in (the node's)
 ACTIONS = ("add", "del", "update")
 KINDS = ("veth", "vxlan", "macvlan")
@@ -65,6 +67,7 @@ def environment(root: str) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
         keep_trailing_newline=True,
+        auto_reload=False,  # templates are read once per process: no stat() per rendered link
     )
 
 
@@ -80,31 +83,43 @@ def _parse(text: str, uid: int, where: str) -> list[Command]:
         # Values are validated before rendering (no whitespace or quotes in names, addresses via
         # ipaddress), so a plain split is exact; the checks below keep it so.
         argv = tuple(rest.split())
-        if not argv or any(c in rest for c in "'\"\\#;") or not ns or " " in ns:
+        if not argv or _UNSAFE.search(rest) or not ns or " " in ns:
             raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {line!r}")
         commands.append(Command(None if ns == HERE else ns, argv, uid))
     return commands
 
 
-def render_link(plan: LinkPlan, action: str) -> list[Command]:
+def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
-    name = f"{plan.kind}/{action}.j2"
-    env = environment(str(templates_dir()))
+    name = f"{kind}/{action}.j2"
     try:
-        template = env.get_template(name)
-        text = template.render(link=plan, node=plan.node_netns or HERE)
+        return environment(str(templates_dir())).get_template(name), name
     except jinja2.TemplateSyntaxError as e:
         raise RenderError(f"{e.filename or name}:{e.lineno}: {e.message}") from e
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{name}: {e}") from e
+
+
+def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Command]:
+    try:
+        text = template.render(link=plan, node=plan.node_netns or HERE)
     except jinja2.TemplateError as e:
         raise RenderError(f"{name}: {e}") from e
     return _parse(text, plan.uid, name)
 
 
+def render_link(plan: LinkPlan, action: str) -> list[Command]:
+    return _render_one(*_template(action, plan.kind), plan)
+
+
 def render(plans: Iterable[LinkPlan], action: str) -> list[Command]:
     commands: list[Command] = []
+    templates: dict[str, tuple[jinja2.Template, str]] = {}
     for plan in plans:
-        commands.extend(render_link(plan, action))
+        if plan.kind not in templates:
+            templates[plan.kind] = _template(action, plan.kind)
+        commands.extend(_render_one(*templates[plan.kind], plan))
     return commands
 
 
