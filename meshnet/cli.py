@@ -87,6 +87,16 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     ok = not summary["failed"]
     for pod, err in sorted(summary["failed"].items()):
         print(f"  FAILED {pod}: {err}")
+    if args.routes:
+        from meshnet.executor import ExecError
+        from meshnet.topo.routes import RouteError, install_routes
+
+        try:
+            routed = install_routes(lab)
+            print(f"  routed: {routed['routes']} static routes, {routed['loopbacks']} loopbacks, {routed['pods']} pods")
+        except (RouteError, ExecError, ManifestError) as e:
+            print(f"  ROUTES FAILED: {e}")
+            ok = False
     if args.ping:
         print("connectivity (each addressed link end pinged from its peer):")
         ok = _print_connectivity(lab.connectivity()) and ok
@@ -190,6 +200,8 @@ def _add_lab_parser(sub: Any) -> None:
     p.add_argument("--kubeconfig", default="")
     p.add_argument("--cni-bin", default="", help="CNI binary to run (default: this venv's meshnet)")
     p.add_argument("--ping", action="store_true", help="print the connectivity matrix when up")
+    p.add_argument("--routes", action="store_true",
+                   help="route it: forwarding on, loopbacks on lo, shortest-path static routes in every pod")
     p.set_defaults(func=_cmd_lab_up)
     p = with_name(lsub.add_parser("apply", help="hot change: update the lab's store and pods from an edited FILE"))
     p.add_argument("file")
@@ -232,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
 
     _add_lab_parser(sub)
+    from meshnet.topo.cli import add_topo_parsers
+
+    add_topo_parsers(sub)
     from meshnet.standalone import add_parsers as add_standalone_parsers
 
     add_standalone_parsers(sub)

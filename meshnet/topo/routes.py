@@ -1,0 +1,191 @@
+"""Shortest-path static routes for a topology of routers, and installing them in a running lab.
+
+The computation is pure: the routers are the Topologies, the edges their addressed pod-to-pod
+links. A breadth-first search from every router gives, for every other router, the first link of
+a shortest path (fewest hops; ties go to the lower uid, so the result is deterministic). Each
+router then gets a route to every other router's loopback and to every link subnet it is not
+attached to, via the peer address on that first link. Loopbacks come from the pod annotation the
+builder writes (`meshnet.networkop.co.uk/loopback`); a manifest without them still gets routes to
+every link subnet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from meshnet.model import IPInterface, Link, ManifestError, Topology
+from meshnet.topo.builder import LOOPBACK_ANNOTATION
+
+if TYPE_CHECKING:
+    from meshnet.lab.cluster import Lab
+    from meshnet.render import Command
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class RouteError(Exception):
+    """Routes could not be installed in a lab pod."""
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: IPNetwork
+    via: IPAddress
+    dev: str
+
+    def argv(self) -> tuple[str, ...]:
+        return ("route", "replace", str(self.destination), "via", str(self.via), "dev", self.dev)
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    routes: dict[str, tuple[Route, ...]]  # pod name -> its routes
+    loopbacks: dict[str, IPInterface]
+    unreachable: dict[str, tuple[str, ...]]  # pod name -> routers it has no path to
+
+
+def loopbacks_from_text(text: str, source: str = "<manifest>") -> dict[str, IPInterface]:
+    """Pod name -> loopback, from the `meshnet.networkop.co.uk/loopback` pod annotations."""
+    out: dict[str, IPInterface] = {}
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, Mapping)]
+    except yaml.YAMLError as e:
+        raise ManifestError([f"{source}: not valid YAML: {e}"]) from e
+    for doc in docs:
+        meta = doc.get("metadata")
+        if doc.get("kind") != "Pod" or not isinstance(meta, Mapping):
+            continue
+        value = (meta.get("annotations") or {}).get(LOOPBACK_ANNOTATION)
+        if value is None:
+            continue
+        try:
+            out[str(meta.get("name"))] = ipaddress.ip_interface(str(value))
+        except ValueError as e:
+            raise ManifestError([f"{source}: Pod {meta.get('name')}: metadata.annotations."
+                                 f"{LOOPBACK_ANNOTATION}: {value!r} is not an address with prefix length"]) from e
+    return out
+
+
+def read_loopbacks(path: str | Path) -> dict[str, IPInterface]:
+    return loopbacks_from_text(Path(path).read_text(), str(path))
+
+
+def adjacency(topologies: Iterable[Topology]) -> dict[str, list[tuple[str, Link]]]:
+    """Router -> [(neighbour, link)] over links addressed on both ends, in uid order."""
+    by_name = {t.name: t for t in topologies}
+    adj: dict[str, list[tuple[str, Link]]] = {name: [] for name in sorted(by_name)}
+    for name, t in by_name.items():
+        for lnk in sorted(t.links, key=lambda x: x.uid):
+            if lnk.is_macvlan or lnk.peer_pod not in by_name or lnk.local_ip is None or lnk.peer_ip is None:
+                continue
+            adj[name].append((lnk.peer_pod, lnk))
+    return adj
+
+
+def first_hops(adj: Mapping[str, Sequence[tuple[str, Link]]], source: str) -> tuple[dict[str, Link], dict[str, int]]:
+    """BFS from `source`: for every reachable router, the first link of a shortest path and the hop count."""
+    first: dict[str, Link] = {}
+    dist = {source: 0}
+    queue: deque[str] = deque([source])
+    while queue:
+        node = queue.popleft()
+        for peer, lnk in adj.get(node, ()):
+            if peer in dist:
+                continue
+            dist[peer] = dist[node] + 1
+            first[peer] = lnk if node == source else first[node]
+            queue.append(peer)
+    return first, dist
+
+
+def compute_routes(topologies: Iterable[Topology], loopbacks: Mapping[str, IPInterface]) -> RoutingPlan:
+    topos = list(topologies)
+    adj = adjacency(topos)
+    # Every addressed link subnet, with the routers attached to it.
+    subnets: dict[IPNetwork, set[str]] = {}
+    for t in topos:
+        for lnk in t.links:
+            if lnk.local_ip is not None and not lnk.is_macvlan:
+                subnets.setdefault(lnk.local_ip.network, set()).add(t.name)
+    routes: dict[str, tuple[Route, ...]] = {}
+    unreachable: dict[str, tuple[str, ...]] = {}
+    for src in adj:
+        first, dist = first_hops(adj, src)
+        out: list[Route] = []
+        for dst in sorted((d for d in adj if d in loopbacks), key=lambda d: (loopbacks[d].version, loopbacks[d], d)):
+            if dst == src or dst not in loopbacks or dst not in first:
+                continue
+            out.append(_route_via(loopbacks[dst].network, first[dst]))
+        for net in sorted(subnets, key=lambda n: (n.version, n)):
+            ends = subnets[net]
+            if src in ends:
+                continue  # connected: the kernel has the route with the address
+            near = sorted((dist[e], e) for e in ends if e in first)
+            if near:
+                out.append(_route_via(net, first[near[0][1]]))
+        routes[src] = tuple(out)
+        missing = tuple(d for d in sorted(adj) if d != src and d not in first)
+        if missing:
+            unreachable[src] = missing
+    return RoutingPlan(routes, {k: v for k, v in loopbacks.items() if k in adj}, unreachable)
+
+
+def _route_via(dest: IPNetwork, lnk: Link) -> Route:
+    assert lnk.peer_ip is not None  # adjacency() keeps addressed links only
+    return Route(dest, lnk.peer_ip.ip, lnk.local_intf)
+
+
+def pod_commands(netns: str, pod: str, plan: RoutingPlan) -> list[Command]:
+    """The `ip` commands (one batch) that give `pod` its loopback and routes."""
+    from meshnet.render import Command
+
+    cmds: list[Command] = []
+    lo = plan.loopbacks.get(pod)
+    if lo is not None:
+        cmds.append(Command(netns, ("addr", "replace", str(lo), "dev", "lo")))
+    cmds.extend(Command(netns, r.argv()) for r in plan.routes.get(pod, ()))
+    return cmds
+
+
+def forwarding_argv(netns: str, ipv6: bool) -> list[str]:
+    keys = ["net.ipv4.ip_forward=1"] + (["net.ipv6.conf.all.forwarding=1"] if ipv6 else [])
+    return ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *keys]
+
+
+def install_routes(lab: Lab, workers: int = 8) -> dict[str, Any]:
+    """Turn a lab that is up into a routed network: forwarding on, loopbacks on `lo`, static routes.
+
+    Idempotent (`addr replace`, `route replace`), so it can run again after a pod restart.
+    """
+    from meshnet.executor import Executor
+
+    manifest = lab.manifest()
+    plan = compute_routes(manifest.topologies, read_loopbacks(lab.state.manifest))
+    executor: Executor = lab.executor
+    up = [rec for rec in lab.state.pods.values() if rec.state == "up"]
+    ipv6 = any(r.destination.version == 6 for rs in plan.routes.values() for r in rs)
+
+    def one(rec: Any) -> int:
+        proc = subprocess.run(forwarding_argv(rec.netns, ipv6), capture_output=True, text=True, check=False,
+                              timeout=30)
+        if proc.returncode != 0:
+            raise RouteError(f"{rec.name}: enabling forwarding failed: {proc.stderr.strip()}")
+        cmds = pod_commands(rec.netns, rec.name, plan)
+        if cmds:
+            executor.run_sequence(cmds)
+        return len(plan.routes.get(rec.name, ()))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(up) or 1))) as pool:
+        counts = list(pool.map(one, up))
+    return {"pods": len(up), "routes": sum(counts), "loopbacks": sum(1 for r in up if r.name in plan.loopbacks),
+            "unreachable": {k: list(v) for k, v in plan.unreachable.items()}}
