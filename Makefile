@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
-DEB_PKGS := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod
+DEB_PKGS := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod chromium
 STAMP   := $(VENV)/.installed
 LAB     ?= demo
 
