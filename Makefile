@@ -5,11 +5,15 @@ SHELL := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
-DEB_PKGS := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod chromium
+DEB_PKGS := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod chromium patchelf gcc podman runc busybox-static
 STAMP   := $(VENV)/.installed
 LAB     ?= demo
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE   ?= meshnet/meshnet:$(VERSION)
+CLUSTER ?= meshnet
+OVERLAY ?= kind
 
-.PHONY: help setup deps venv test test-unit test-root lint golden proto demo demo-down bench clean-netns
+.PHONY: help setup deps venv test test-unit lint golden proto demo demo-down bench clean-netns cni-binary up docker install e2e-kind down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -64,3 +68,28 @@ bench: setup ## measure the speed targets and write docs/performance.md
 
 clean-netns: ## remove namespaces left by an interrupted test or lab (prefixes mnt-, mnl-, mnb-)
 	scripts/cleanup
+
+cni-binary: setup ## build the standalone CNI binary (no Python needed on the host) into build/cni-binary
+	$(PY) scripts/build-cni-binary build/cni-binary
+
+# A real cluster (kind and Docker do not run on the project's CI machines: see docs/install.md).
+up: ## create a kind cluster: 1 control plane + 3 workers (needs kind and Docker)
+	kind create cluster --name $(CLUSTER) --config manifests/overlays/kind/cluster.yaml
+
+docker: ## build the image and load it into the kind cluster
+	docker build -t $(IMAGE) -t meshnet/meshnet:latest .
+	kind load docker-image $(IMAGE) --name $(CLUSTER)
+
+install: ## install meshnet on the current kubectl context (OVERLAY=kind|kops|k3s|chained|base)
+	kubectl apply -k manifests/$(if $(filter base,$(OVERLAY)),base,overlays/$(OVERLAY))
+	kubectl -n meshnet rollout status ds/meshnet --timeout=180s
+
+e2e-kind: up docker install ## the seed's walk-through on kind: 3node topology, ping every link
+	kubectl apply -f tests/3node.yml
+	kubectl wait --for=condition=Ready pod -l test=3node --timeout=180s
+	kubectl exec r1 -- ping -c 1 12.12.12.2
+	kubectl exec r2 -- ping -c 1 23.23.23.3
+	kubectl exec r3 -- ping -c 1 13.13.13.1
+
+down: ## delete the kind cluster
+	kind delete cluster --name $(CLUSTER)
