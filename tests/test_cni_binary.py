@@ -11,7 +11,6 @@ import ctypes.util
 import glob
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -90,16 +89,21 @@ def _hide_python() -> None:
             raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
 
 
-PYTHON_DIRS = sorted({sys.base_prefix, sys.prefix, *glob.glob("/usr/lib/python3*"), *glob.glob("/usr/local/lib/python3*")}
-                     - {"/usr", "/usr/local"})
+PYTHON_DIRS = sorted(
+    {sys.base_prefix, sys.prefix, *glob.glob("/usr/lib/python3*"), *glob.glob("/usr/local/lib/python3*")}
+    - {"/usr", "/usr/local"})
 
 
 @pytest.mark.root
 def test_runs_on_a_host_without_python(binary: Path, tmp_path: Path) -> None:
     """Every Python on this machine hidden (tmpfs over it, in a private mount namespace)."""
     assert os.geteuid() == 0
-    probe = subprocess.run([sys.executable, "-c", "pass"], preexec_fn=_hide_python, capture_output=True)
-    assert probe.returncode != 0, "canary: Python still starts, so hiding it did not work"
+    for python in {os.path.realpath(sys.executable), *glob.glob("/usr/bin/python3*")}:
+        try:
+            probe = subprocess.run([python, "-c", "pass"], preexec_fn=_hide_python, capture_output=True)
+        except FileNotFoundError:
+            continue  # the interpreter itself is hidden
+        assert probe.returncode != 0, f"canary: {python} still starts, so hiding Python did not work"
     out = run(binary, "VERSION", {"cniVersion": "0.4.0", "name": "n", "type": "meshnet"}, preexec_fn=_hide_python)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["cniVersion"] == "0.4.0"
@@ -109,13 +113,33 @@ def test_runs_on_a_host_without_python(binary: Path, tmp_path: Path) -> None:
     assert json.loads(out.stdout)["code"] == spec.TRY_AGAIN_LATER
 
 
-def test_answers_version_within_the_start_up_target(binary: Path) -> None:
-    """< 60 ms per VERSION (docs/install.md); the best of 15 runs, so a busy machine does not flake."""
+def test_packaging_adds_no_start_up_cost(binary: Path) -> None:
+    """The binary answers VERSION about as fast as the same shim on a bare interpreter
+    (`python3 -S -E`): what is left is the shim's own imports. Runs alternate, so both see the
+    same machine load; best of 25 each. (Absolute figures: docs/install.md; target < 60 ms.)"""
     config = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshnet"})
     env = {**NO_PYTHON_ENV, "CNI_COMMAND": "VERSION"}
-    times = []
-    for _ in range(15):
-        started = time.perf_counter()
-        subprocess.run([str(binary)], input=config, env=env, capture_output=True, text=True, check=True)
-        times.append(time.perf_counter() - started)
-    assert min(times) < 0.060, f"best {min(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms"
+    script = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from meshnet.cni import shim; sys.exit(shim.main())"
+    interpreted = [os.path.realpath(sys.executable), "-S", "-E", "-c", script]
+    best = {"binary": float("inf"), "interpreted": float("inf")}
+    for _ in range(25):
+        for name, argv in (("binary", [str(binary)]), ("interpreted", interpreted)):
+            started = time.perf_counter()
+            subprocess.run(argv, input=config, env=env, capture_output=True, text=True, check=True)
+            best[name] = min(best[name], time.perf_counter() - started)
+    assert best["binary"] < 1.3 * best["interpreted"] + 0.005, {k: f"{v * 1000:.0f} ms" for k, v in best.items()}
+
+
+def test_installed_bundle_runs_from_the_cni_bin_dir(binary: Path, tmp_path: Path) -> None:
+    """install-cni's copy (a bundle directory behind a link in the bin dir) is what runtimes exec."""
+    from meshnet import install
+
+    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    conf_dir.mkdir()
+    (conf_dir / "10-ptp.conf").write_text(json.dumps({"cniVersion": "1.0.0", "name": "p", "type": "ptp"}))
+    link = tmp_path / "usr-local-bin-meshnet"
+    link.symlink_to(binary)  # as in the image
+    install.install(conf_dir, bin_dir, binary=link)
+    out = run(bin_dir / "meshnet", "VERSION", {"cniVersion": "1.1.0", "name": "n", "type": "meshnet"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cniVersion"] == "1.1.0"
