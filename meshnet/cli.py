@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshnet.model import ManifestError, load_manifest
@@ -147,8 +148,12 @@ def _cmd_lab_status(args: argparse.Namespace) -> int:
     _print_table([[p["name"], p["node"], p["state"], p["error"][:60]] for p in status["pods"]],
                  ["POD", "NODE", "STATE", "ERROR"])
     print()
-    _print_table([[str(lk["uid"]), lk["a"], lk["b"], lk["kind"], lk["state"]] for lk in status["links"]],
-                 ["UID", "END A", "END B", "KIND", "STATE"])
+    def recorded(lk: dict[str, Any]) -> str:
+        # What each end's daemon wrote into its Topology status; "-" when nobody recorded the link.
+        return ", ".join(f"{pod}: {said}" for pod, said in sorted(lk.get("status", {}).items()))[:70] or "-"
+
+    _print_table([[str(lk["uid"]), lk["a"], lk["b"], lk["kind"], lk["state"], recorded(lk)] for lk in status["links"]],
+                 ["UID", "END A", "END B", "KIND", "KERNEL", "STATUS (store)"])
     return 0
 
 
@@ -228,6 +233,57 @@ def _add_lab_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_lab_daemon_restart)
 
 
+def _cmd_install_cni(args: argparse.Namespace) -> int:
+    from meshnet import install
+
+    try:
+        if args.uninstall:
+            install.uninstall(args.conf_dir, args.bin_dir)
+            print(f"meshnet removed from {args.conf_dir} and {args.bin_dir}")
+            return 0
+        path = install.install(args.conf_dir, args.bin_dir, mode=args.mode, binary=args.binary,
+                               socket=args.socket, log_file=args.log_file, wait=args.wait)
+    except install.InstallError as e:
+        print(f"meshnetctl install-cni: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: meshnet ({args.mode}) in front of {install.find_network_config(args.conf_dir).name}")
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from meshnet.daemon.api import health_check
+
+    try:
+        answer = health_check(args.socket)
+    except OSError as e:
+        print(f"meshnetctl health: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer))
+    return 0 if answer.get("ok") and (answer.get("ready") or not args.ready) else 1
+
+
+def _add_node_parsers(sub: Any) -> None:
+    from meshnet import install
+
+    p = sub.add_parser("install-cni", help="install meshnet's CNI binary and network config on this node")
+    p.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    p.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
+    p.add_argument("--mode", choices=install.MODES, default="delegate",
+                   help="delegate: the node's network runs as meshnet's delegate (default); chain: meshnet last")
+    p.add_argument("--binary", type=Path, help="CNI binary: file, standalone build dir, or a link to its entry point")
+    p.add_argument("--socket", default=install.DEFAULT_SOCKET)
+    p.add_argument("--log-file")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for the node's network config to appear")
+    p.add_argument("--uninstall", action="store_true", help="remove meshnet's config and binary again")
+    p.set_defaults(func=_cmd_install_cni)
+
+    p = sub.add_parser("health", help="ask the node's meshnetd whether it is up (probes)")
+    p.add_argument("--socket", default=install.DEFAULT_SOCKET)
+    p.add_argument("--ready", action="store_true", help="also require the first reconciliation to be done")
+    p.set_defaults(func=_cmd_health)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshnetctl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -247,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meshnet.topo.cli import add_topo_parsers
 
     add_topo_parsers(sub)
+    _add_node_parsers(sub)
     from meshnet.standalone import add_parsers as add_standalone_parsers
 
     add_standalone_parsers(sub)

@@ -303,3 +303,23 @@ def test_real_missing_binary(real: tuple[dict[str, str], dict[str, Any], str, st
         dl.run_delegate(broken, "ADD", env, "1.0.0", "meshnet")
     assert "portmap" in exc_info.value.msg
     assert env["CNI_PATH"] in exc_info.value.details
+
+
+def test_runtime_config_reaches_plugins_by_their_capabilities(tmp_path: Path) -> None:
+    """As libcni: portMappings go to the plugin declaring that capability, and only to it."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    for name in ("capable", "plain"):
+        script = tmp_path / name
+        script.write_text(f"#!/bin/sh\ncat > {seen}/{name}.json\n"
+                          'echo \'{"cniVersion": "1.0.0", "interfaces": [], "ips": []}\'\n')
+        script.chmod(0o755)
+    conflist = {"cniVersion": "1.0.0", "name": "net", "plugins": [
+        {"type": "plain"}, {"type": "capable", "capabilities": {"portMappings": True, "bandwidth": False}}]}
+    env = {"CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/x", "CNI_IFNAME": "eth0", "CNI_PATH": str(tmp_path)}
+    runtime = {"portMappings": [{"hostPort": 8080, "containerPort": 80}], "bandwidth": {"ingressRate": 1}}
+    dl.run_delegate(conflist, "ADD", env, "1.0.0", "net", runtime_config=runtime)
+    capable = json.loads((seen / "capable.json").read_text())
+    plain = json.loads((seen / "plain.json").read_text())
+    assert capable["runtimeConfig"] == {"portMappings": runtime["portMappings"]}
+    assert "runtimeConfig" not in plain

@@ -121,6 +121,7 @@ def run_delegate(
     prev_result: dict[str, Any] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     valid_attachments: Sequence[spec.Attachment] = (),
+    runtime_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run ``command`` on the delegate; for ADD return its final result converted to ``cni_version``.
 
@@ -137,6 +138,13 @@ def run_delegate(
         conf.pop("prevResult", None)
         if prev is not None:
             conf["prevResult"] = prev
+        # As libcni: a plugin gets the runtime's runtimeConfig keys its capabilities ask for (portMappings
+        # for portmap, bandwidth, ...), which the runtime handed to meshnet as the network's plugin.
+        caps = plugin.get("capabilities")
+        if runtime_config and isinstance(caps, Mapping):
+            wanted = {k: v for k, v in runtime_config.items() if caps.get(k) is True}
+            if wanted:
+                conf["runtimeConfig"] = wanted
         return conf
 
     if command == "ADD":

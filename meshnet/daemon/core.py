@@ -161,8 +161,10 @@ class Meshnet:
         if conf.delegate is not None:
             env = self._delegate_env(req, command)
             prev = self._eth0_cache.get(req.container_id) if command in ("DEL", "CHECK") else None
+            runtime = conf.raw.get("runtimeConfig")
             return delegate.run_delegate(conf.delegate, command, env, conf.cni_version, conf.name,
-                                         prev_result=prev, valid_attachments=conf.valid_attachments or ())
+                                         prev_result=prev, valid_attachments=conf.valid_attachments or (),
+                                         runtime_config=runtime if isinstance(runtime, dict) else None)
         if command == "ADD":
             return delegate.chained_prev_result(conf, command)
         return None
@@ -234,7 +236,8 @@ class Meshnet:
                            node=self.node.name, plumbing_error="", skipped=())
 
         topo = self.store.update_status(namespace, pod, mark_alive) or topo
-        peers = self._peer_states(self.store.list(namespace))
+        listed = self.store.list(namespace)
+        peers = self._peer_states(listed)
         plan = plan_pod(topo, ns_name, self.node, peers)
         try:
             self.build(namespace, plan.links)
@@ -246,11 +249,16 @@ class Meshnet:
             raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from e
         remote_errors = self.notify_peers(topo, plan)
         self._record(topo, req.container_id, plan, remote_errors)
+        self._veth_peers_up(topo, plan, listed)
         ifaces = list(base.interfaces)
         ips = list(base.ips)
+        # Runtimes that read the result need each sandbox interface's MAC (podman rejects a result
+        # without one); the kernel assigned them, so ask it once for all links.
+        macs = {name: e.get("address") for name, e in kernel_view(self.executor, [ns_name])[ns_name].items()} \
+            if plan.links else {}
         for lp in plan.links:
             end = lp.a if isinstance(lp, VethPlan) else lp.local
-            ifaces.append(spec.Interface(end.intf, sandbox=req.netns))
+            ifaces.append(spec.Interface(end.intf, mac=macs.get(end.intf), sandbox=req.netns))
             if end.ip is not None:
                 ips.append(spec.IPConfig(str(end.ip), interface=len(ifaces) - 1))
         return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
@@ -484,7 +492,8 @@ class Meshnet:
             else:
                 self.executor.apply(render([plan], "update" if entry else "add"))
                 action = "updated" if entry else "created"
-        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "vxlan", "up"))
+        # Record the interface too: it is what garbage collection may later remove.
+        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "vxlan", "up", "", plan.local.intf))
         return action
 
     def peer_remove(self, req: PeerLink) -> str:
@@ -500,18 +509,37 @@ class Meshnet:
             if _kind(entry) != "vxlan" or data.get("remote") != req.peer_vtep or data.get("id") != req.vni:
                 return "absent"
             self.executor.remove([Command(ns_name, ("link", "del", req.local_intf), req.uid)])
-        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "vxlan", "pending",
-                                                       f"peer pod {req.peer_pod} is not up"))
+        # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
+        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "", "pending",
+                                                       f"peer pod {req.peer_pod} is not up yet"))
         return "removed"
+
+    def _veth_peers_up(self, topo: Topology, plan: PodPlan, listed: Iterable[Topology]) -> None:
+        """A veth built now also gave its peer pod (on this node, added earlier) the link it waits for."""
+        by_name = {t.name: t for t in listed}
+        for lp in plan.links:
+            link = topo.link(lp.uid)
+            if not isinstance(lp, VethPlan) or link is None or (peer := by_name.get(link.peer_pod)) is None:
+                continue
+            if any(s.uid == lp.uid and s.state == "up" for s in peer.status.links) and \
+                    not any(s.link_id == lp.uid for s in peer.status.skipped):
+                continue  # already says so: no write (every write wakes every watcher)
+            self._set_link_state(peer, lp.uid, LinkStatus(lp.uid, "veth", "up", "", lp.b.intf))
 
     def _set_link_state(self, topo: Topology, uid: int, state: LinkStatus) -> None:
         container = topo.status.container_id
+        link = topo.link(uid)
 
         def write(cur: Topology) -> TopologyStatus | None:
             if cur.status.container_id != container:
                 return None
             links = tuple(sorted([*(s for s in cur.status.links if s.uid != uid), state], key=lambda s: s.uid))
-            return None if links == cur.status.links else replace(cur.status, links=links)
+            # `skipped` lists the links still waiting for their peer pod: the link's new state decides.
+            skipped = tuple(s for s in cur.status.skipped if s.link_id != uid)
+            if state.state == "pending" and link is not None:
+                skipped = tuple(sorted([*skipped, Skip(link.peer_pod, uid)], key=lambda s: s.link_id))
+            new = replace(cur.status, links=links, skipped=skipped)
+            return None if new == cur.status else new
 
         self.store.update_status(topo.namespace, topo.name, write)
 
@@ -549,7 +577,7 @@ class Meshnet:
         uids = {p.uid for p in plan.links} | {s.uid for s in st.links}
         with self._link_locks(topo.namespace, uids):
             view = kernel_view(self.executor, [ns_name, *(e.netns for p in plan.links for e in p.ends)])
-            stale = self._stale(topo, ns_name, view.get(ns_name, {}))
+            stale = self._stale(topo, ns_name, view.get(ns_name, {}), self._orphans(topo, plan, view.get(ns_name, {})))
             todo = self._differences(plan.links, view)
             if stale:
                 for problem in self.executor.remove(stale):
@@ -566,15 +594,29 @@ class Meshnet:
         self._record(topo, st.container_id, plan, errors)
         return len({c.uid for c in todo}) + len(stale)
 
-    def _stale(self, topo: Topology, ns_name: str, view: Mapping[str, Mapping[str, Any]]) -> list[Command]:
+    def _orphans(self, topo: Topology, plan: PodPlan, view: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        """Interfaces of links whose peer is gone (pending): a veth or vxlan end left towards a pod
+        that died or moved away. The peers are read again first, so a peer that came alive after
+        this pass listed the store keeps the end its ADD just built (its event brings another pass)."""
+        names = {lnk.uid: lnk.local_intf for lnk in topo.links}
+        left = {p.peer_pod: names[p.uid] for p in plan.pending if _kind(view.get(names[p.uid])) in ("veth", "vxlan")}
+        if not left:
+            return set()
+        fresh = self._peer_states(t for pod in left if (t := self.store.get(topo.namespace, pod)) is not None)
+        return {intf for pod, intf in left.items() if pod not in fresh or not fresh[pod].alive}
+
+    def _stale(self, topo: Topology, ns_name: str, view: Mapping[str, Mapping[str, Any]],
+               orphans: Iterable[str] = ()) -> list[Command]:
         """Interfaces meshnet made in this pod that no desired link owns any more (garbage).
 
-        Only names meshnet recorded in the pod's status, and vxlan devices with a VNI of the pod's
-        namespace block, are candidates: nothing another plugin made is ever touched.
+        Only names meshnet recorded in the pod's status, vxlan devices with a VNI of the pod's
+        namespace block, and `orphans` (ends of links whose peer is gone) are candidates: nothing
+        another plugin made is ever touched.
         """
-        desired = {lnk.local_intf for lnk in topo.links}
+        orphaned = set(orphans)
+        desired = {lnk.local_intf for lnk in topo.links} - orphaned
         block = naming.vni_block(topo.namespace)
-        ours = {s.intf for s in topo.status.links if s.intf}
+        ours = {s.intf for s in topo.status.links if s.intf} | orphaned
         for name, entry in view.items():
             vni = entry.get("linkinfo", {}).get("info_data", {}).get("id")
             if _kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE == block:
@@ -595,14 +637,36 @@ class Meshnet:
         moved = (old is not None and old.status.alive and (not topo.status.alive or
                  (old.status.net_ns, old.status.node) != (topo.status.net_ns, topo.status.node)))
         out: set[tuple[str, str]] = set()
-        if event_type != "DELETED" and spec_changed and topo.status.alive and topo.status.node == self.node.name:
+        if event_type != "DELETED" and self._local(topo) and (spec_changed or self._unsettled(topo)):
             out.add(topo.key)
-        if spec_changed or moved:
-            for other in self._seen.values():
-                if (other.namespace == topo.namespace and other.status.alive and other.status.node == self.node.name
-                        and any(lnk.peer_pod == topo.name for lnk in other.links)):
-                    out.add(other.key)
+        for other in self._seen.values():
+            if (other.namespace == topo.namespace and self._local(other)
+                    and any(lnk.peer_pod == topo.name for lnk in other.links)
+                    # A peer that came alive (or changed at all) is worth another look for links
+                    # still pending or in error towards it: its ADD may have raced with ours.
+                    and (spec_changed or moved or self._unsettled(other, topo.name))):
+                out.add(other.key)
         return out
+
+    def _local(self, topo: Topology) -> bool:
+        return topo.status.alive and topo.status.node == self.node.name
+
+    def _unsettled(self, topo: Topology, peer: str = "") -> bool:
+        """With `peer`: links of a local pod towards it that its status shows pending or in error.
+        Without: links pending although their peer is alive (a status written from a plan older
+        than the peer's ADD). Reconciling them again is harmless: an unchanged outcome writes
+        nothing, so this cannot feed itself."""
+        peers = {lnk.uid: lnk.peer_pod for lnk in topo.links}
+        for s in topo.status.links:
+            pod = peers.get(s.uid, "")
+            if peer:
+                if pod == peer and s.state in ("pending", "error"):
+                    return True
+                continue
+            seen = self._seen.get((topo.namespace, pod))
+            if s.state == "pending" and seen is not None and seen.status.alive:
+                return True
+        return False
 
     def _remove_all(self, topo: Topology) -> None:
         """A Topology deleted while its pod runs: the pod keeps eth0 and loses meshnet's links."""

@@ -62,7 +62,9 @@ def serve(core: Meshnet, bind: str, port: int, log: Callable[..., None]) -> grpc
 class GrpcPeerClient:
     """Channels are kept per peer address: an ADD to a busy node should not pay a TCP handshake."""
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    # Short: a peer daemon that is down builds its own end from the store when it is back (its
+    # start-up pass), so waiting long only holds up the caller's ADD.
+    def __init__(self, timeout: float = 5.0) -> None:
         self.timeout = timeout
         self._stubs: dict[str, meshnet_pb2_grpc.PeerStub] = {}
         self._channels: list[grpc.Channel] = []

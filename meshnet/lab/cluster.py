@@ -226,7 +226,8 @@ class Lab:
                 *(self.node_netns(i) for i in range(len(self.state.nodes)))]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-        # Kept with the daemons so that `down` stops it like one.
+        # Kept with the daemons so that `down` stops it like one (and waits for it: no zombie).
+        self._children[proc.pid] = proc
         self.state.daemons[FORWARDER] = proc.pid
         self.save()
         assert proc.stdout is not None and proc.stderr is not None
@@ -460,6 +461,7 @@ class Lab:
         st = self.state
         manifest = self.manifest()
         view = {rec.name: self.kernel_links(rec.netns) for rec in st.pods.values() if rec.state == "up"}
+        recorded = self._recorded_status()
         links: list[dict[str, Any]] = []
         seen: set[tuple[str, int]] = set()
         for t in manifest.topologies:
@@ -476,15 +478,33 @@ class Lab:
                     state = "up" if _oper_up(a) and (b is None or _oper_up(b)) else "down"
                 else:
                     state = "missing"
+                # What each end's daemon recorded in its pod's Topology status (the store's view).
+                ends = [t.name] if lnk.is_macvlan else [t.name, lnk.peer_pod]
+                said = {pod: recorded[(t.namespace, pod)][1][lnk.uid] for pod in ends
+                        if lnk.uid in recorded.get((t.namespace, pod), ("", {}))[1]}
                 links.append({"uid": lnk.uid, "namespace": t.namespace, "a": f"{t.name}:{lnk.local_intf}",
                               "b": "host:" + lnk.peer_intf if lnk.is_macvlan else f"{lnk.peer_pod}:{lnk.peer_intf}",
-                              "kind": kind, "state": state})
+                              "kind": kind, "state": state, "status": said})
         nodes = [{"name": n, "netns": self.node_netns(i), "vtep": str(UNDERLAY[i + 1]),
                   "daemon_pid": st.daemons.get(n, 0), "daemon": "running" if _alive(st.daemons.get(n, 0)) else "down"}
                  for i, n in enumerate(st.nodes)]
-        pods = [asdict(r) for r in st.pods.values()]
+        pods = [{**asdict(r), "plumbing_error": recorded.get((r.namespace, r.name), ("", {}))[0]}
+                for r in st.pods.values()]
         return {"lab": self.name, "manifest": st.manifest, "store": st.store_url.split("?")[0],
                 "nodes": nodes, "pods": pods, "links": links}
+
+    def _recorded_status(self) -> dict[tuple[str, str], tuple[str, dict[int, str]]]:
+        """{(namespace, pod): (plumbing_error, {uid: "state" or "state: message"})} from the store."""
+        from meshnet.store import open_store
+
+        store = open_store(self.state.store_url)
+        try:
+            topologies = store.list(None)
+        finally:
+            store.close()
+        return {t.key: (t.status.plumbing_error,
+                        {s.uid: f"{s.state}: {s.message}" if s.message else s.state for s in t.status.links})
+                for t in topologies}
 
     def summary(self, seconds: float) -> dict[str, Any]:
         status = self.status()

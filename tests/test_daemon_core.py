@@ -1,0 +1,389 @@
+"""meshnetd's logic (`Meshnet`) without root: a real sqlite store, a dry-run executor whose kernel
+look-ups (`ip -j ... show`) are answered by pytest-subprocess, runtime namespaces that exist only
+on paper, and a fake peer client recording what would go over gRPC."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_subprocess import FakeProcess
+
+from meshnet import naming
+from meshnet.daemon import netns
+from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
+from meshnet.executor import Executor
+from meshnet.model import Topology, TopologyStatus, parse_manifest
+from meshnet.plan import NodeInfo
+from meshnet.store.base import Store
+from meshnet.store.sqlite import SqliteStore
+from tests.kubeapi.server import KubeApiServer
+
+NODE0 = NodeInfo("node0", "198.51.100.1", "eth0", None)
+VTEP1, VTEP2 = "198.51.100.2", "198.51.100.3"
+GRPC_PORT = 51111
+NS = "default"
+
+# a: veth to b (same node), vxlan to c (node1), macvlan on the node's eth0, link to d (never alive).
+MANIFEST = """
+apiVersion: networkop.co.uk/v1beta1
+kind: Topology
+metadata: {name: a}
+spec:
+  links:
+  - {uid: 1, peer_pod: b, local_intf: eth1, peer_intf: eth1, local_ip: 10.0.1.1/24, peer_ip: 10.0.1.2/24}
+  - {uid: 2, peer_pod: c, local_intf: eth2, peer_intf: eth5, local_ip: 10.0.2.1/24, peer_ip: 10.0.2.3/24}
+  - {uid: 3, peer_pod: localhost, local_intf: eth3, peer_intf: eth0, local_ip: 10.0.3.1/24}
+  - {uid: 4, peer_pod: d, local_intf: eth4, peer_intf: eth1}
+---
+apiVersion: networkop.co.uk/v1beta1
+kind: Topology
+metadata: {name: b}
+spec:
+  links:
+  - {uid: 1, peer_pod: a, local_intf: eth1, peer_intf: eth1, local_ip: 10.0.1.2/24, peer_ip: 10.0.1.1/24}
+---
+apiVersion: networkop.co.uk/v1beta1
+kind: Topology
+metadata: {name: c}
+spec:
+  links:
+  - {uid: 2, peer_pod: a, local_intf: eth5, peer_intf: eth2, local_ip: 10.0.2.3/24, peer_ip: 10.0.2.1/24}
+---
+apiVersion: networkop.co.uk/v1beta1
+kind: Topology
+metadata: {name: d}
+spec:
+  links:
+  - {uid: 4, peer_pod: a, local_intf: eth1, peer_intf: eth4}
+"""
+
+
+@dataclass
+class FakePeers:
+    """The gRPC edge: records (method, address, PeerLink); `fail` makes every call raise PeerError."""
+
+    calls: list[tuple[str, str, PeerLink]] = field(default_factory=list)
+    fail: bool = False
+
+    def update(self, address: str, link: PeerLink) -> str:
+        self.calls.append(("update", address, link))
+        if self.fail:
+            raise PeerError(f"{address}: UNAVAILABLE: connection refused")
+        return "created"
+
+    def remove(self, address: str, link: PeerLink) -> str:
+        self.calls.append(("remove", address, link))
+        return "removed"
+
+
+class PaperNetns:
+    """Runtime namespace paths /var/run/netns/<name> that "exist" without root."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def make(self, name: str) -> str:
+        path = f"/var/run/netns/{name}"
+        self.paths.add(path)
+        return path
+
+    def resolve(self, path: str) -> str:
+        if path not in self.paths:
+            raise netns.NetnsError(f"network namespace {path} does not exist")
+        return Path(path).name
+
+    def exists(self, path: str) -> bool:
+        return path in self.paths
+
+
+@pytest.fixture
+def paper(monkeypatch: pytest.MonkeyPatch) -> PaperNetns:
+    fake = PaperNetns()
+    monkeypatch.setattr(netns, "resolve", fake.resolve)
+    monkeypatch.setattr(netns, "exists", fake.exists)
+    monkeypatch.setattr(netns, "detach", lambda _name: None)
+    return fake
+
+
+@pytest.fixture
+def kernel(fp: FakeProcess) -> FakeProcess:
+    """Every `ip` look-up answers "no interfaces"; dry-run never runs `ip -batch` at all."""
+    fp.register([fp.program("ip"), fp.any()], stdout="[]")
+    fp.keep_last_process(True)
+    return fp
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "store.db")
+    for t in parse_manifest(MANIFEST).topologies:
+        s.apply(t)
+    yield s
+    s.close()
+
+
+@dataclass
+class Node:
+    core: Meshnet
+    executor: Executor
+    peers: FakePeers
+
+
+def make_node(store: Store) -> Node:
+    executor = Executor(dry_run=True)
+    peers = FakePeers()
+    core = Meshnet(NODE0, store, executor, peers, grpc_port=GRPC_PORT)
+    return Node(core, executor, peers)
+
+
+@pytest.fixture
+def node(store: SqliteStore, paper: PaperNetns, kernel: FakeProcess) -> Iterator[Node]:
+    n = make_node(store)
+    yield n
+    n.core.close()
+
+
+def set_alive(store: Store, pod: str, node: str, vtep: str, net_ns: str, container: str = "c0") -> None:
+    store.update_status(NS, pod, lambda cur: TopologyStatus(src_ip=vtep, net_ns=net_ns, container_id=container,
+                                                            node=node))
+
+
+def cni(core: Meshnet, command: str, pod: str, netns_path: str, container: str,
+        version: str = "1.0.0") -> dict[str, Any] | None:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/usr/lib/cni", "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME={pod}"}
+    # meshnet chained after the plugin that made eth0 (the delegate mode is the root tests' part)
+    eth0_ip: dict[str, Any] = {"address": "203.0.113.5/24", "interface": 0}
+    if version == "0.4.0":
+        eth0_ip["version"] = "4"
+    prev = {"cniVersion": version, "interfaces": [{"name": "eth0", "sandbox": netns_path}], "ips": [eth0_ip]}
+    conf = {"cniVersion": version, "name": "meshnet", "type": "meshnet", "prevResult": prev}
+    return core.handle(command, env, json.dumps(conf))
+
+
+def lines(node: Node) -> list[str]:
+    return [c.shell() for c in node.executor.recorded]
+
+
+def get(store: Store, pod: str) -> Topology:
+    t = store.get(NS, pod)
+    assert t is not None
+    return t
+
+
+def test_add_sends_every_planned_link_to_the_executor(node: Node, store: SqliteStore, paper: PaperNetns) -> None:
+    set_alive(store, "b", "node0", NODE0.vtep_ip, paper.make("pb"))
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    result = cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    vni = naming.vni(NS, 2)
+    assert sorted(lines(node)) == sorted([
+        "ip link add eth1 mtu 1500 netns pa type veth peer name eth1 mtu 1500 netns pb",
+        "ip -n pa addr add 10.0.1.1/24 dev eth1", "ip -n pa link set eth1 up",
+        "ip -n pb addr add 10.0.1.2/24 dev eth1", "ip -n pb link set eth1 up",
+        f"ip link add eth2 mtu 1450 netns pa type vxlan id {vni} remote {VTEP1} local {NODE0.vtep_ip} "
+        "dstport 4789 dev eth0",
+        "ip -n pa addr add 10.0.2.1/24 dev eth2", "ip -n pa link set eth2 up",
+        "ip link add eth3 link eth0 netns pa type macvlan mode bridge",
+        "ip -n pa addr add 10.0.3.1/24 dev eth3", "ip -n pa link set eth3 up",
+    ]), "uid 4's peer d is not alive: nothing may be built for it"
+    assert result is not None
+    assert [i["name"] for i in result["interfaces"]] == ["eth0", "eth1", "eth2", "eth3"]
+    assert all(i["sandbox"] == "/var/run/netns/pa" for i in result["interfaces"])
+    assert {ip["address"]: ip["interface"] for ip in result["ips"]} == {
+        "203.0.113.5/24": 0, "10.0.1.1/24": 1, "10.0.2.1/24": 2, "10.0.3.1/24": 3}
+    st = get(store, "a").status
+    assert (st.container_id, st.node, st.src_ip, st.net_ns) == ("cid-a", "node0", NODE0.vtep_ip, "/var/run/netns/pa")
+    assert [(s.pod_name, s.link_id) for s in st.skipped] == [("d", 4)]
+    assert {s.uid: s.state for s in st.links} == {1: "up", 2: "up", 3: "up", 4: "pending"}
+
+
+def test_veth_built_by_the_second_add_is_up_in_the_first_pods_status(node: Node, store: SqliteStore,
+                                                                      paper: PaperNetns) -> None:
+    cni(node.core, "ADD", "b", paper.make("pb"), "cid-b")
+    st = get(store, "b").status
+    assert ({s.uid: s.state for s in st.links}, [s.link_id for s in st.skipped]) == ({1: "pending"}, [1])
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    st = get(store, "b").status
+    assert ({s.uid: s.state for s in st.links}, st.skipped) == ({1: "up"}, ())
+    assert st.container_id == "cid-b"
+
+
+def test_remote_end_asks_the_peers_node_with_the_link_seen_from_there(node: Node, store: SqliteStore,
+                                                                      paper: PaperNetns) -> None:
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    assert node.peers.calls == [("update", f"{VTEP1}:{GRPC_PORT}", PeerLink(
+        namespace=NS, pod="c", peer_pod="a", uid=2, vni=naming.vni(NS, 2), local_intf="eth5", peer_intf="eth2",
+        local_ip="10.0.2.3/24", peer_ip="10.0.2.1/24", peer_vtep=NODE0.vtep_ip))]
+
+
+def test_peers_not_alive_are_pending_and_nobody_is_called(node: Node, store: SqliteStore, paper: PaperNetns) -> None:
+    result = cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    assert node.peers.calls == []
+    assert result is not None and [i["name"] for i in result["interfaces"]] == ["eth0", "eth3"]  # + the macvlan
+    assert sorted(s.pod_name for s in get(store, "a").status.skipped) == ["b", "c", "d"]
+
+
+def test_a_failing_peer_is_recorded_and_the_add_still_succeeds(node: Node, store: SqliteStore,
+                                                                paper: PaperNetns) -> None:
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    node.peers.fail = True
+    result = cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    assert result is not None and "eth2" in [i["name"] for i in result["interfaces"]]
+    st = get(store, "a").status
+    assert {s.uid: s.state for s in st.links}[2] == "error"
+    assert "uid 2" in st.plumbing_error and "UNAVAILABLE" in st.plumbing_error
+
+
+def test_pod_without_topology_gets_exactly_the_eth0_result(node: Node, paper: PaperNetns) -> None:
+    result = cni(node.core, "ADD", "nobody", paper.make("pn"), "cid-n", version="0.4.0")
+    assert result == {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/pn"}],
+                      "ips": [{"version": "4", "address": "203.0.113.5/24", "interface": 0}], "dns": {}}
+    assert node.executor.recorded == [] and node.peers.calls == []
+
+
+# --- peer_update: what the store does not back is refused, and nothing happens -------------------
+
+def valid_update() -> PeerLink:
+    """What node1's daemon sends when c (on node1) links to a (alive here)."""
+    return PeerLink(NS, "a", "c", 2, naming.vni(NS, 2), "eth2", "eth5", "10.0.2.1/24", "10.0.2.3/24", VTEP1)
+
+
+@pytest.fixture
+def a_and_c_alive(node: Node, store: SqliteStore, paper: PaperNetns) -> Node:
+    set_alive(store, "a", "node0", NODE0.vtep_ip, paper.make("pa"), "cid-a")
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"), "cid-c")
+    return node
+
+
+def test_peer_update_backed_by_the_store_builds_our_end(a_and_c_alive: Node) -> None:
+    node = a_and_c_alive
+    assert node.core.peer_update(valid_update()) == "created"
+    vni = naming.vni(NS, 2)
+    assert lines(node) == [
+        f"ip link add eth2 mtu 1450 netns pa type vxlan id {vni} remote {VTEP1} local {NODE0.vtep_ip} "
+        "dstport 4789 dev eth0", "ip -n pa addr add 10.0.2.1/24 dev eth2", "ip -n pa link set eth2 up"]
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"pod": "ghost"}, "no Topology"),
+    ({"peer_pod": "b"}, "no link uid 2 to b"),
+    ({"uid": 1, "vni": naming.vni(NS, 1)}, "no link uid 1 to c"),
+    ({"uid": 3, "vni": naming.vni(NS, 3)}, "no link uid 3"),  # the macvlan: never a peer's business
+    ({"local_intf": "eth9"}, "differs"),
+    ({"peer_intf": "eth1"}, "differs"),
+    ({"local_ip": "10.0.2.9/24"}, "differs"),
+    ({"peer_ip": ""}, "differs"),
+    ({"vni": naming.vni(NS, 2) + 1}, "differs"),
+    ({"peer_vtep": VTEP2}, "not alive behind VTEP"),
+], ids=["unknown-topology", "uid-not-to-caller", "uid-of-other-pods", "macvlan-uid", "local-intf", "peer-intf",
+        "local-ip", "peer-ip", "vni", "other-vtep"])
+def test_peer_update_refuses_what_the_store_does_not_back(a_and_c_alive: Node, store: SqliteStore,
+                                                          change: dict[str, Any], reason: str) -> None:
+    before = {t.name: t.status for t in store.list(NS)}
+    with pytest.raises(PeerDenied, match=reason):
+        a_and_c_alive.core.peer_update(replace(valid_update(), **change))
+    assert a_and_c_alive.executor.recorded == []
+    assert {t.name: t.status for t in store.list(NS)} == before
+
+
+@pytest.mark.parametrize(("pod", "status", "reason"), [
+    ("c", TopologyStatus(), "c is not alive"),
+    ("c", TopologyStatus(src_ip=NODE0.vtep_ip, net_ns="/var/run/netns/pc", container_id="x", node="node0"),
+     "c is not alive behind"),  # the caller claims a pod of this very node
+    ("a", TopologyStatus(), "a is not alive on node node0"),
+    ("a", TopologyStatus(src_ip=VTEP2, net_ns="/var/run/netns/pa", container_id="x", node="node2"),
+     "a is not alive on node node0"),
+], ids=["caller-not-alive", "caller-on-our-node", "local-pod-not-alive", "local-pod-on-another-node"])
+def test_peer_update_refuses_pods_that_are_not_where_the_request_says(
+        a_and_c_alive: Node, store: SqliteStore, pod: str, status: TopologyStatus, reason: str) -> None:
+    store.update_status(NS, pod, lambda _cur: status)
+    with pytest.raises(PeerDenied, match=reason):
+        a_and_c_alive.core.peer_update(valid_update())
+    assert a_and_c_alive.executor.recorded == []
+
+
+def test_peer_update_refuses_when_the_local_netns_is_gone(a_and_c_alive: Node, paper: PaperNetns) -> None:
+    paper.paths.discard("/var/run/netns/pa")
+    with pytest.raises(PeerDenied, match="gone"):
+        a_and_c_alive.core.peer_update(valid_update())
+    assert a_and_c_alive.executor.recorded == []
+
+
+# --- DEL ---------------------------------------------------------------------------------------
+
+def test_del_of_another_container_changes_nothing(node: Node, store: SqliteStore, paper: PaperNetns) -> None:
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-new")
+    node.executor.recorded.clear()
+    node.peers.calls.clear()
+    before = get(store, "a").status
+    assert cni(node.core, "DEL", "a", "/var/run/netns/pa", "cid-old") is None
+    assert node.executor.recorded == [] and node.peers.calls == []
+    assert get(store, "a").status == before
+
+
+def test_del_removes_our_ends_tells_remote_peers_and_clears_the_status(node: Node, store: SqliteStore,
+                                                                       paper: PaperNetns) -> None:
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    node.executor.recorded.clear()
+    node.peers.calls.clear()
+    cni(node.core, "DEL", "a", "/var/run/netns/pa", "cid-a")
+    assert sorted(lines(node)) == [f"ip -n pa link del eth{i}" for i in (1, 2, 3, 4)]
+    assert [(m, addr, lnk.pod, lnk.uid) for m, addr, lnk in node.peers.calls] == [
+        ("remove", f"{VTEP1}:{GRPC_PORT}", "c", 2)]
+    assert get(store, "a").status == TopologyStatus()
+
+
+def test_repeated_del_succeeds(node: Node, paper: PaperNetns) -> None:
+    assert cni(node.core, "DEL", "a", "/var/run/netns/never", "cid-x") is None
+    assert cni(node.core, "DEL", "a", "/var/run/netns/never", "cid-x") is None
+
+
+# --- API calls per ADD with the kube store do not grow with the number of links ------------------
+
+def star(n: int) -> str:
+    """Pod `hub` with `n` links to pods s1..sn."""
+    docs = [{"apiVersion": "networkop.co.uk/v1beta1", "kind": "Topology", "metadata": {"name": "hub"},
+             "spec": {"links": [{"uid": i, "peer_pod": f"s{i}", "local_intf": f"eth{i}", "peer_intf": "eth1"}
+                                for i in range(1, n + 1)]}}]
+    docs += [{"apiVersion": "networkop.co.uk/v1beta1", "kind": "Topology", "metadata": {"name": f"s{i}"},
+              "spec": {"links": [{"uid": i, "peer_pod": "hub", "local_intf": "eth1", "peer_intf": f"eth{i}"}]}}
+             for i in range(1, n + 1)]
+    return "\n---\n".join(json.dumps(d) for d in docs)
+
+
+def api_calls_for_one_add(kube_api: KubeApiServer, paper: PaperNetns, links: int) -> tuple[int, int]:
+    from meshnet.store.kube import KubeStore
+
+    store = KubeStore(kubeconfig=kube_api.kubeconfig)
+    node = make_node(store)
+    try:
+        for t in parse_manifest(star(links)).topologies:
+            store.apply(t)
+        for i in range(1, links + 1):  # every peer alive on one of two other nodes
+            vtep = VTEP1 if i % 2 else VTEP2
+            set_alive(store, f"s{i}", f"node{1 + i % 2}", vtep, f"/var/run/netns/s{i}")
+        kube_api.reset_counts()
+        cni(node.core, "ADD", "hub", paper.make("hub"), "cid-hub")
+        assert len(node.peers.calls) == links
+        return kube_api.count(), len(node.executor.recorded)
+    finally:
+        node.core.close()
+        store.close()
+
+
+def test_api_calls_per_add_do_not_grow_with_links(kube_api: KubeApiServer, paper: PaperNetns,
+                                                  kernel: FakeProcess) -> None:
+    few, commands_few = api_calls_for_one_add(kube_api, paper, 2)
+    with KubeApiServer() as other:
+        many, commands_many = api_calls_for_one_add(other, paper, 40)
+    assert commands_many > commands_few  # the 40 links were really planned
+    assert few == many
+    assert many <= 8, (few, many)
