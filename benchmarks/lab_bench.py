@@ -1,0 +1,278 @@
+"""Benchmarks through the emulated lab: real meshnetd per node, the real CNI shim, real namespaces.
+
+    python -m benchmarks.lab_bench            (as root)
+
+Each figure is measured beside its floor from the same run: the `ip -batch` batches the daemons
+journaled while the figure was measured, replayed bare to `ip` (one process per batch, in journal
+order) into the same namespaces after the daemons are stopped. The floor therefore has no CNI, no
+eth0 delegate, no store, no gRPC, no Python: only the kernel work meshnet asked for.
+
+Labs live under a private directory in /tmp (named `mnl-<lab>-…` namespaces, as every lab) and are
+always taken down; addresses are 100.64.0.0/10 /30s, inside those namespaces only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.foundation import manifest_text as two_pod_manifest
+from meshnet.lab.cluster import Lab
+
+POOL = ipaddress.IPv4Network("100.64.0.0/10")
+Batch = tuple[str | None, list[str]]
+
+
+def links_manifest(pods: list[str], edges: list[tuple[str, str]]) -> str:
+    """Topologies and Pods for `edges` (uid = position + 1; interfaces eth1.. per pod; /30 per link)."""
+    nets = POOL.subnets(new_prefix=30)
+    ends: dict[str, list[dict[str, Any]]] = {p: [] for p in pods}
+    for uid, (a, b) in enumerate(edges, start=1):
+        net = next(nets)
+        ha, hb = (f"{h}/{net.prefixlen}" for h in list(net.hosts())[:2])
+        ia, ib = f"eth{len(ends[a]) + 1}", f"eth{len(ends[b]) + 1}"
+        ends[a].append({"uid": uid, "peer_pod": b, "local_intf": ia, "peer_intf": ib, "local_ip": ha, "peer_ip": hb})
+        ends[b].append({"uid": uid, "peer_pod": a, "local_intf": ib, "peer_intf": ia, "local_ip": hb, "peer_ip": ha})
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "networkop.co.uk/v1beta1", "kind": "Topology", "metadata": {"name": p}, "spec": {"links": ls}}
+        for p, ls in ends.items() if ls]
+    docs += [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p}} for p in pods]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def hub_manifest(peers: int = 4) -> str:
+    return links_manifest(["h", *(f"s{i}" for i in range(1, peers + 1))],
+                          [("h", f"s{i}") for i in range(1, peers + 1)])
+
+
+def random_manifest(pods: int = 100, links: int = 300, seed: int = 7) -> str:
+    """A seeded random connected graph: a random spanning tree, then distinct extra edges."""
+    rng = random.Random(seed)
+    names = [f"r{i}" for i in range(1, pods + 1)]
+    order = names[:]
+    rng.shuffle(order)
+    edges = [(order[i], rng.choice(order[:i])) for i in range(1, pods)]
+    seen = {frozenset(e) for e in edges}
+    while len(edges) < links:
+        a, b = rng.sample(names, 2)
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            edges.append((a, b))
+    return links_manifest(names, edges)
+
+
+@contextmanager
+def bench_lab(tag: str, manifest: str, nodes: int, **up: Any) -> Iterator[tuple[Lab, list[tuple[float, str]]]]:
+    """A lab up from `manifest`, with `Lab.up`'s progress messages and when each came."""
+    root = Path(tempfile.mkdtemp(prefix="mnb", dir="/tmp"))
+    path = root / f"{tag}.yml"
+    path.write_text(manifest)
+    marks: list[tuple[float, str]] = []
+    lab = Lab(tag, root=root, progress=lambda msg: marks.append((time.perf_counter(), msg)))
+    try:
+        lab.up(str(path), nodes, **up)
+        failed = {r.name: r.error for r in lab.state.pods.values() if r.state != "up"}
+        if failed:
+            raise RuntimeError(f"lab {tag}: pods failed: {failed}")
+        yield lab, marks
+    finally:
+        # Daemons first: then the DELs of `down` fail fast and the namespaces go whole. Deleting
+        # thousands of links one by one (a CNI DEL) costs ~25 ms per link in the kernel.
+        stop_daemons(lab)
+        lab.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def journal_batches(lab: Lab, since: float, until: float) -> list[Batch]:
+    """The successful batches the daemons ran in [since, until], in time order, namespaces made explicit."""
+    found: list[tuple[float, Batch]] = []
+    for i, node in enumerate(lab.state.nodes):
+        path = lab.dir / f"{node}.journal"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            if e["rc"] == 0 and since <= e["ts"] <= until:
+                found.append((e["ts"], (e["netns"] or lab.node_netns(i), e["commands"])))
+    found.sort(key=lambda item: item[0])
+    return [b for _, b in found]
+
+
+def replay_bare(batches: list[Batch]) -> None:
+    for ns, commands in batches:
+        proc = subprocess.run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input="\n".join(commands) + "\n",
+                              capture_output=True, text=True, check=False, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bare replay failed in {ns}: {proc.stderr.strip()}")
+
+
+def fresh_netns(names: list[str]) -> None:
+    """Delete and re-create pod namespaces (untimed reset): what meshnet built in them goes whole."""
+    for ns in names:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=120)
+        subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=True, timeout=120)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], capture_output=True, check=True, timeout=120)
+
+
+def links_all_up(lab: Lab) -> bool:
+    return all(lk["state"] == "up" for lk in lab.status()["links"])
+
+
+def cold_add_seconds(lab: Lab, marks: list[tuple[float, str]]) -> float:
+    """Seconds from the lab's first ADD until every link is up, from `Lab.up`'s progress messages."""
+    first = next(t for t, msg in marks if "adding" in msg)
+    last = max(t for t, msg in marks if msg.startswith("["))
+    while not links_all_up(lab):  # links a peer builds asynchronously count too
+        if time.perf_counter() - first > 600:
+            raise RuntimeError("links not up after 600 s")
+        time.sleep(0.05)
+        last = time.perf_counter()
+    return last - first
+
+
+def peak_rss_mib(lab: Lab) -> float:
+    """Highest VmHWM of the lab's meshnetd processes."""
+    peak = 0
+    for node in lab.state.nodes:
+        pid = lab.state.daemons.get(node)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))
+    return round(peak / 1024, 1)
+
+
+def stop_daemons(lab: Lab) -> None:
+    for node in list(lab.state.nodes):
+        lab.stop_daemon(node)
+
+
+def floor_of(lab: Lab, batches: list[Batch], pods: list[str], runs: int) -> list[float]:
+    """Replay `batches` bare `runs` times into fresh namespaces of `pods` (daemons stopped first).
+
+    The kernel destroys a deleted namespace's devices a little later; until then a new VXLAN with
+    the same VNI or a veth whose peer name is still taken fails with "File exists": wait and retry.
+    """
+    stop_daemons(lab)
+    netns = [lab.state.pods[p].netns for p in pods]
+    samples = []
+    for _ in range(runs):
+        for attempt in range(10):
+            fresh_netns(netns)
+            time.sleep(0.5 * attempt)
+            start = time.perf_counter()
+            try:
+                replay_bare(batches)
+            except RuntimeError:
+                if attempt == 9:
+                    raise
+                continue
+            samples.append(time.perf_counter() - start)
+            break
+    return samples
+
+
+def _median(samples: list[float]) -> float:
+    return round(statistics.median(samples), 4)
+
+
+def add_latency(runs: int = 15) -> dict[str, Any]:
+    """ADD of a hub pod with 4 links whose peers are up, via the real shim, repeated (DEL between)."""
+    with bench_lab("bhub", hub_manifest(4), 1) as (lab, _):
+        samples: list[float] = []
+        batches: list[Batch] = []
+        for _ in range(runs):
+            lab.del_pod("h", remove_netns=False)
+            since = time.time()
+            rec = lab.add_pod("h")
+            if rec.state != "up":
+                raise RuntimeError(f"hub ADD failed: {rec.error}")
+            samples.append(rec.seconds)
+            run = journal_batches(lab, since, time.time() + 0.5)
+            # The floor replays a run whose journal holds the whole build (4 links created, nothing
+            # found already there by a concurrent reconcile), so that the bare replay can stand alone.
+            if sum(c.startswith("link add") for _, cmds in run for c in cmds) == 4:
+                batches = run
+        if not batches:
+            raise RuntimeError("no hub ADD journaled a clean build of its 4 links")
+        floor = floor_of(lab, batches, list(lab.state.pods), runs)
+    fig, flo = _median(samples), _median(floor)
+    target = 1.5 * flo + 0.040
+    return {"figure_s": fig, "floor_s": flo, "samples_s": samples, "floor_samples_s": [round(s, 4) for s in floor],
+            "batches": len(batches), "target_s": round(target, 4), "ok": fig <= target}
+
+
+def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:
+    """2 pods joined by `links` links: first ADD until every link is up, as `lab up` does it."""
+    with bench_lab(f"b{links}n{nodes}", two_pod_manifest(links), nodes) as (lab, marks):
+        figure = cold_add_seconds(lab, marks)
+        batches = journal_batches(lab, 0, time.time() + 0.5)
+        rss = peak_rss_mib(lab)
+        floor = floor_of(lab, batches, ["p1", "p2"], 1)
+    flo = _median(floor)
+    return {"figure_s": round(figure, 3), "floor_s": flo, "batches": len(batches),
+            "peak_rss_mib": rss, "ratio": round(figure / flo, 2), "target_ratio": 2.0, "ok": figure <= 2.0 * flo}
+
+
+def random_topology() -> dict[str, Any]:
+    """100 pods, 300 links (seeded random connected graph) over 3 nodes, as `lab up` does it."""
+    with bench_lab("brand", random_manifest(100, 300), 3) as (lab, marks):
+        figure = cold_add_seconds(lab, marks)
+        kinds: dict[str, int] = {}
+        for lk in lab.status()["links"]:
+            kinds[lk["kind"]] = kinds.get(lk["kind"], 0) + 1
+        batches = journal_batches(lab, 0, time.time() + 0.5)
+        rss = peak_rss_mib(lab)
+        floor = floor_of(lab, batches, list(lab.state.pods), 1)
+    flo = _median(floor)
+    return {"figure_s": round(figure, 3), "floor_s": flo, "kinds": kinds, "batches": len(batches),
+            "peak_rss_mib": rss, "target_s": 15.0, "ok": figure <= 15.0}
+
+
+def kube_calls(manifest: str = "tests/3node.yml", nodes: int = 3) -> dict[str, Any]:
+    """Kubernetes API requests per pod ADD with the kube store (the API test server counts them)."""
+    from tests.kubeapi.server import KubeApiServer
+
+    text = Path(manifest).read_text()
+    with KubeApiServer() as server, bench_lab("bkube", text, nodes, store="kube",
+                                              kubeconfig=str(server.kubeconfig)) as (lab, _):
+        pods = list(lab.state.pods)
+        link_count = len(lab.status()["links"])
+        for p in pods:
+            lab.del_pod(p, remove_netns=False)
+        time.sleep(0.5)  # let the reconcilers' reactions to the DELs settle before counting
+        server.reset_counts()
+        lab.add_pods(pods)
+        calls = list(server.requests)
+    by_kind: dict[str, int] = {}
+    for r in calls:
+        key = f"{r.method} {'status' if r.path.endswith('/status') else 'watch' if r.query.get('watch') else 'object'}"
+        by_kind[key] = by_kind.get(key, 0) + 1
+    return {"pods": len(pods), "links": link_count, "requests": len(calls),
+            "per_add": round(len(calls) / len(pods), 1), "per_link": round(len(calls) / max(1, link_count), 1),
+            "by_kind": by_kind}
+
+
+def main() -> int:
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("add latency", add_latency), ("1500 links, 1 node", lambda: many_links(1)),
+        ("1500 links, 2 nodes", lambda: many_links(2)), ("100 pods random", random_topology),
+        ("kube calls", kube_calls)]
+    for name, fn in steps:
+        print(name, json.dumps(fn(), indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
