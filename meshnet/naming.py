@@ -98,6 +98,21 @@ def vni(namespace: str, uid: int) -> int:
     return vni_block(namespace) * VNI_BLOCK_SIZE + uid
 
 
+# Every interface meshnet makes joins this link group ("mn" in ASCII). It marks what is meshnet's
+# (garbage collection never touches another plugin's interfaces) and lets a DEL remove all of a
+# pod's links in one kernel call (`ip link del group`), which is batched in the kernel: 1500 veths
+# go in a quarter of a second instead of ~45 s one by one.
+LINK_GROUP = 0x6D6E
+
+
+def mac_address(namespace: str, pod: str, intf: str) -> str:
+    """A stable, locally administered MAC for a pod's interface: the same after every restart, so
+    router configurations and captures keyed on MACs keep working ("do not change this format")."""
+    digest = hashlib.sha256(f"{namespace}/{pod}/{intf}".encode()).digest()
+    octets = bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in octets)
+
+
 def attached_netns_name(netns_path: str) -> str:
     """The /var/run/netns name meshnetd gives a runtime's netns path that is not there already.
 

@@ -45,6 +45,7 @@ class Endpoint:
     netns: str
     intf: str
     ip: IPInterface | None
+    mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,15 @@ def vxlan_mtu(link: Link, node: NodeInfo) -> int:
 def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
               peer: PeerState | None) -> LinkPlan | Pending | tuple[VxlanPlan, RemoteEnd]:
     """Decide one link of pod `topo.name` (namespace `netns`, on `node`)."""
-    local = Endpoint(netns, link.local_intf, link.local_ip)
+    mac = naming.mac_address(topo.namespace, topo.name, link.local_intf)
+    local = Endpoint(netns, link.local_intf, link.local_ip, mac)
     if link.is_macvlan:
         return MacvlanPlan(link.uid, local, link.peer_intf, node.netns, link.mtu)
     if peer is None or not peer.alive:
         return Pending(link.uid, link.peer_pod, f"peer pod {link.peer_pod} is not up yet")
     if peer.node == node.name:
-        far = Endpoint(peer.netns, link.peer_intf, link.peer_ip)
+        far = Endpoint(peer.netns, link.peer_intf, link.peer_ip,
+                       naming.mac_address(topo.namespace, link.peer_pod, link.peer_intf))
         return VethPlan(link.uid, local, far, node.netns, link.mtu or DEFAULT_MTU)
     plan = VxlanPlan(link.uid, local, naming.vni(topo.namespace, link.uid), peer.src_ip, node.vtep_ip,
                      node.uplink, node.netns, vxlan_mtu(link, node))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jinja2
 
+from meshnet import naming
 from meshnet.plan import LinkPlan
 
 _UNSAFE = re.compile(r"['\"\\#;]")
@@ -103,7 +104,7 @@ def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
 
 def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Command]:
     try:
-        text = template.render(link=plan, node=plan.node_netns or HERE)
+        text = template.render(link=plan, node=plan.node_netns or HERE, group=naming.LINK_GROUP)
     except jinja2.TemplateError as e:
         raise RenderError(f"{name}: {e}") from e
     return _parse(text, plan.uid, name)

@@ -5,7 +5,7 @@ on paper, and a fake peer client recording what would go over gRPC."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,20 +65,24 @@ spec:
 
 @dataclass
 class FakePeers:
-    """The gRPC edge: records (method, address, PeerLink); `fail` makes every call raise PeerError."""
+    """The gRPC edge: records (method, address, PeerLink) per link and each batch's size (one batch
+    per peer node); `fail` makes every call raise PeerError."""
 
     calls: list[tuple[str, str, PeerLink]] = field(default_factory=list)
+    batches: list[tuple[str, str, int]] = field(default_factory=list)
     fail: bool = False
 
-    def update(self, address: str, link: PeerLink) -> str:
-        self.calls.append(("update", address, link))
+    def update_many(self, address: str, links: Sequence[PeerLink]) -> list[str]:
+        self.batches.append(("update", address, len(links)))
+        self.calls.extend(("update", address, link) for link in links)
         if self.fail:
             raise PeerError(f"{address}: UNAVAILABLE: connection refused")
-        return "created"
+        return ["created"] * len(links)
 
-    def remove(self, address: str, link: PeerLink) -> str:
-        self.calls.append(("remove", address, link))
-        return "removed"
+    def remove_many(self, address: str, links: Sequence[PeerLink]) -> list[str]:
+        self.batches.append(("remove", address, len(links)))
+        self.calls.extend(("remove", address, link) for link in links)
+        return ["removed"] * len(links)
 
 
 class PaperNetns:
@@ -176,24 +180,32 @@ def get(store: Store, pod: str) -> Topology:
     return t
 
 
+def mac(pod: str, intf: str) -> str:
+    return naming.mac_address(NS, pod, intf)
+
+
 def test_add_sends_every_planned_link_to_the_executor(node: Node, store: SqliteStore, paper: PaperNetns) -> None:
     set_alive(store, "b", "node0", NODE0.vtep_ip, paper.make("pb"))
     set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
     result = cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
     vni = naming.vni(NS, 2)
+    grp = naming.LINK_GROUP
     assert sorted(lines(node)) == sorted([
-        "ip link add eth1 mtu 1500 netns pa type veth peer name eth1 mtu 1500 netns pb",
+        f"ip link add eth1 address {mac('a', 'eth1')} mtu 1500 group {grp} netns pa type veth peer name eth1 "
+        f"address {mac('b', 'eth1')} mtu 1500 group {grp} netns pb",
         "ip -n pa addr add 10.0.1.1/24 dev eth1", "ip -n pa link set eth1 up",
         "ip -n pb addr add 10.0.1.2/24 dev eth1", "ip -n pb link set eth1 up",
-        f"ip link add eth2 mtu 1450 netns pa type vxlan id {vni} remote {VTEP1} local {NODE0.vtep_ip} "
-        "dstport 4789 dev eth0",
+        f"ip link add eth2 address {mac('a', 'eth2')} mtu 1450 group {grp} netns pa type vxlan id {vni} "
+        f"remote {VTEP1} local {NODE0.vtep_ip} dstport 4789 dev eth0",
         "ip -n pa addr add 10.0.2.1/24 dev eth2", "ip -n pa link set eth2 up",
-        "ip link add eth3 link eth0 netns pa type macvlan mode bridge",
+        f"ip link add eth3 address {mac('a', 'eth3')} group {grp} link eth0 netns pa type macvlan mode bridge",
         "ip -n pa addr add 10.0.3.1/24 dev eth3", "ip -n pa link set eth3 up",
     ]), "uid 4's peer d is not alive: nothing may be built for it"
     assert result is not None
     assert [i["name"] for i in result["interfaces"]] == ["eth0", "eth1", "eth2", "eth3"]
     assert all(i["sandbox"] == "/var/run/netns/pa" for i in result["interfaces"])
+    # The MACs meshnet set, so runtimes that read them (podman) get them without another ip call.
+    assert [i.get("mac") for i in result["interfaces"][1:]] == [mac("a", f"eth{k}") for k in (1, 2, 3)]
     assert {ip["address"]: ip["interface"] for ip in result["ips"]} == {
         "203.0.113.5/24": 0, "10.0.1.1/24": 1, "10.0.2.1/24": 2, "10.0.3.1/24": 3}
     st = get(store, "a").status
@@ -263,11 +275,12 @@ def a_and_c_alive(node: Node, store: SqliteStore, paper: PaperNetns) -> Node:
 
 def test_peer_update_backed_by_the_store_builds_our_end(a_and_c_alive: Node) -> None:
     node = a_and_c_alive
-    assert node.core.peer_update(valid_update()) == "created"
+    assert node.core.peer_update([valid_update()]) == ["created"]
     vni = naming.vni(NS, 2)
     assert lines(node) == [
-        f"ip link add eth2 mtu 1450 netns pa type vxlan id {vni} remote {VTEP1} local {NODE0.vtep_ip} "
-        "dstport 4789 dev eth0", "ip -n pa addr add 10.0.2.1/24 dev eth2", "ip -n pa link set eth2 up"]
+        f"ip link add eth2 address {mac('a', 'eth2')} mtu 1450 group {naming.LINK_GROUP} netns pa type vxlan "
+        f"id {vni} remote {VTEP1} local {NODE0.vtep_ip} dstport 4789 dev eth0",
+        "ip -n pa addr add 10.0.2.1/24 dev eth2", "ip -n pa link set eth2 up"]
 
 
 @pytest.mark.parametrize(("change", "reason"), [
@@ -287,7 +300,17 @@ def test_peer_update_refuses_what_the_store_does_not_back(a_and_c_alive: Node, s
                                                           change: dict[str, Any], reason: str) -> None:
     before = {t.name: t.status for t in store.list(NS)}
     with pytest.raises(PeerDenied, match=reason):
-        a_and_c_alive.core.peer_update(replace(valid_update(), **change))
+        a_and_c_alive.core.peer_update([replace(valid_update(), **change)])
+    assert a_and_c_alive.executor.recorded == []
+    assert {t.name: t.status for t in store.list(NS)} == before
+
+
+def test_one_forged_link_in_a_batch_refuses_the_batch(a_and_c_alive: Node, store: SqliteStore) -> None:
+    """An honest link does not carry a forged one in: the whole batch is refused, nothing is built."""
+    before = {t.name: t.status for t in store.list(NS)}
+    forged = replace(valid_update(), local_intf="evil0")
+    with pytest.raises(PeerDenied, match="differs"):
+        a_and_c_alive.core.peer_update([valid_update(), forged])
     assert a_and_c_alive.executor.recorded == []
     assert {t.name: t.status for t in store.list(NS)} == before
 
@@ -304,14 +327,14 @@ def test_peer_update_refuses_pods_that_are_not_where_the_request_says(
         a_and_c_alive: Node, store: SqliteStore, pod: str, status: TopologyStatus, reason: str) -> None:
     store.update_status(NS, pod, lambda _cur: status)
     with pytest.raises(PeerDenied, match=reason):
-        a_and_c_alive.core.peer_update(valid_update())
+        a_and_c_alive.core.peer_update([valid_update()])
     assert a_and_c_alive.executor.recorded == []
 
 
 def test_peer_update_refuses_when_the_local_netns_is_gone(a_and_c_alive: Node, paper: PaperNetns) -> None:
     paper.paths.discard("/var/run/netns/pa")
     with pytest.raises(PeerDenied, match="gone"):
-        a_and_c_alive.core.peer_update(valid_update())
+        a_and_c_alive.core.peer_update([valid_update()])
     assert a_and_c_alive.executor.recorded == []
 
 
@@ -335,7 +358,8 @@ def test_del_removes_our_ends_tells_remote_peers_and_clears_the_status(node: Nod
     node.executor.recorded.clear()
     node.peers.calls.clear()
     cni(node.core, "DEL", "a", "/var/run/netns/pa", "cid-a")
-    assert sorted(lines(node)) == [f"ip -n pa link del eth{i}" for i in (1, 2, 3, 4)]
+    # One batched kernel call for every interface meshnet made in the pod (its link group).
+    assert lines(node) == [f"ip -n pa link del group {naming.LINK_GROUP}"]
     assert [(m, addr, lnk.pod, lnk.uid) for m, addr, lnk in node.peers.calls] == [
         ("remove", f"{VTEP1}:{GRPC_PORT}", "c", 2)]
     assert get(store, "a").status == TopologyStatus()
@@ -373,6 +397,8 @@ def api_calls_for_one_add(kube_api: KubeApiServer, paper: PaperNetns, links: int
         kube_api.reset_counts()
         cni(node.core, "ADD", "hub", paper.make("hub"), "cid-hub")
         assert len(node.peers.calls) == links
+        # One peer call per peer node, however many links lead there.
+        assert sorted(b[1] for b in node.peers.batches) == sorted({f"{VTEP1}:{GRPC_PORT}", f"{VTEP2}:{GRPC_PORT}"})
         return kube_api.count(), len(node.executor.recorded)
     finally:
         node.core.close()

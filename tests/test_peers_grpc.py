@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,11 +34,11 @@ class FakeCore:
             raise ExecError("RTNETLINK answers: Operation not permitted")
         return action
 
-    def peer_update(self, link: PeerLink) -> str:
-        return self._answer("update", link, "created")
+    def peer_update(self, links: Sequence[PeerLink]) -> list[str]:
+        return [self._answer("update", link, "created") for link in links]
 
-    def peer_remove(self, link: PeerLink) -> str:
-        return self._answer("remove", link, "removed")
+    def peer_remove(self, links: Sequence[PeerLink]) -> list[str]:
+        return [self._answer("remove", link, "removed") for link in links]
 
 
 @dataclass
@@ -113,3 +114,16 @@ def test_one_channel_per_peer_address(edge: Edge) -> None:
     for _ in range(3):
         edge.client.update(edge.address, LINK)
     assert len(edge.client._channels) == 1
+
+
+def test_a_batch_round_trips_in_order(edge: Edge) -> None:
+    """One call carries every link towards a node; replies come back in the request's order."""
+    links = [dataclasses.replace(LINK, uid=uid) for uid in (3, 1, 2)]
+    assert edge.client.update_many(edge.address, links) == ["created"] * 3
+    assert [lk.uid for _, lk in edge.core.received] == [3, 1, 2]
+
+
+def test_one_forged_link_refuses_the_whole_batch(edge: Edge) -> None:
+    forged = dataclasses.replace(LINK, pod="forged")
+    with pytest.raises(PeerError, match="PERMISSION_DENIED"):
+        edge.client.update_many(edge.address, [LINK, forged])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnet import render
+from meshnet import naming, render
 from meshnet.plan import Endpoint, MacvlanPlan, VethPlan, VxlanPlan
 from meshnet.render import Command, RenderError, phases, render_link, script
 from tests import golden_gen
@@ -49,7 +49,7 @@ def test_golden_regeneration_is_idempotent(capsys: pytest.CaptureFixture[str]) -
 def test_veth_add_renders_exact_commands() -> None:
     lines = [c.shell() for c in render_link(VETH, "add")]
     assert lines == [
-        "ip -n node link add eth1 mtu 1500 netns pa type veth peer name eth2 mtu 1500 netns pb",
+        "ip -n node link add eth1 mtu 1500 group 28014 netns pa type veth peer name eth2 mtu 1500 group 28014 netns pb",
         "ip -n pa addr add 10.0.0.1/30 dev eth1",
         "ip -n pa link set eth1 up",
         "ip -n pb addr add 10.0.0.2/30 dev eth2",
@@ -61,7 +61,8 @@ def test_veth_add_renders_exact_commands() -> None:
 def test_vxlan_add_runs_in_executor_namespace_when_node_netns_is_none() -> None:
     cmds = render_link(VXLAN, "add")
     assert cmds[0].netns is None
-    assert cmds[0].argv == ("link", "add", "eth3", "mtu", "1450", "netns", "pa", "type", "vxlan", "id",
+    assert cmds[0].argv == ("link", "add", "eth3", "mtu", "1450", "group", "28014", "netns", "pa", "type", "vxlan",
+                            "id",
                             str(4096 * 3 + 8), "remote", "198.51.100.2", "local", "198.51.100.1",
                             "dstport", "4789", "dev", "eth0")
     assert cmds[1].shell() == "ip -n pa addr add 2001:db8::1/64 dev eth3"
@@ -69,9 +70,21 @@ def test_vxlan_add_runs_in_executor_namespace_when_node_netns_is_none() -> None:
 
 def test_macvlan_without_address_only_brings_link_up() -> None:
     assert [c.shell() for c in render_link(MACVLAN, "add")] == [
-        "ip -n node link add eth4 link eth0 netns pa type macvlan mode bridge",
+        "ip -n node link add eth4 group 28014 link eth0 netns pa type macvlan mode bridge",
         "ip -n pa link set eth4 up",
     ]
+
+
+def test_stable_macs_and_the_link_group_reach_ip() -> None:
+    """Each end gets the MAC the plan computed (stable per pod and interface) and meshnet's group."""
+    mac_a, mac_b = naming.mac_address("default", "a", "eth1"), naming.mac_address("default", "b", "eth2")
+    veth = VethPlan(7, Endpoint("pa", "eth1", None, mac_a), Endpoint("pb", "eth2", None, mac_b), "node", 1500)
+    assert render_link(veth, "add")[0].argv == (
+        "link", "add", "eth1", "address", mac_a, "mtu", "1500", "group", str(naming.LINK_GROUP), "netns", "pa",
+        "type", "veth", "peer", "name", "eth2", "address", mac_b, "mtu", "1500", "group", str(naming.LINK_GROUP),
+        "netns", "pb")
+    assert mac_a == naming.mac_address("default", "a", "eth1") != mac_b
+    assert int(mac_a.split(":")[0], 16) & 0x03 == 0x02  # locally administered, unicast
 
 
 def test_unknown_action_is_refused() -> None:

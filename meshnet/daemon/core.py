@@ -63,9 +63,11 @@ class PeerError(Exception):
 
 
 class PeerClient(Protocol):
-    def update(self, address: str, link: PeerLink) -> str: ...
+    """The gRPC edge (a fake in unit tests): one call per peer node carries all its links."""
 
-    def remove(self, address: str, link: PeerLink) -> str: ...
+    def update_many(self, address: str, links: Sequence[PeerLink]) -> list[str]: ...
+
+    def remove_many(self, address: str, links: Sequence[PeerLink]) -> list[str]: ...
 
 
 def _forget_vanished(container_id: str) -> Callable[[Topology], TopologyStatus | None]:
@@ -252,13 +254,11 @@ class Meshnet:
         self._veth_peers_up(topo, plan, listed)
         ifaces = list(base.interfaces)
         ips = list(base.ips)
-        # Runtimes that read the result need each sandbox interface's MAC (podman rejects a result
-        # without one); the kernel assigned them, so ask it once for all links.
-        macs = {name: e.get("address") for name, e in kernel_view(self.executor, [ns_name])[ns_name].items()} \
-            if plan.links else {}
         for lp in plan.links:
             end = lp.a if isinstance(lp, VethPlan) else lp.local
-            ifaces.append(spec.Interface(end.intf, mac=macs.get(end.intf), sandbox=req.netns))
+            # Runtimes that read the result need each sandbox interface's MAC (podman rejects a
+            # result without one): meshnet sets them itself, stable per pod and interface.
+            ifaces.append(spec.Interface(end.intf, mac=end.mac, sandbox=req.netns))
             if end.ip is not None:
                 ips.append(spec.IPConfig(str(end.ip), interface=len(ifaces) - 1))
         return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
@@ -335,19 +335,25 @@ class Meshnet:
                         link.peer_intf, link.local_intf, _ip(link.peer_ip), _ip(link.local_ip), self.node.vtep_ip)
 
     def notify_peers(self, topo: Topology, plan: PodPlan) -> dict[int, str]:
-        """Ask each remote peer's daemon to build its vxlan end; returns {uid: error} for failures."""
+        """Ask each remote peer's daemon to build its vxlan ends — one call per node, all its links
+        in it; returns {uid: error} for failures."""
         if not plan.remote:
             return {}
-        futures = {r.uid: self._pool.submit(self.peers.update, f"{r.peer_src_ip}:{self.grpc_port}",
-                                            self._peer_link(topo, r.uid)) for r in plan.remote}
+        by_node: dict[str, list[int]] = {}
+        for r in plan.remote:
+            by_node.setdefault(f"{r.peer_src_ip}:{self.grpc_port}", []).append(r.uid)
+        futures = {address: self._pool.submit(self.peers.update_many, address,
+                                              [self._peer_link(topo, uid) for uid in uids])
+                   for address, uids in by_node.items()}
         errors: dict[int, str] = {}
-        for uid, fut in futures.items():
+        for address, fut in futures.items():
             try:
-                action = fut.result()
-                self._log(event="peer-update", uid=uid, action=action)
+                actions = fut.result()
+                self._log(event="peer-update", peer=address, links=len(actions),
+                          created=actions.count("created"), updated=actions.count("updated"))
             except Exception as e:  # any failure of one peer must not hide the others
-                errors[uid] = f"peer update failed: {e}"
-                self._log(event="peer-update-failed", uid=uid, error=str(e))
+                errors.update({uid: f"peer update failed: {e}" for uid in by_node[address]})
+                self._log(event="peer-update-failed", peer=address, error=str(e))
         return errors
 
     def delete(self, req: CniRequest) -> None:
@@ -365,35 +371,44 @@ class Meshnet:
         return None
 
     def _delete_links(self, topo: Topology, req: CniRequest) -> None:
+        """Forget the pod first, then remove its links: once the store says it is not alive, no
+        reconcile pass (ours or a peer's) builds towards it while the links go."""
+        owned = False
+
+        def clear(cur: Topology) -> TopologyStatus | None:
+            nonlocal owned
+            owned = cur.status.container_id in ("", req.container_id)
+            if not owned:
+                return None  # a newer sandbox owns the pod now: its links stay
+            return None if cur.status == TopologyStatus() else TopologyStatus()
+
+        self.store.update_status(topo.namespace, topo.name, clear)
+        if not owned:
+            self._log(event="del-skipped", pod=topo.name, container=req.container_id[:12])
+            return
         path = req.netns or topo.status.net_ns
-        ns_name = ""
-        if netns.exists(path):
-            ns_name = netns.resolve(path)
+        ns_name = netns.resolve(path) if netns.exists(path) else ""
+        if ns_name:
+            # Every interface meshnet made is in its link group: one batched kernel call removes
+            # them all (a veth's far end goes with it); other plugins' interfaces stay.
+            with self._link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+                problems = self.executor.remove([Command(ns_name, ("link", "del", "group", str(naming.LINK_GROUP)))])
+            for p in problems:
+                self._log(event="del-problem", pod=topo.name, error=p)
         remote = [lnk for lnk in topo.links if not lnk.is_macvlan]
         peers = self._peer_states(t for t in self.store.list(topo.namespace)
                                   if t.name in {lnk.peer_pod for lnk in remote})
-        if ns_name:
-            with self._link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
-                problems = self.executor.remove([Command(ns_name, ("link", "del", lnk.local_intf), lnk.uid)
-                                                 for lnk in topo.links])
-            for p in problems:
-                self._log(event="del-problem", pod=topo.name, error=p)
-        far = [lnk for lnk in remote if (st := peers.get(lnk.peer_pod)) is not None and st.alive
-               and st.node != self.node.name and st.src_ip]
-        futures = [self._pool.submit(self.peers.remove, f"{peers[lnk.peer_pod].src_ip}:{self.grpc_port}",
-                                     self._peer_link(topo, lnk.uid)) for lnk in far]
+        far: dict[str, list[PeerLink]] = {}
+        for lnk in remote:
+            st = peers.get(lnk.peer_pod)
+            if st is not None and st.alive and st.node != self.node.name and st.src_ip:
+                far.setdefault(f"{st.src_ip}:{self.grpc_port}", []).append(self._peer_link(topo, lnk.uid))
+        futures = [self._pool.submit(self.peers.remove_many, address, links) for address, links in far.items()]
         for fut in futures:
             try:
                 fut.result()
             except Exception as e:  # the far end is garbage-collected later; DEL must succeed
                 self._log(event="peer-remove-failed", error=str(e))
-
-        def clear(cur: Topology) -> TopologyStatus | None:
-            if cur.status.container_id not in ("", req.container_id):
-                return None
-            return TopologyStatus()
-
-        self.store.update_status(topo.namespace, topo.name, clear)
         if ns_name:
             netns.detach(ns_name)
 
@@ -453,66 +468,102 @@ class Meshnet:
 
     # --- peers -----------------------------------------------------------------------------------
 
-    def _backed(self, req: PeerLink) -> tuple[Topology, Topology | None]:
-        """The local pod's Topology if the store backs the request; PeerDenied otherwise."""
-        try:
-            topo = self.store.get(req.namespace, req.pod)
-        except (StoreError, ManifestError) as e:
-            raise PeerDenied(f"store: {e}") from e
-        if topo is None:
-            raise PeerDenied(f"no Topology {req.namespace}/{req.pod}")
-        link = topo.link(req.uid)
-        if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
-            raise PeerDenied(f"{req.namespace}/{req.pod} has no link uid {req.uid} to {req.peer_pod}")
-        want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip),
-                naming.vni(req.namespace, req.uid))
-        got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni)
-        if want != got:
-            raise PeerDenied(f"link uid {req.uid} of {req.namespace}/{req.pod} differs from the request")
-        caller = self.store.get(req.namespace, req.peer_pod)
-        return topo, caller
+    def _backed(self, reqs: Sequence[PeerLink]) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
+        """Group a batch by local pod, each with its Topology, if the store backs every request.
 
-    def peer_update(self, req: PeerLink) -> str:
-        topo, caller = self._backed(req)
-        st = topo.status
-        if not st.alive or st.node != self.node.name:
-            raise PeerDenied(f"{req.namespace}/{req.pod} is not alive on node {self.node.name}")
-        if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
-                or caller.status.node == self.node.name:
-            raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
-        if not netns.exists(st.net_ns):
-            raise PeerDenied(f"{req.namespace}/{req.pod}: its network namespace {st.net_ns} is gone")
-        ns_name = netns.resolve(st.net_ns)
-        peer = PeerState(caller.name, True, caller.status.node, caller.status.src_ip, "")
-        plan = plan_remote_end(topo, req.uid, ns_name, self.node, peer)
-        with self._link_locks(req.namespace, [req.uid]):
-            entry = kernel_view(self.executor, [ns_name])[ns_name].get(plan.local.intf)
-            if vxlan_matches(entry, plan):
-                action = "unchanged"
-            else:
-                self.executor.apply(render([plan], "update" if entry else "add"))
-                action = "updated" if entry else "created"
-        # Record the interface too: it is what garbage collection may later remove.
-        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "vxlan", "up", "", plan.local.intf))
-        return action
+        One request the store does not back refuses the whole batch (PeerDenied) before anything
+        is done: a forged link never rides along with honest ones.
+        """
+        groups: dict[tuple[str, str], list[tuple[int, PeerLink]]] = {}
+        for i, req in enumerate(reqs):
+            groups.setdefault((req.namespace, req.pod), []).append((i, req))
+        out: list[tuple[Topology, list[tuple[int, PeerLink]]]] = []
+        for (namespace, pod), items in groups.items():
+            try:
+                topo = self.store.get(namespace, pod)
+            except (StoreError, ManifestError) as e:
+                raise PeerDenied(f"store: {e}") from e
+            if topo is None:
+                raise PeerDenied(f"no Topology {namespace}/{pod}")
+            for _, req in items:
+                link = topo.link(req.uid)
+                if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
+                    raise PeerDenied(f"{namespace}/{pod} has no link uid {req.uid} to {req.peer_pod}")
+                want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip),
+                        naming.vni(namespace, req.uid))
+                got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni)
+                if want != got:
+                    raise PeerDenied(f"link uid {req.uid} of {namespace}/{pod} differs from the request")
+            out.append((topo, items))
+        return out
 
-    def peer_remove(self, req: PeerLink) -> str:
-        topo, _ = self._backed(req)
-        st = topo.status
-        if not st.alive or st.node != self.node.name or not netns.exists(st.net_ns):
-            return "absent"
-        ns_name = netns.resolve(st.net_ns)
-        with self._link_locks(req.namespace, [req.uid]):
-            entry = kernel_view(self.executor, [ns_name])[ns_name].get(req.local_intf)
-            data = (entry or {}).get("linkinfo", {}).get("info_data", {})
-            # Only the end that points at the caller goes: a newer incarnation elsewhere keeps its link.
-            if _kind(entry) != "vxlan" or data.get("remote") != req.peer_vtep or data.get("id") != req.vni:
-                return "absent"
-            self.executor.remove([Command(ns_name, ("link", "del", req.local_intf), req.uid)])
-        # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
-        self._set_link_state(topo, req.uid, LinkStatus(req.uid, "", "pending",
-                                                       f"peer pod {req.peer_pod} is not up yet"))
-        return "removed"
+    def peer_update(self, reqs: Sequence[PeerLink]) -> list[str]:
+        """Build or update this node's ends of a batch of vxlan links (one batch per calling node)."""
+        groups = self._backed(reqs)
+        work = []
+        for topo, items in groups:
+            st = topo.status
+            if not st.alive or st.node != self.node.name:
+                raise PeerDenied(f"{topo.namespace}/{topo.name} is not alive on node {self.node.name}")
+            callers: dict[str, PeerState] = {}
+            for _, req in items:
+                if req.peer_pod not in callers:
+                    caller = self.store.get(req.namespace, req.peer_pod)
+                    if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
+                            or caller.status.node == self.node.name:
+                        raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
+                    callers[req.peer_pod] = PeerState(caller.name, True, caller.status.node, caller.status.src_ip)
+            if not netns.exists(st.net_ns):
+                raise PeerDenied(f"{topo.namespace}/{topo.name}: its network namespace {st.net_ns} is gone")
+            work.append((topo, items, callers))
+        actions = [""] * len(reqs)
+        for topo, items, callers in work:
+            ns_name = netns.resolve(topo.status.net_ns)
+            plans = [(i, plan_remote_end(topo, req.uid, ns_name, self.node, callers[req.peer_pod])) for i, req in items]
+            with self._link_locks(topo.namespace, [req.uid for _, req in items]):
+                view = kernel_view(self.executor, [ns_name])[ns_name]
+                commands: list[Command] = []
+                for i, plan in plans:
+                    entry = view.get(plan.local.intf)
+                    if vxlan_matches(entry, plan):
+                        if _configured(entry, plan.local):
+                            actions[i] = "unchanged"
+                            continue
+                        commands += render([plan], "update")
+                        actions[i] = "updated"
+                    else:
+                        commands += render([plan], "update" if entry else "add")
+                        actions[i] = "updated" if entry else "created"
+                if commands:
+                    self.executor.apply(commands)
+            # Record the interfaces too: they are what garbage collection may later remove.
+            self._set_link_states(topo, [LinkStatus(p.uid, "vxlan", "up", "", p.local.intf) for _, p in plans])
+        return actions
+
+    def peer_remove(self, reqs: Sequence[PeerLink]) -> list[str]:
+        """Remove this node's ends of links whose far pod (the caller's) went away."""
+        actions = ["absent"] * len(reqs)
+        for topo, items in self._backed(reqs):
+            st = topo.status
+            if not st.alive or st.node != self.node.name or not netns.exists(st.net_ns):
+                continue
+            ns_name = netns.resolve(st.net_ns)
+            gone: list[PeerLink] = []
+            with self._link_locks(topo.namespace, [req.uid for _, req in items]):
+                view = kernel_view(self.executor, [ns_name])[ns_name]
+                for i, req in items:
+                    entry = view.get(req.local_intf)
+                    data = (entry or {}).get("linkinfo", {}).get("info_data", {})
+                    # Only an end that points at the caller goes: a newer incarnation elsewhere keeps its link.
+                    if _kind(entry) == "vxlan" and data.get("remote") == req.peer_vtep and data.get("id") == req.vni:
+                        actions[i] = "removed"
+                        gone.append(req)
+                if gone:
+                    self.executor.remove([Command(ns_name, ("link", "del", r.local_intf), r.uid) for r in gone])
+            # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
+            self._set_link_states(topo, [LinkStatus(r.uid, "", "pending", f"peer pod {r.peer_pod} is not up yet")
+                                         for r in gone])
+        return actions
 
     def _veth_peers_up(self, topo: Topology, plan: PodPlan, listed: Iterable[Topology]) -> None:
         """A veth built now also gave its peer pod (on this node, added earlier) the link it waits for."""
@@ -524,21 +575,27 @@ class Meshnet:
             if any(s.uid == lp.uid and s.state == "up" for s in peer.status.links) and \
                     not any(s.link_id == lp.uid for s in peer.status.skipped):
                 continue  # already says so: no write (every write wakes every watcher)
-            self._set_link_state(peer, lp.uid, LinkStatus(lp.uid, "veth", "up", "", lp.b.intf))
+            self._set_link_states(peer, [LinkStatus(lp.uid, "veth", "up", "", lp.b.intf)])
 
-    def _set_link_state(self, topo: Topology, uid: int, state: LinkStatus) -> None:
+    def _set_link_states(self, topo: Topology, states: Sequence[LinkStatus]) -> None:
+        """Record link states in the pod's status, in one write, and only if anything changes."""
+        if not states:
+            return
         container = topo.status.container_id
-        link = topo.link(uid)
+        by_uid = {s.uid: s for s in states}
 
         def write(cur: Topology) -> TopologyStatus | None:
             if cur.status.container_id != container:
                 return None
-            links = tuple(sorted([*(s for s in cur.status.links if s.uid != uid), state], key=lambda s: s.uid))
-            # `skipped` lists the links still waiting for their peer pod: the link's new state decides.
-            skipped = tuple(s for s in cur.status.skipped if s.link_id != uid)
-            if state.state == "pending" and link is not None:
-                skipped = tuple(sorted([*skipped, Skip(link.peer_pod, uid)], key=lambda s: s.link_id))
-            new = replace(cur.status, links=links, skipped=skipped)
+            links = tuple(sorted([*(s for s in cur.status.links if s.uid not in by_uid), *by_uid.values()],
+                                 key=lambda s: s.uid))
+            # `skipped` lists the links still waiting for their peer pod: the links' new states decide.
+            skipped = [s for s in cur.status.skipped if s.link_id not in by_uid]
+            for uid, state in by_uid.items():
+                link = cur.link(uid)
+                if state.state == "pending" and link is not None:
+                    skipped.append(Skip(link.peer_pod, uid))
+            new = replace(cur.status, links=links, skipped=tuple(sorted(skipped, key=lambda s: s.link_id)))
             return None if new == cur.status else new
 
         self.store.update_status(topo.namespace, topo.name, write)
@@ -609,9 +666,9 @@ class Meshnet:
                orphans: Iterable[str] = ()) -> list[Command]:
         """Interfaces meshnet made in this pod that no desired link owns any more (garbage).
 
-        Only names meshnet recorded in the pod's status, vxlan devices with a VNI of the pod's
-        namespace block, and `orphans` (ends of links whose peer is gone) are candidates: nothing
-        another plugin made is ever touched.
+        Only interfaces in meshnet's link group, names meshnet recorded in the pod's status, vxlan
+        devices with a VNI of the pod's namespace block, and `orphans` (ends of links whose peer is
+        gone) are candidates: nothing another plugin made is ever touched.
         """
         orphaned = set(orphans)
         desired = {lnk.local_intf for lnk in topo.links} - orphaned
@@ -619,7 +676,8 @@ class Meshnet:
         ours = {s.intf for s in topo.status.links if s.intf} | orphaned
         for name, entry in view.items():
             vni = entry.get("linkinfo", {}).get("info_data", {}).get("id")
-            if _kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE == block:
+            if str(entry.get("group")) == str(naming.LINK_GROUP) or (
+                    _kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE == block):
                 ours.add(name)
         return [Command(ns_name, ("link", "del", name)) for name in sorted(ours - desired) if name in view]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -30,24 +30,26 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
         self.core = core
         self.log = log
 
-    def _serve(self, fn: Callable[[PeerLink], str], request: meshnet_pb2.LinkRequest,
-               context: grpc.ServicerContext, what: str) -> meshnet_pb2.LinkReply:
-        link = from_message(request)
+    def _serve(self, fn: Callable[[Sequence[PeerLink]], list[str]], request: meshnet_pb2.LinkBatch,
+               context: grpc.ServicerContext, what: str) -> meshnet_pb2.BatchReply:
+        links = [from_message(m) for m in request.links]
+        pods = sorted({f"{lk.namespace}/{lk.pod}" for lk in links})
         try:
-            action = fn(link)
+            actions = fn(links)
         except PeerDenied as e:
-            self.log(event=f"peer-{what}-denied", caller=context.peer(), pod=link.pod, uid=link.uid, reason=str(e))
+            self.log(event=f"peer-{what}-denied", caller=context.peer(), pods=pods, reason=str(e))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ExecError as e:
-            self.log(event=f"peer-{what}-failed", pod=link.pod, uid=link.uid, error=str(e))
+            self.log(event=f"peer-{what}-failed", pods=pods, error=str(e))
             context.abort(grpc.StatusCode.INTERNAL, str(e))
-        self.log(event=f"peer-{what}", caller=context.peer(), pod=link.pod, uid=link.uid, action=action)
-        return meshnet_pb2.LinkReply(action=action)
+        self.log(event=f"peer-{what}", caller=context.peer(), pods=pods, links=len(links),
+                 changed=sum(a not in ("unchanged", "absent") for a in actions))
+        return meshnet_pb2.BatchReply(replies=[meshnet_pb2.LinkReply(action=a) for a in actions])
 
-    def Update(self, request: meshnet_pb2.LinkRequest, context: grpc.ServicerContext) -> meshnet_pb2.LinkReply:
+    def Update(self, request: meshnet_pb2.LinkBatch, context: grpc.ServicerContext) -> meshnet_pb2.BatchReply:
         return self._serve(self.core.peer_update, request, context, "update")
 
-    def Remove(self, request: meshnet_pb2.LinkRequest, context: grpc.ServicerContext) -> meshnet_pb2.LinkReply:
+    def Remove(self, request: meshnet_pb2.LinkBatch, context: grpc.ServicerContext) -> meshnet_pb2.BatchReply:
         return self._serve(self.core.peer_remove, request, context, "remove")
 
 
@@ -79,19 +81,25 @@ class GrpcPeerClient:
                 stub = self._stubs[address] = meshnet_pb2_grpc.PeerStub(channel)
             return stub
 
-    def _call(self, method: str, address: str, link: PeerLink) -> str:
+    def _call(self, method: str, address: str, links: Sequence[PeerLink]) -> list[str]:
+        batch = meshnet_pb2.LinkBatch(links=[to_message(lk) for lk in links])
         try:
-            reply = getattr(self._stub(address), method)(to_message(link), timeout=self.timeout,
-                                                         wait_for_ready=True)
+            reply = getattr(self._stub(address), method)(batch, timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as e:
             raise PeerError(f"{address}: {e.code().name}: {e.details()}") from e
-        return str(reply.action)
+        return [str(r.action) for r in reply.replies]
+
+    def update_many(self, address: str, links: Sequence[PeerLink]) -> list[str]:
+        return self._call("Update", address, links)
+
+    def remove_many(self, address: str, links: Sequence[PeerLink]) -> list[str]:
+        return self._call("Remove", address, links)
 
     def update(self, address: str, link: PeerLink) -> str:
-        return self._call("Update", address, link)
+        return self.update_many(address, [link])[0]
 
     def remove(self, address: str, link: PeerLink) -> str:
-        return self._call("Remove", address, link)
+        return self.remove_many(address, [link])[0]
 
     def close(self) -> None:
         for ch in self._channels:

@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmeshnet.proto\x12\nmeshnet.v1\"\xb6\x01\n\x0bLinkRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x10\n\x08peer_pod\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\x03\x12\x0b\n\x03vni\x18\x05 \x01(\x03\x12\x12\n\nlocal_intf\x18\x06 \x01(\t\x12\x11\n\tpeer_intf\x18\x07 \x01(\t\x12\x10\n\x08local_ip\x18\x08 \x01(\t\x12\x0f\n\x07peer_ip\x18\t \x01(\t\x12\x11\n\tpeer_vtep\x18\n \x01(\t\",\n\tLinkReply\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2z\n\x04Peer\x12\x38\n\x06Update\x12\x17.meshnet.v1.LinkRequest\x1a\x15.meshnet.v1.LinkReply\x12\x38\n\x06Remove\x12\x17.meshnet.v1.LinkRequest\x1a\x15.meshnet.v1.LinkReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmeshnet.proto\x12\nmeshnet.v1\"3\n\tLinkBatch\x12&\n\x05links\x18\x01 \x03(\x0b\x32\x17.meshnet.v1.LinkRequest\"4\n\nBatchReply\x12&\n\x07replies\x18\x01 \x03(\x0b\x32\x15.meshnet.v1.LinkReply\"\xb6\x01\n\x0bLinkRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x10\n\x08peer_pod\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\x03\x12\x0b\n\x03vni\x18\x05 \x01(\x03\x12\x12\n\nlocal_intf\x18\x06 \x01(\t\x12\x11\n\tpeer_intf\x18\x07 \x01(\t\x12\x10\n\x08local_ip\x18\x08 \x01(\t\x12\x0f\n\x07peer_ip\x18\t \x01(\t\x12\x11\n\tpeer_vtep\x18\n \x01(\t\",\n\tLinkReply\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2x\n\x04Peer\x12\x37\n\x06Update\x12\x15.meshnet.v1.LinkBatch\x1a\x16.meshnet.v1.BatchReply\x12\x37\n\x06Remove\x12\x15.meshnet.v1.LinkBatch\x1a\x16.meshnet.v1.BatchReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshnet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LINKREQUEST']._serialized_start=30
-  _globals['_LINKREQUEST']._serialized_end=212
-  _globals['_LINKREPLY']._serialized_start=214
-  _globals['_LINKREPLY']._serialized_end=258
-  _globals['_PEER']._serialized_start=260
-  _globals['_PEER']._serialized_end=382
+  _globals['_LINKBATCH']._serialized_start=29
+  _globals['_LINKBATCH']._serialized_end=80
+  _globals['_BATCHREPLY']._serialized_start=82
+  _globals['_BATCHREPLY']._serialized_end=134
+  _globals['_LINKREQUEST']._serialized_start=137
+  _globals['_LINKREQUEST']._serialized_end=319
+  _globals['_LINKREPLY']._serialized_start=321
+  _globals['_LINKREPLY']._serialized_end=365
+  _globals['_PEER']._serialized_start=367
+  _globals['_PEER']._serialized_end=487
 # @@protoc_insertion_point(module_scope)

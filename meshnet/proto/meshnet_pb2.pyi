@@ -1,8 +1,22 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class LinkBatch(_message.Message):
+    __slots__ = ("links",)
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    links: _containers.RepeatedCompositeFieldContainer[LinkRequest]
+    def __init__(self, links: _Optional[_Iterable[_Union[LinkRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchReply(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[LinkReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[LinkReply, _Mapping]]] = ...) -> None: ...
 
 class LinkRequest(_message.Message):
     __slots__ = ("namespace", "pod", "peer_pod", "uid", "vni", "local_intf", "peer_intf", "local_ip", "peer_ip", "peer_vtep")

@@ -36,13 +36,13 @@ class PeerStub:
         """
         self.Update = channel.unary_unary(
                 '/meshnet.v1.Peer/Update',
-                request_serializer=meshnet__pb2.LinkRequest.SerializeToString,
-                response_deserializer=meshnet__pb2.LinkReply.FromString,
+                request_serializer=meshnet__pb2.LinkBatch.SerializeToString,
+                response_deserializer=meshnet__pb2.BatchReply.FromString,
                 _registered_method=True)
         self.Remove = channel.unary_unary(
                 '/meshnet.v1.Peer/Remove',
-                request_serializer=meshnet__pb2.LinkRequest.SerializeToString,
-                response_deserializer=meshnet__pb2.LinkReply.FromString,
+                request_serializer=meshnet__pb2.LinkBatch.SerializeToString,
+                response_deserializer=meshnet__pb2.BatchReply.FromString,
                 _registered_method=True)
 
 
@@ -50,14 +50,16 @@ class PeerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Update(self, request, context):
-        """Create this node's end, update it if its attributes differ, or leave it when equal.
+        """For each link: create this node's end, update it if its attributes differ, or leave it when
+        equal. A batch holds every link the caller has towards this node (one call per pod ADD and
+        node, however many links), and is refused whole if the store does not back one of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Remove(self, request, context):
-        """Remove this node's end of a link whose far end (the caller's pod) went away.
+        """Remove this node's ends of links whose far end (the caller's pod) went away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,13 +70,13 @@ def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
-                    request_deserializer=meshnet__pb2.LinkRequest.FromString,
-                    response_serializer=meshnet__pb2.LinkReply.SerializeToString,
+                    request_deserializer=meshnet__pb2.LinkBatch.FromString,
+                    response_serializer=meshnet__pb2.BatchReply.SerializeToString,
             ),
             'Remove': grpc.unary_unary_rpc_method_handler(
                     servicer.Remove,
-                    request_deserializer=meshnet__pb2.LinkRequest.FromString,
-                    response_serializer=meshnet__pb2.LinkReply.SerializeToString,
+                    request_deserializer=meshnet__pb2.LinkBatch.FromString,
+                    response_serializer=meshnet__pb2.BatchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +104,8 @@ class Peer:
             request,
             target,
             '/meshnet.v1.Peer/Update',
-            meshnet__pb2.LinkRequest.SerializeToString,
-            meshnet__pb2.LinkReply.FromString,
+            meshnet__pb2.LinkBatch.SerializeToString,
+            meshnet__pb2.BatchReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +131,8 @@ class Peer:
             request,
             target,
             '/meshnet.v1.Peer/Remove',
-            meshnet__pb2.LinkRequest.SerializeToString,
-            meshnet__pb2.LinkReply.FromString,
+            meshnet__pb2.LinkBatch.SerializeToString,
+            meshnet__pb2.BatchReply.FromString,
             options,
             channel_credentials,
             insecure,
