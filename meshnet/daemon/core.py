@@ -566,16 +566,22 @@ class Meshnet:
         return actions
 
     def _veth_peers_up(self, topo: Topology, plan: PodPlan, listed: Iterable[Topology]) -> None:
-        """A veth built now also gave its peer pod (on this node, added earlier) the link it waits for."""
+        """A veth built now also gave its peer pod (on this node, added earlier) the link it waits
+        for: one status write per peer pod, however many links, and none when it already says so."""
         by_name = {t.name: t for t in listed}
+        per_peer: dict[str, list[LinkStatus]] = {}
         for lp in plan.links:
             link = topo.link(lp.uid)
             if not isinstance(lp, VethPlan) or link is None or (peer := by_name.get(link.peer_pod)) is None:
                 continue
-            if any(s.uid == lp.uid and s.state == "up" for s in peer.status.links) and \
-                    not any(s.link_id == lp.uid for s in peer.status.skipped):
-                continue  # already says so: no write (every write wakes every watcher)
-            self._set_link_states(peer, [LinkStatus(lp.uid, "veth", "up", "", lp.b.intf)])
+            per_peer.setdefault(peer.name, []).append(LinkStatus(lp.uid, "veth", "up", "", lp.b.intf))
+        for name, states in per_peer.items():
+            peer = by_name[name]
+            recorded = {s.uid: s for s in peer.status.links}
+            waiting = {s.link_id for s in peer.status.skipped}
+            if all(recorded.get(s.uid) == s and s.uid not in waiting for s in states):
+                continue  # every write wakes every watcher: write only news
+            self._set_link_states(peer, states)
 
     def _set_link_states(self, topo: Topology, states: Sequence[LinkStatus]) -> None:
         """Record link states in the pod's status, in one write, and only if anything changes."""
