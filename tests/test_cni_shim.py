@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import spec
+from meshnet.cni import results, spec
 from meshnet.cni.shim import dispatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_version_without_stdin_answers_latest() -> None:
 
 @pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
 def test_add_prints_daemon_result_and_forwards_env_and_stdin(daemon: FakeDaemon, version: str) -> None:
-    result = {**spec.convert_result(RESULT_100, version)}
+    result = {**results.convert_result(RESULT_100, version)}
     daemon.answer({"ok": True, "result": result})
     stdin = _conf(daemon.sock, version)
     env = {**_env("ADD"), "HOME": "/root", "UNRELATED": "x"}

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import spec
+from meshnet.cni import results, spec
 from meshnet.cni.spec import CniError
 
 FULL_ENV = {
@@ -233,7 +233,7 @@ BY_VERSION = {
 @pytest.mark.parametrize("to_version", spec.SUPPORTED_VERSIONS)
 @pytest.mark.parametrize("from_version", ["1.1.0", "1.0.0", "0.4.0", "0.3.1"])
 def test_convert_result(from_version: str, to_version: str) -> None:
-    converted = spec.convert_result(BY_VERSION[from_version], to_version)
+    converted = results.convert_result(BY_VERSION[from_version], to_version)
     expected = BY_VERSION[to_version]
     if spec.version_key(from_version) < (1, 1, 0) <= spec.version_key(to_version):
         expected = {**RESULT_10, "cniVersion": to_version}  # fields that never existed cannot come back
@@ -241,7 +241,7 @@ def test_convert_result(from_version: str, to_version: str) -> None:
 
 
 def test_convert_minimal_result_keeps_empty_dns() -> None:
-    assert spec.convert_result({"cniVersion": "0.3.1"}, "1.0.0") == {"cniVersion": "1.0.0", "dns": {}}
+    assert results.convert_result({"cniVersion": "0.3.1"}, "1.0.0") == {"cniVersion": "1.0.0", "dns": {}}
 
 
 def test_convert_legacy_020_result() -> None:
@@ -250,7 +250,7 @@ def test_convert_legacy_020_result() -> None:
         "ip4": {"ip": "203.0.113.5/24", "gateway": "203.0.113.1", "routes": [{"dst": "0.0.0.0/0"}]},
         "dns": {},
     }
-    assert spec.convert_result(legacy, "0.4.0") == {
+    assert results.convert_result(legacy, "0.4.0") == {
         "cniVersion": "0.4.0",
         "ips": [{"version": "4", "address": "203.0.113.5/24", "gateway": "203.0.113.1"}],
         "routes": [{"dst": "0.0.0.0/0"}],
@@ -271,11 +271,11 @@ def test_convert_legacy_020_result() -> None:
 )
 def test_malformed_result_is_decoding_failure(bad: dict[str, Any]) -> None:
     with pytest.raises(CniError) as exc_info:
-        spec.convert_result({"cniVersion": "1.0.0", **bad}, "1.0.0")
+        results.convert_result({"cniVersion": "1.0.0", **bad}, "1.0.0")
     assert _code(exc_info) == 6
 
 
 def test_convert_to_unsupported_version() -> None:
     with pytest.raises(CniError) as exc_info:
-        spec.convert_result(RESULT_10, "0.2.0")
+        results.convert_result(RESULT_10, "0.2.0")
     assert _code(exc_info) == 1

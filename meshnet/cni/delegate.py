@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from meshnet.cni import spec
+from meshnet.cni import results, spec
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -131,7 +131,7 @@ def run_delegate(
     """
     version, net_name, plugins = _plugin_list(delegate, cni_version, name)
     vkey = spec.version_key(version)
-    cached = spec.convert_result(prev_result, version) if prev_result is not None else None
+    cached = results.convert_result(prev_result, version) if prev_result is not None else None
 
     def stdin_for(plugin: Mapping[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
         conf: dict[str, Any] = {**plugin, "name": net_name, "cniVersion": version}
@@ -153,7 +153,7 @@ def run_delegate(
             result = _invoke(plugin, stdin_for(plugin, result), command, env, timeout)
         if result is None:
             raise spec.CniError(spec.INTERNAL, "delegate returned no result on ADD", f"network {net_name}")
-        return spec.convert_result(result, cni_version)
+        return results.convert_result(result, cni_version)
     if command == "DEL":
         # prevResult on DEL arrived with 0.4.0; older plugins must not be handed one.
         prev = cached if vkey >= (0, 4, 0) else None
@@ -199,4 +199,4 @@ def chained_prev_result(conf: spec.NetConf, command: str = "ADD") -> dict[str, A
                 "as a chained plugin it must come after the plugin that creates eth0, or set 'delegate'",
             )
         return None
-    return spec.convert_result(conf.prev_result, conf.cni_version)
+    return results.convert_result(conf.prev_result, conf.cni_version)

@@ -1,7 +1,8 @@
-"""The CNI specification as meshnet needs it: versions, error codes, env/config parsing, results.
+"""The CNI specification as meshnet needs it: versions, error codes, env and config parsing.
 
 Standard library only: the shim (compiled into a standalone binary, started once per pod) imports
-this module, so every import here is paid on every CNI call. Keep it to ``json`` and ``dataclasses``.
+this module, so every import here is paid on every CNI call. Keep it to ``json`` (no dataclasses:
+they import ``inspect``); results live in ``meshnet.cni.results``, which only meshnetd needs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 # typing costs ~5 ms of start-up on every pod and is only needed by type checkers.
 TYPE_CHECKING = False
@@ -155,28 +155,60 @@ def _check_env(env: Mapping[str, str], command: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Attachment:
+class _Record:
+    """A plain record: fields in __slots__, compared and shown by value.
+
+    Not a dataclass on purpose: `dataclasses` imports `inspect`, ~25 ms on every pod start.
+    """
+
+    __slots__: tuple[str, ...] = ()
+    _compare: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in (self._compare or self.__slots__))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Record) and type(other) is type(self) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in (self._compare or self.__slots__))
+        return f"{type(self).__name__}({shown})"
+
+
+class Attachment(_Record):
     """One entry of GC's ``cni.dev/valid-attachments``."""
 
-    container_id: str
-    ifname: str
+    __slots__ = ("container_id", "ifname")
+
+    def __init__(self, container_id: str, ifname: str) -> None:
+        self.container_id = container_id
+        self.ifname = ifname
 
 
-@dataclass(frozen=True)
-class NetConf:
+class NetConf(_Record):
     """The fields of the network config meshnet uses; ``raw`` keeps the whole config as received."""
 
-    cni_version: str
-    name: str
-    type: str
-    delegate: dict[str, Any] | None = None
-    prev_result: dict[str, Any] | None = None
-    daemon_socket: str = DEFAULT_DAEMON_SOCKET
-    daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT
-    log_file: str | None = None
-    valid_attachments: tuple[Attachment, ...] | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ("cni_version", "name", "type", "delegate", "prev_result", "daemon_socket",  # noqa: RUF023
+                 "daemon_timeout", "log_file", "valid_attachments", "raw")
+    _compare = __slots__[:-1]  # raw holds the same config again: not compared
+
+    def __init__(self, cni_version: str, name: str, type: str, delegate: dict[str, Any] | None = None,
+                 prev_result: dict[str, Any] | None = None, daemon_socket: str = DEFAULT_DAEMON_SOCKET,
+                 daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT, log_file: str | None = None,
+                 valid_attachments: tuple[Attachment, ...] | None = None, raw: dict[str, Any] | None = None) -> None:
+        self.cni_version = cni_version
+        self.name = name
+        self.type = type
+        self.delegate = delegate
+        self.prev_result = prev_result
+        self.daemon_socket = daemon_socket
+        self.daemon_timeout = daemon_timeout
+        self.log_file = log_file
+        self.valid_attachments = valid_attachments
+        self.raw: dict[str, Any] = raw if raw is not None else {}
 
 
 def _optional(conf: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -253,17 +285,25 @@ def parse_netconf(stdin: str | bytes) -> NetConf:
     )
 
 
-@dataclass(frozen=True)
-class CniRequest:
+class CniRequest(_Record):
     """One validated CNI call (every command but VERSION, which carries no request)."""
 
-    command: str
-    container_id: str
-    netns: str
-    ifname: str
-    args: dict[str, str]
-    path: tuple[str, ...]
-    conf: NetConf
+    __slots__ = ("args", "command", "conf", "container_id", "ifname", "netns", "path")
+
+    def __init__(self, command: str, container_id: str, netns: str, ifname: str, args: dict[str, str],
+                 path: tuple[str, ...], conf: NetConf) -> None:
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = args
+        self.path = path
+        self.conf = conf
+
+    def replace(self, *, container_id: str | None = None, netns: str | None = None) -> CniRequest:
+        """The same call for another sandbox (GC acts on the sandboxes the runtime forgot)."""
+        return CniRequest(self.command, self.container_id if container_id is None else container_id,
+                          self.netns if netns is None else netns, self.ifname, self.args, self.path, self.conf)
 
     @property
     def pod_name(self) -> str | None:
@@ -310,217 +350,3 @@ def parse_request(env: Mapping[str, str], stdin: str | bytes) -> CniRequest:
         path=path,
         conf=conf,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Results (spec section 5) and their conversion between versions
-
-# Fields that appeared in 1.1.0; older results must not carry them.
-_INTERFACE_FIELDS_1_1 = ("mtu", "socketPath", "pciID")
-_ROUTE_FIELDS_1_1 = ("mtu", "advmss", "priority", "table", "scope")
-
-
-def _malformed(what: str, value: object) -> CniError:
-    return CniError(DECODING_FAILURE, f"malformed CNI result: {what}", repr(value)[:200])
-
-
-def _str_or_none(value: object, what: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value or None
-    raise _malformed(what, value)
-
-
-def _int_or_none(value: object, what: str) -> int | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise _malformed(what, value)
-
-
-def _str_list(value: object, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise _malformed(what, value)
-
-
-def _objects(value: object, what: str) -> list[dict[str, Any]]:
-    if value is None:
-        return []
-    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
-        return value
-    raise _malformed(what, value)
-
-
-@dataclass(frozen=True)
-class Interface:
-    name: str
-    mac: str | None = None
-    sandbox: str | None = None
-    mtu: int | None = None
-    socket_path: str | None = None
-    pci_id: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Interface:
-        name = d.get("name")
-        if not isinstance(name, str) or not name:
-            raise _malformed("interface without a name", d)
-        return cls(
-            name,
-            _str_or_none(d.get("mac"), "interface mac"),
-            _str_or_none(d.get("sandbox"), "interface sandbox"),
-            _int_or_none(d.get("mtu"), "interface mtu"),
-            _str_or_none(d.get("socketPath"), "interface socketPath"),
-            _str_or_none(d.get("pciID"), "interface pciID"),
-        )
-
-    def to_dict(self, version: str) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "mac": self.mac, "sandbox": self.sandbox}
-        if version_key(version) >= (1, 1, 0):
-            d.update(mtu=self.mtu, socketPath=self.socket_path, pciID=self.pci_id)
-        return {k: v for k, v in d.items() if v is not None}
-
-
-@dataclass(frozen=True)
-class IPConfig:
-    address: str
-    gateway: str | None = None
-    interface: int | None = None
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> IPConfig:
-        address = d.get("address")
-        if not isinstance(address, str) or "/" not in address:
-            raise _malformed("ip address must be CIDR", d)
-        return cls(
-            address,
-            _str_or_none(d.get("gateway"), "ip gateway"),
-            _int_or_none(d.get("interface"), "ip interface"),
-        )
-
-    def to_dict(self, version: str) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        if version_key(version) < (1, 0, 0):
-            # 0.3.x/0.4.0 name the family; 1.0.0 dropped it as redundant with the address.
-            d["version"] = "6" if ":" in self.address else "4"
-        if self.interface is not None:
-            d["interface"] = self.interface
-        d["address"] = self.address
-        if self.gateway is not None:
-            d["gateway"] = self.gateway
-        return d
-
-
-@dataclass(frozen=True)
-class Route:
-    dst: str
-    gw: str | None = None
-    mtu: int | None = None
-    advmss: int | None = None
-    priority: int | None = None
-    table: int | None = None
-    scope: int | None = None
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Route:
-        dst = d.get("dst")
-        if not isinstance(dst, str) or not dst:
-            raise _malformed("route without dst", d)
-        ints = {k: _int_or_none(d.get(k), f"route {k}") for k in _ROUTE_FIELDS_1_1}
-        return cls(dst, _str_or_none(d.get("gw"), "route gw"), **ints)
-
-    def to_dict(self, version: str) -> dict[str, Any]:
-        d: dict[str, Any] = {"dst": self.dst, "gw": self.gw}
-        if version_key(version) >= (1, 1, 0):
-            d.update(mtu=self.mtu, advmss=self.advmss, priority=self.priority, table=self.table, scope=self.scope)
-        return {k: v for k, v in d.items() if v is not None}
-
-
-@dataclass(frozen=True)
-class DNS:
-    nameservers: tuple[str, ...] = ()
-    domain: str | None = None
-    search: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, d: object) -> DNS:
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise _malformed("dns must be an object", d)
-        return cls(
-            _str_list(d.get("nameservers"), "dns nameservers"),
-            _str_or_none(d.get("domain"), "dns domain"),
-            _str_list(d.get("search"), "dns search"),
-            _str_list(d.get("options"), "dns options"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        if self.nameservers:
-            d["nameservers"] = list(self.nameservers)
-        if self.domain:
-            d["domain"] = self.domain
-        if self.search:
-            d["search"] = list(self.search)
-        if self.options:
-            d["options"] = list(self.options)
-        return d
-
-
-@dataclass(frozen=True)
-class Result:
-    """A plugin's ADD result, version-neutral; ``to_dict`` writes it in any supported version."""
-
-    interfaces: tuple[Interface, ...] = ()
-    ips: tuple[IPConfig, ...] = ()
-    routes: tuple[Route, ...] = ()
-    dns: DNS = DNS()
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Result:
-        if not isinstance(d, Mapping):
-            raise _malformed("result must be an object", d)
-        if "ip4" in d or "ip6" in d:
-            return cls._from_legacy(d)
-        return cls(
-            tuple(Interface.from_dict(i) for i in _objects(d.get("interfaces"), "interfaces")),
-            tuple(IPConfig.from_dict(i) for i in _objects(d.get("ips"), "ips")),
-            tuple(Route.from_dict(r) for r in _objects(d.get("routes"), "routes")),
-            DNS.from_dict(d.get("dns")),
-        )
-
-    @classmethod
-    def _from_legacy(cls, d: Mapping[str, Any]) -> Result:
-        # 0.1.0/0.2.0 results (a delegate may still be configured that old): ip4/ip6 blocks, no interfaces.
-        ips: list[IPConfig] = []
-        routes: list[Route] = []
-        for key in ("ip4", "ip6"):
-            block = d.get(key)
-            if block is None:
-                continue
-            if not isinstance(block, dict) or not isinstance(block.get("ip"), str):
-                raise _malformed(f"{key} needs an ip", block)
-            ips.append(IPConfig(block["ip"], _str_or_none(block.get("gateway"), f"{key} gateway")))
-            routes.extend(Route.from_dict(r) for r in _objects(block.get("routes"), f"{key} routes"))
-        return cls((), tuple(ips), tuple(routes), DNS.from_dict(d.get("dns")))
-
-    def to_dict(self, version: str) -> dict[str, Any]:
-        if version not in SUPPORTED_VERSIONS:
-            raise CniError(INCOMPATIBLE_VERSION, "cannot convert result", f"to unsupported version {version!r}")
-        d: dict[str, Any] = {"cniVersion": version}
-        if self.interfaces:
-            d["interfaces"] = [i.to_dict(version) for i in self.interfaces]
-        if self.ips:
-            d["ips"] = [ip.to_dict(version) for ip in self.ips]
-        if self.routes:
-            d["routes"] = [r.to_dict(version) for r in self.routes]
-        d["dns"] = self.dns.to_dict()
-        return d
-
-
-def convert_result(result: Mapping[str, Any], to_version: str) -> dict[str, Any]:
-    """Rewrite a result dict (any version from 0.1.0 on) in ``to_version``."""
-    return Result.from_dict(result).to_dict(to_version)

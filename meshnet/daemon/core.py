@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from meshnet import naming
-from meshnet.cni import delegate, spec
+from meshnet.cni import delegate, results, spec
 from meshnet.cni.spec import CniError, CniRequest
 from meshnet.daemon import netns
 from meshnet.executor import ExecError, Executor, LinkExists
@@ -227,7 +227,7 @@ class Meshnet:
 
     def _add_links(self, req: CniRequest, eth0: dict[str, Any] | None) -> dict[str, Any]:
         namespace, pod = self._pod(req)
-        base = spec.Result.from_dict(eth0) if eth0 else spec.Result()
+        base = results.Result.from_dict(eth0) if eth0 else results.Result()
         topo = self.store.get(namespace, pod) if pod else None
         if topo is None:
             return base.to_dict(req.conf.cni_version)
@@ -258,9 +258,9 @@ class Meshnet:
             end = lp.a if isinstance(lp, VethPlan) else lp.local
             # Runtimes that read the result need each sandbox interface's MAC (podman rejects a
             # result without one): meshnet sets them itself, stable per pod and interface.
-            ifaces.append(spec.Interface(end.intf, mac=end.mac, sandbox=req.netns))
+            ifaces.append(results.Interface(end.intf, mac=end.mac, sandbox=req.netns))
             if end.ip is not None:
-                ips.append(spec.IPConfig(str(end.ip), interface=len(ifaces) - 1))
+                ips.append(results.IPConfig(str(end.ip), interface=len(ifaces) - 1))
         return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
 
     def _record(self, topo: Topology, container_id: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
@@ -460,7 +460,7 @@ class Meshnet:
             if st.node != self.node.name or not st.container_id or st.container_id in valid:
                 continue
             self._log(event="gc", pod=topo.name, container=st.container_id[:12])
-            stale = replace(req, container_id=st.container_id, netns=st.net_ns if netns.exists(st.net_ns) else "")
+            stale = req.replace(container_id=st.container_id, netns=st.net_ns if netns.exists(st.net_ns) else "")
             self._delete_links(topo, stale)
         if req.conf.delegate is not None:
             self._eth0(req, "GC")

@@ -87,9 +87,12 @@ def check_lab_name(name: str) -> str:
 
 
 def default_cni_bin() -> list[str]:
-    """The shim as a runtime finds it: the venv's `meshnet` executable next to this Python."""
-    exe = Path(sys.executable).parent / "meshnet"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "meshnet.cni.shim"]
+    """The shim as a host without meshnet's venv would run it: this Python with no site packages
+    (-S -E; the shim needs only the standard library), which starts ~20 ms faster than the venv's
+    console script. `--cni-bin` runs another binary, e.g. the standalone one (`make cni-binary`)."""
+    root = str(Path(__file__).resolve().parents[2])
+    code = f"import sys; sys.path.insert(0, {root!r}); from meshnet.cni.shim import main; sys.exit(main())"
+    return [sys.executable, "-S", "-E", "-c", code]
 
 
 class Lab:
