@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -134,7 +134,11 @@ class Meshnet:
         self._locks_guard = threading.Lock()
         self._eth0_cache: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="peer")
+        # eth0 delegates run beside the link work of their ADD (own pool: they never wait on peers)
+        self._delegates = ThreadPoolExecutor(max_workers=16, thread_name_prefix="delegate")
         self._seen: dict[tuple[str, str], Topology] = {}
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -200,37 +204,74 @@ class Meshnet:
         req = spec.parse_request(env, stdin)
         handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "STATUS": self.status,
                    "GC": self.gc}[req.command]
+        with self._inflight_lock:
+            self._inflight += 1
         try:
             return handler(req)
         except StoreError as e:
             raise CniError(spec.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
         except netns.NetnsError as e:
             raise CniError(spec.INVALID_ENV, "network namespace", str(e)) from e
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+
+    @property
+    def busy(self) -> bool:
+        """A CNI call is being served: the pods it touches are about to settle by themselves."""
+        return self._inflight > 0
 
     def add(self, req: CniRequest) -> dict[str, Any]:
+        """eth0 (the delegate) and meshnet's links are independent: they are built at the same time.
+        If either fails, both are undone — a failed ADD leaves nothing behind."""
         started = time.monotonic()
-        eth0 = self._eth0(req, "ADD")
+        eth0_future = self._delegates.submit(self._eth0, req, "ADD")
+        try:
+            links = self._add_links(req)
+        except BaseException:
+            self._undo_eth0(req, eth0_future)
+            raise
+        try:
+            eth0 = eth0_future.result()
+        except BaseException:
+            if links is not None:
+                self._undo_links(req)
+            raise
         if eth0 is not None:
             self._eth0_cache[req.container_id] = eth0
-        try:
-            result = self._add_links(req, eth0)
-        except BaseException:
-            if req.conf.delegate is not None:
-                try:  # undo eth0 too: a failed ADD leaves nothing behind
-                    self._eth0(req, "DEL")
-                except CniError as e:
-                    self._log(event="rollback-eth0-failed", error=str(e))
-                self._eth0_cache.pop(req.container_id, None)
-            raise
-        self._log(event="add", container=req.container_id[:12], ms=round((time.monotonic() - started) * 1000, 1))
-        return result
-
-    def _add_links(self, req: CniRequest, eth0: dict[str, Any] | None) -> dict[str, Any]:
-        namespace, pod = self._pod(req)
         base = results.Result.from_dict(eth0) if eth0 else results.Result()
+        ifaces = list(base.interfaces)
+        ips = list(base.ips)
+        for iface, address in links or ():
+            ifaces.append(iface)
+            if address is not None:
+                ips.append(results.IPConfig(address, interface=len(ifaces) - 1))
+        self._log(event="add", container=req.container_id[:12], ms=round((time.monotonic() - started) * 1000, 1))
+        return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
+
+    def _undo_eth0(self, req: CniRequest, eth0_future: Future[dict[str, Any] | None]) -> None:
+        try:
+            eth0_future.result()
+        except Exception:  # eth0 failed as well: nothing of it to undo
+            return
+        if req.conf.delegate is not None:
+            try:
+                self._eth0(req, "DEL")
+            except CniError as e:
+                self._log(event="rollback-eth0-failed", error=str(e))
+
+    def _undo_links(self, req: CniRequest) -> None:
+        namespace, pod = self._pod(req)
+        topo = self.store.get(namespace, pod)
+        if topo is not None:
+            self._delete_links(topo, req)
+
+    def _add_links(self, req: CniRequest) -> list[tuple[results.Interface, str | None]] | None:
+        """Mark the pod alive and build its links; None when the pod has no Topology."""
+        namespace, pod = self._pod(req)
         topo = self.store.get(namespace, pod) if pod else None
         if topo is None:
-            return base.to_dict(req.conf.cni_version)
+            return None
         ns_name = netns.resolve(req.netns)
 
         def mark_alive(cur: Topology) -> TopologyStatus:
@@ -252,16 +293,14 @@ class Meshnet:
         remote_errors = self.notify_peers(topo, plan)
         self._record(topo, req.container_id, plan, remote_errors)
         self._veth_peers_up(topo, plan, listed)
-        ifaces = list(base.interfaces)
-        ips = list(base.ips)
+        out: list[tuple[results.Interface, str | None]] = []
         for lp in plan.links:
             end = lp.a if isinstance(lp, VethPlan) else lp.local
             # Runtimes that read the result need each sandbox interface's MAC (podman rejects a
             # result without one): meshnet sets them itself, stable per pod and interface.
-            ifaces.append(results.Interface(end.intf, mac=end.mac, sandbox=req.netns))
-            if end.ip is not None:
-                ips.append(results.IPConfig(str(end.ip), interface=len(ifaces) - 1))
-        return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
+            out.append((results.Interface(end.intf, mac=end.mac, sandbox=req.netns),
+                        str(end.ip) if end.ip is not None else None))
+        return out
 
     def _record(self, topo: Topology, container_id: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
         """Per-link state in the pod's status (only when it changed: every write wakes every watcher)."""
@@ -743,3 +782,4 @@ class Meshnet:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._delegates.shutdown(wait=False, cancel_futures=True)

@@ -85,6 +85,12 @@ class Reconciler:
                 with self._lock:
                     self._full = True
                 next_full = now + self.resync
+            # Store changes made by a CNI call in progress mostly settle with that call; looking at
+            # the kernel meanwhile would only compete with it for the CPU (ADD latency). Wait for a
+            # quiet moment, but not for long: a stream of ADDs must not starve the reconciler.
+            quiet_by = time.monotonic() + 1.0
+            while self.core.busy and time.monotonic() < quiet_by and not self.stopping.is_set():
+                self.stopping.wait(0.02)
             with self._lock:
                 full, targets = self._full, self._pending
                 self._full, self._pending = False, set()
