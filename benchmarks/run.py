@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import foundation, lab_bench, shim_latency
+from benchmarks import foundation, lab_bench, selfheal, shim_latency
 
 
 def machine() -> dict[str, str]:
@@ -92,6 +92,11 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     if peaks:
         rows.append({"what": "peak RSS of meshnetd (VmHWM, after the runs above)", "figure": f"{max(peaks)} MiB",
                      "floor": "—", "ratio": "—", "target": "≤ 150 MiB", "verdict": _verdict(max(peaks) <= 150)})
+    for key in ("heal_daemon", "heal_daemon_wiped", "heal_pod", "heal_hot"):
+        r = results.get(key)
+        if r:
+            rows.append({"what": r["name"], "figure": "—" if r["seconds"] is None else _s(r["seconds"]),
+                         "floor": "—", "ratio": "—", "target": f"≤ {r['target']} s", "verdict": _verdict(r["ok"])})
     r = results.get("kube")
     if r:
         rows.append({"what": f"Kubernetes API calls per pod ADD, kube store ({r['pods']} pods, {r['links']} links)",
@@ -123,11 +128,15 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
             "- 1500 links: pods p1, p2, links eth1..eth1500 with /30s of 100.64.0.0/10, brought up by",
             "  `Lab.up` (both ADDs at once), timed from the first ADD until every pod's ADD returned and the",
             "  lab's status shows every link up; one run. On two nodes every link is a VXLAN whose far end",
-            "  the peer's meshnetd builds over gRPC. (Not re-ADDs after a DEL: a CNI DEL removes links one",
-            "  by one, and the kernel takes ~25 ms per veth — 45 s for 1500 in one measured DEL.)",
+            "  the peer's meshnetd builds over gRPC (one batched peer call for all 1500).",
             "- 100 pods / 300 links: a random spanning tree plus distinct extra edges (seed 7), pods",
             "  round-robin over 3 nodes, ADDed 8 at a time as a kubelet would; same timing as above.",
             "- Peak RSS: the highest `VmHWM` of the labs' meshnetd processes after those runs.",
+            "- Self-healing (benchmarks/selfheal.py): a node holding 500 links whose meshnetd is killed",
+            "  with -9 and started again, until its first pass is done and every link is up (with the links",
+            "  left in place, and with all of them deleted behind its back); a pod with 24 links (veth and",
+            "  vxlan) re-added, from its ADD returning until its links and the remote ends are back; a hot",
+            "  change, from the store write until the new vxlan link is up at both ends.",
             "- Kubernetes API calls: `meshnetctl lab` with `--store kube` against the project's API test",
             "  server (tests/kubeapi); every pod DELeted, counts reset, all pods ADDed; requests counted.",
             "", "## Raw results", "", "```json", json.dumps(results, indent=1), "```", ""]
@@ -152,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         ("links2", lambda: lab_bench.many_links(2, links)),
         ("random", lab_bench.random_topology),
         ("kube", lab_bench.kube_calls),
+        ("heal_daemon", lambda: selfheal.daemon_restart(500)),
+        ("heal_daemon_wiped", lambda: selfheal.daemon_restart(500, wipe=True)),
+        ("heal_pod", selfheal.pod_restart),
+        ("heal_hot", selfheal.hot_change),
     ]
     started = time.monotonic()
     results: dict[str, Any] = {}

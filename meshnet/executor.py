@@ -72,8 +72,9 @@ class Journal:
     entries: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, netns: str | None, batch: Sequence[Command], rc: int, seconds: float, error: str = "") -> None:
-        entry = {"ts": round(time.time(), 3), "netns": netns, "rc": rc, "ms": round(seconds * 1000, 2),
+    def record(self, netns: str | None, batch: Sequence[Command], rc: int, seconds: float,
+               error: str = "") -> dict[str, Any]:
+        entry: dict[str, Any] = {"ts": round(time.time(), 3), "netns": netns, "rc": rc, "ms": round(seconds * 1000, 2),
                  "commands": [" ".join(c.argv) for c in batch]}
         if error:
             entry["error"] = error.strip()
@@ -83,6 +84,7 @@ class Journal:
             if self.path is not None:
                 with self.path.open("a") as fh:
                     fh.write(json.dumps(entry) + "\n")
+        return entry
 
 
 @dataclass
@@ -120,10 +122,12 @@ class Executor:
         except ProcessTimedOut:
             rc, stderr = -1, f"timed out after {self.timeout}s"
         elapsed = time.monotonic() - started
-        self.journal.record(netns, batch, rc, elapsed, stderr if rc else "")
+        entry = self.journal.record(netns, batch, rc, elapsed, stderr if rc else "")
         if self._log is not None:
+            # Every executed command reaches the log, so `kubectl logs` alone tells what meshnet did.
             self._log(event="ip-batch", netns=netns or ".", commands=len(batch), rc=rc,
-                      ms=round(elapsed * 1000, 2), **({"stderr": stderr.strip()} if rc else {}))
+                      ms=round(elapsed * 1000, 2), lines=entry["commands"],
+                      **({"stderr": stderr.strip()} if rc else {}))
         return BatchOutcome(netns, batch, rc, stderr)
 
     def _run_phase(self, phase: list[tuple[str | None, list[Command]]], *, force: bool) -> list[BatchOutcome]:

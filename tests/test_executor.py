@@ -225,3 +225,15 @@ def test_show_parses_json_and_maps_errors(fp: FakeProcess) -> None:
                 stderr='Cannot open network namespace "pz": No such file or directory\n', returncode=1)
     with pytest.raises(NetnsNotFound):
         Executor().show("pz")
+
+
+def test_every_executed_command_reaches_the_structured_log(fp: FakeProcess) -> None:
+    """`kubectl logs` alone must tell what meshnet ran: each batch event lists its lines."""
+    events: list[dict[str, Any]] = []
+    cmds = veth(1, "pa", "pb", "eth1")
+    for ns in ("node", "pa", "pb"):
+        fp.register(ip_argv(fp, ns))
+    Executor(log=lambda **e: events.append(e)).apply(cmds)
+    logged = [line for e in events if e["event"] == "ip-batch" for line in e["lines"]]
+    assert sorted(logged) == sorted(" ".join(c.argv) for c in cmds)
+    assert all(e["rc"] == 0 and e["commands"] == len(e["lines"]) for e in events)
