@@ -312,6 +312,6 @@ def test_shim_imports_only_the_standard_library_and_spec() -> None:
         [sys.executable, "-S", "-E", "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     modules, lazy = proc.stdout.splitlines()
-    assert modules == str(["meshnet", "meshnet.cni", "meshnet.cni.shim", "meshnet.cni.spec"])
+    assert modules == str(["meshnet", "meshnet.cni", "meshnet.cni.shim", "meshnet.cni.spec", "meshnet.cni.wirejson"])
     # Both are deferred so that a dead-daemon answer stays near bare interpreter start-up.
     assert lazy == "False False"

@@ -137,6 +137,7 @@ class Meshnet:
         # eth0 delegates run beside the link work of their ADD (own pool: they never wait on peers)
         self._delegates = ThreadPoolExecutor(max_workers=16, thread_name_prefix="delegate")
         self._seen: dict[tuple[str, str], Topology] = {}
+        self._maybe_settled: set[tuple[str, str]] = set()
         self._inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -660,9 +661,16 @@ class Meshnet:
             by_namespace.setdefault(t.namespace, []).append(t)
             self._seen[t.key] = t
         changed = 0
+        alive = {t.key for t in topologies if t.status.alive}
         for topo in topologies:
             if wanted is not None and topo.key not in wanted:
                 continue
+            if wanted is not None and topo.key in self._maybe_settled:
+                self._maybe_settled.discard(topo.key)
+                peers = {lnk.uid: lnk.peer_pod for lnk in topo.links}
+                if not any(s.state in ("pending", "error") and (topo.namespace, peers.get(s.uid, "")) in alive
+                           for s in topo.status.links):
+                    continue
             if topo.status.alive and topo.status.node == self.node.name:
                 changed += self.reconcile_pod(topo, by_namespace[topo.namespace])
         return changed
@@ -737,18 +745,31 @@ class Meshnet:
         else:
             self._seen[topo.key] = topo
         spec_changed = old is None or old.links != topo.links or event_type == "DELETED"
-        moved = (old is not None and old.status.alive and (not topo.status.alive or
+        # A clean DEL (status emptied) removed its links itself — the far ends of veths die with
+        # them, remote vxlan ends were told — so its peers need no pass; a crash or a move does.
+        clean_del = event_type == "MODIFIED" and topo.status == TopologyStatus()
+        moved = (old is not None and old.status.alive and not clean_del and (not topo.status.alive or
                  (old.status.net_ns, old.status.node) != (topo.status.net_ns, topo.status.node)))
         out: set[tuple[str, str]] = set()
+        settled_only: set[tuple[str, str]] = set()
         if event_type != "DELETED" and self._local(topo) and (spec_changed or self._unsettled(topo)):
             out.add(topo.key)
+            if not spec_changed:
+                settled_only.add(topo.key)
         for other in self._seen.values():
             if (other.namespace == topo.namespace and self._local(other)
-                    and any(lnk.peer_pod == topo.name for lnk in other.links)
-                    # A peer that came alive (or changed at all) is worth another look for links
-                    # still pending or in error towards it: its ADD may have raced with ours.
-                    and (spec_changed or moved or self._unsettled(other, topo.name))):
-                out.add(other.key)
+                    and any(lnk.peer_pod == topo.name for lnk in other.links)):
+                # A peer that came alive (or changed at all) is worth another look for links
+                # still pending or in error towards it: its ADD may have raced with ours.
+                if spec_changed or moved:
+                    out.add(other.key)
+                elif self._unsettled(other, topo.name):
+                    out.add(other.key)
+                    settled_only.add(other.key)
+        # Pods queued only because their status looked unsettled are looked at again just before
+        # the pass: the ADD that woke them usually settles them first (no kernel read needed).
+        self._maybe_settled |= settled_only
+        self._maybe_settled -= out - settled_only
         return out
 
     def _local(self, topo: Topology) -> bool:
