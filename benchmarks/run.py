@@ -70,6 +70,13 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                      "floor": f"{r['bare_python_median_ms']:.0f} ms (bare `python -S`)",
                      "ratio": f"{r['median_ms'] / r['bare_python_median_ms']:.2f}×", "target": "< 80 ms",
                      "verdict": _verdict(r["median_ms"] < 80)})
+    r = results.get("binary")
+    if r:
+        rows.append({"what": "standalone CNI binary answering VERSION, no Python on PATH (median)",
+                     "figure": f"{r['binary_median_ms']:.0f} ms",
+                     "floor": f"{r['interpreted_median_ms']:.0f} ms (the shim on `python -S -E`)",
+                     "ratio": f"{r['binary_median_ms'] / r['interpreted_median_ms']:.2f}×",
+                     "target": f"< {r['target_ms']} ms", "verdict": _verdict(r["ok"])})
     r = results.get("add")
     if r:
         rows.append({"what": "CNI ADD of a pod with 4 links, peers up (median, real shim)",
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         ("render", foundation.render_1500),
         ("replay", foundation.replay_1500),
         ("shim", shim_latency.measure),
+        ("binary", shim_latency.binary_version),
         ("add", lambda: lab_bench.add_latency(5 if args.quick else 15)),
         ("links1", lambda: lab_bench.many_links(1, links)),
         ("links2", lambda: lab_bench.many_links(2, links)),

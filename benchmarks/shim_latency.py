@@ -66,6 +66,28 @@ def measure(runs: int = 20) -> dict[str, Any]:
     }
 
 
+def binary_version(runs: int = 25) -> dict[str, Any]:
+    """The standalone binary (scripts/build-cni-binary, cached in build/) answering VERSION with no
+    Python on its PATH, beside the same shim on a bare interpreter; median ms of each."""
+    out = REPO / "build" / "cni-binary"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build-cni-binary"), str(out)], check=True,
+                   capture_output=True)
+    env = {"PATH": "/nonexistent", "CNI_COMMAND": "VERSION"}
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshnet"}).encode()
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from meshnet.cni import shim; sys.exit(shim.main())"
+    interpreted = [sys.executable, "-S", "-E", "-c", code]
+    samples: dict[str, list[float]] = {"binary": [], "interpreted": []}
+    for _ in range(runs):  # alternating, so both see the same machine load
+        for name, argv in (("binary", [str(out / "meshnet")]), ("interpreted", interpreted)):
+            started = time.perf_counter()
+            subprocess.run(argv, input=stdin, env=env, capture_output=True, check=True)
+            samples[name].append((time.perf_counter() - started) * 1000)
+    binary = statistics.median(samples["binary"])
+    return {"runs": runs, "binary_median_ms": round(binary, 1),
+            "interpreted_median_ms": round(statistics.median(samples["interpreted"]), 1),
+            "target_ms": 60, "ok": binary < 60}
+
+
 if __name__ == "__main__":
     result = measure(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
     print(

@@ -52,7 +52,8 @@ def failed_pings(lab: Lab) -> list[dict[str, Any]]:
 
 @contextmanager
 def lab_up(tmp_path: Path, manifest: str | Path, nodes: int = 1, store: str = "sqlite",
-           kubeconfig: str | Path = "", workers: int = 8) -> Iterator[Lab]:
+           kubeconfig: str | Path = "", workers: int = 8, cni_bin: list[str] | None = None,
+           cni_env_path: str = "") -> Iterator[Lab]:
     """Bring a lab up from a manifest file or manifest text (`workers` concurrent pod ADDs); yield it;
     always take it down."""
     short_root: Path | None = None
@@ -67,7 +68,8 @@ def lab_up(tmp_path: Path, manifest: str | Path, nodes: int = 1, store: str = "s
     lab = Lab(f"t{secrets.token_hex(3)[:5]}", root=root)
     problems: list[str] = []
     try:
-        lab.up(text, nodes, store=store, kubeconfig=str(kubeconfig), workers=workers)
+        lab.up(text, nodes, store=store, kubeconfig=str(kubeconfig), workers=workers, cni_bin=cni_bin,
+               cni_env_path=cni_env_path)
         yield lab
     finally:
         try:

@@ -20,7 +20,7 @@ from meshnet.cni import delegate, results, spec
 from meshnet.cni.spec import CniError, CniRequest
 from meshnet.daemon import netns
 from meshnet.executor import ExecError, Executor, LinkExists
-from meshnet.model import LinkStatus, ManifestError, Skip, Topology, TopologyStatus
+from meshnet.model import Link, LinkStatus, ManifestError, Skip, Topology, TopologyStatus
 from meshnet.plan import (
     Endpoint,
     LinkPlan,
@@ -436,8 +436,9 @@ class Meshnet:
             for p in problems:
                 self._log(event="del-problem", pod=topo.name, error=p)
         remote = [lnk for lnk in topo.links if not lnk.is_macvlan]
-        peers = self._peer_states(t for t in self.store.list(topo.namespace)
-                                  if t.name in {lnk.peer_pod for lnk in remote})
+        listed = [t for t in self.store.list(topo.namespace) if t.name in {lnk.peer_pod for lnk in remote}]
+        peers = self._peer_states(listed)
+        self._veth_peers_pending(topo, remote, listed)
         far: dict[str, list[PeerLink]] = {}
         for lnk in remote:
             st = peers.get(lnk.peer_pod)
@@ -622,6 +623,19 @@ class Meshnet:
             if all(recorded.get(s.uid) == s and s.uid not in waiting for s in states):
                 continue  # every write wakes every watcher: write only news
             self._set_link_states(peer, states)
+
+    def _veth_peers_pending(self, topo: Topology, links: Iterable[Link], listed: Iterable[Topology]) -> None:
+        """The pod goes: its veth peers on this node lost their ends with it; say so in their status
+        (no reconcile pass is needed for that, and none runs for a clean DEL)."""
+        by_name = {t.name: t for t in listed}
+        per_peer: dict[str, list[LinkStatus]] = {}
+        for lnk in links:
+            peer = by_name.get(lnk.peer_pod)
+            if peer is not None and peer.status.alive and peer.status.node == self.node.name:
+                per_peer.setdefault(peer.name, []).append(
+                    LinkStatus(lnk.uid, "", "pending", f"peer pod {topo.name} is not up yet"))
+        for name, states in per_peer.items():
+            self._set_link_states(by_name[name], states)
 
     def _set_link_states(self, topo: Topology, states: Sequence[LinkStatus]) -> None:
         """Record link states in the pod's status, in one write, and only if anything changes."""

@@ -67,6 +67,8 @@ class LabState:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     daemons: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    # PATH the CNI binary is run with ("" = this process's): a kubelet host's, e.g. one without Python.
+    cni_env_path: str = ""
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -150,7 +152,7 @@ class Lab:
     # --- bring-up ----------------------------------------------------------------------------------
 
     def up(self, manifest_path: str, nodes: int, *, store: str = "sqlite", kubeconfig: str = "",
-           cni_bin: list[str] | None = None, workers: int = 8) -> dict[str, Any]:
+           cni_bin: list[str] | None = None, workers: int = 8, cni_env_path: str = "") -> dict[str, Any]:
         if self.exists():
             raise LabError(f"lab {self.name!r} is already up; `meshnetctl lab down --name {self.name}` first")
         if not 1 <= nodes <= 50:
@@ -174,7 +176,7 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         placement = place_pods(manifest, nodes)
         self._state = LabState(self.name, str(Path(manifest_path).resolve()), [f"node{i}" for i in range(nodes)],
-                               store_url, cni_bin or default_cni_bin())
+                               store_url, cni_bin or default_cni_bin(), cni_env_path=cni_env_path)
         for p in manifest.pods:
             key = pod_key(p.namespace, p.name)
             self.state.pods[p.name] = PodRecord(p.name, p.namespace, f"node{placement[key]}",
@@ -373,7 +375,7 @@ class Lab:
             "CNI_PATH": ":".join(CNI_PLUGIN_DIRS),
             "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={rec.namespace};K8S_POD_NAME={rec.name};"
                         f"K8S_POD_INFRA_CONTAINER_ID={rec.container_id}",
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": self.state.cni_env_path or os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         }
         proc = subprocess.run(self.state.cni_bin, input=json.dumps(self.cni_config(rec.node)).encode(),
                               env=env, capture_output=True, timeout=600, check=False)
