@@ -24,6 +24,7 @@ import pytest
 from meshnet.dryrun import EXTERNAL_HOST, UNDERLAY
 from meshnet.model import Manifest, load_manifest
 from tests.netns import delete_prefix, ip, leftovers, unique_prefix
+from tests.test_plan import _expected_ends
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "tests").glob("*.yml"))
@@ -54,15 +55,7 @@ def run_script(text: str) -> subprocess.CompletedProcess[str]:
 
 def expected_ends(m: Manifest, prefix: str) -> set[tuple[str, str]]:
     """(netns, interface) of every link end that must exist after the replay."""
-    pods = {p.name for p in m.pods}
-    ends: set[tuple[str, str]] = set()
-    for t in m.topologies:
-        if t.name not in pods:
-            continue
-        for lnk in t.links:
-            if lnk.is_macvlan or (lnk.peer_pod in pods and m.topology(t.namespace, lnk.peer_pod) is not None):
-                ends.add((prefix + t.name, lnk.local_intf))
-    return ends
+    return {(prefix + pod, intf) for pod, intf in _expected_ends(m)}
 
 
 def probes(m: Manifest, prefix: str) -> list[Probe]:
