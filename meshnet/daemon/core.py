@@ -673,7 +673,10 @@ class Meshnet:
         by_namespace: dict[str, list[Topology]] = {}
         for t in topologies:
             by_namespace.setdefault(t.namespace, []).append(t)
-            self._seen[t.key] = t
+            # Only seed what the watch has not reported yet: `affected` diffs each event against the
+            # watch's previous copy, and a pass that listed a change first would make it look like
+            # no change at all (the event's pod would never be looked at).
+            self._seen.setdefault(t.key, t)
         changed = 0
         alive = {t.key for t in topologies if t.status.alive}
         for topo in topologies:
