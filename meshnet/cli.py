@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +35,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from meshnet.dryrun import PlanError, layout_for, setup_script, teardown_script
+    from meshnet.render import RenderError
 
     try:
         lab = layout_for(load_manifest(args.file), args.nodes, args.prefix)
-    except (ManifestError, PlanError) as e:
+        text = teardown_script(lab) if args.delete else setup_script(lab)
+    except (ManifestError, PlanError, RenderError) as e:
         print(f"meshnetctl plan: {e}", file=sys.stderr)
         return 1
-    sys.stdout.write(teardown_script(lab) if args.delete else setup_script(lab))
+    sys.stdout.write(text)
     return 0
 
 
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `meshnetctl ... | head` should end quietly, as other command-line tools do.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -62,10 +62,14 @@ def layout_for(manifest: Manifest, nodes: int, prefix: str) -> DryRunLab:
     if len(namespaces) > 1:
         # Pod namespaces would collide on their names: the dry-run lab is one Kubernetes namespace.
         raise PlanError(f"the dry-run lab holds pods of one Kubernetes namespace, got {sorted(namespaces)}")
-    for ns in pod_netns.values():
+    infra = {f"{prefix}ul", f"{prefix}ext", *(n.netns or "" for n in infos)}
+    for key, ns in pod_netns.items():
         why = naming.netns_problem(ns)
         if why:
             raise PlanError(f"pod namespace: {why}")
+        if ns in infra:
+            raise PlanError(f"pod {key}: its namespace {ns} is one the emulated cluster itself uses "
+                            f"(nodes, ul, ext); choose another --prefix or pod name")
     layout = LabLayout(infos, {k: f"node{placement[k]}" for k in keys}, pod_netns)
     return DryRunLab(prefix, layout, manifest)
 
