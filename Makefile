@@ -59,6 +59,7 @@ proto: setup ## regenerate meshnet/proto/*_pb2*.py from meshnet.proto
 demo: setup ## run tests/3node.yml on 3 emulated nodes (every link a VXLAN) and print connectivity
 	@$(VENV)/bin/meshnetctl lab down --name $(LAB) >/dev/null 2>&1 || true
 	$(VENV)/bin/meshnetctl lab up tests/3node.yml --nodes 3 --name $(LAB) --ping
+	@echo "  (or: make demo-down)"
 
 demo-down: setup ## remove the demo lab
 	$(VENV)/bin/meshnetctl lab down --name $(LAB)

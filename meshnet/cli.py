@@ -54,6 +54,15 @@ def _lab(args: argparse.Namespace, *, quiet: bool = False) -> Lab:
     return Lab(args.name, progress=progress)
 
 
+def _prog() -> str:
+    """How the user ran us, so printed hints work as typed (e.g. .venv/bin/meshnetctl)."""
+    argv0 = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "meshnetctl" else "meshnetctl"
+    if os.sep not in argv0:
+        return argv0
+    rel = os.path.relpath(argv0)
+    return rel if not rel.startswith("..") else argv0
+
+
 def _print_table(rows: list[list[str]], head: list[str]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
     for row in [head, *rows]:
@@ -104,8 +113,11 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     if args.ping:
         print("connectivity (each addressed link end pinged from its peer):")
         ok = _print_connectivity(lab.connectivity()) and ok
-    print(f"explore: meshnetctl lab exec --name {args.name} r1 -- ip -br addr   |   status: meshnetctl lab status "
-          f"--name {args.name}   |   remove: meshnetctl lab down --name {args.name}")
+    first = next(iter(lab.state.pods), "POD")
+    print("explore it:")
+    print(f"  {_prog()} lab exec --name {args.name} {first} -- ip -br addr")
+    print(f"  {_prog()} lab status --name {args.name}")
+    print(f"  {_prog()} lab down --name {args.name}")
     return 0 if ok else 1
 
 

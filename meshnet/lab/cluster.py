@@ -413,7 +413,8 @@ class Lab:
             for rec in pool.map(one, pods):
                 done += 1
                 mark = "ok" if rec.state == "up" else "FAILED"
-                extra = f"{rec.links} link(s)" if rec.state == "up" else rec.error
+                # Links whose peers were up at its ADD; the others are built by the peers' ADDs.
+                extra = f"{rec.links} link(s) in its ADD result" if rec.state == "up" else rec.error
                 self._progress(f"[{done}/{len(pods)}] {rec.name} on {rec.node}: {mark} ({extra}, {rec.seconds:.2f}s)")
                 self.save()
 
