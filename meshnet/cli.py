@@ -326,11 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # `meshnetctl ... | head` should end quietly, as other command-line tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `meshnetctl` program. `meshnetctl ... | head` ends quietly, as other command-line tools
+    do; only the program does this, never `main()` called from other Python code (a test runner
+    killed by SIGPIPE would be no improvement)."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

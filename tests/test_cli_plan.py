@@ -42,3 +42,12 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
     plan.wait(timeout=30)
     assert head.stdout == "#!/bin/sh\n"
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_main_leaves_the_callers_signal_handling_alone(tmp_path: Path) -> None:
+    """Only the `meshnetctl` program resets SIGPIPE; a caller of main() (this test runner) keeps its own."""
+    import signal
+
+    before = signal.getsignal(signal.SIGPIPE)
+    assert main(["plan", str(ROOT / "tests" / "3node.yml")]) == 0
+    assert signal.getsignal(signal.SIGPIPE) == before
