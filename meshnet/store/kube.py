@@ -49,7 +49,7 @@ SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 DEFAULT_QPS = 50.0
 DEFAULT_BURST = 100
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds; a hung API server must not hang a CNI ADD forever
-CAS_TRIES = 20
+CAS_TRIES = 50  # a writer can lose many rounds to busy peers; bounded, not starved
 # Server-side length of one watch request; the watch reconnects (from its last resourceVersion)
 # after it. Stopping does not wait for it: the reader's connection is shut down.
 WATCH_SECONDS = 300
@@ -106,7 +106,7 @@ def _conflict(e: Exception) -> bool:
 
 def _backoff(attempt: int) -> None:
     # Jittered and growing, so writers that collided do not collide again in step.
-    time.sleep(random.uniform(0, 0.001 * (2 ** min(attempt, 6))))
+    time.sleep(random.uniform(0, 0.001 * (2 ** min(attempt, 8))))
 
 
 class KubeStore:

@@ -33,7 +33,7 @@ from meshnet.store.resync import EVENT_TYPES, resync_events, track
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000  # longer than any write holds the lock; past it the store counts as unavailable
-CAS_TRIES = 20
+CAS_TRIES = 50  # a writer can lose many rounds to busy peers; bounded, not starved
 WATCH_POLL = 0.05  # seconds between change-log polls of a watch
 WATCH_BATCH = 256
 # Change rows kept for watchers. A watcher further behind than this re-lists (see resync.py).
