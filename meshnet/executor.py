@@ -226,13 +226,6 @@ class Executor:
             raise _classify(err)(err.strip() or f"ip link show failed ({rc})", None, err)
         return list(json.loads(out or "[]"))
 
-    def addresses(self, netns: str | None) -> list[dict[str, Any]]:
-        args = (["-n", netns] if netns else []) + ["-j", "addr", "show"]
-        rc, out, err = self._ip[args].run(retcode=None, timeout=self.timeout)
-        if rc != 0:
-            raise _classify(err)(err.strip() or f"ip addr show failed ({rc})", None, err)
-        return list(json.loads(out or "[]"))
-
 
 def open_journal(path: str | Path | None) -> Journal:
     return Journal(Path(path) if path else None)

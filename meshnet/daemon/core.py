@@ -465,9 +465,8 @@ class Meshnet:
                            f"status has container {topo.status.container_id or 'none'}")
         ns_name = netns.resolve(req.netns)
         plan = plan_pod(topo, ns_name, self.node, self._peer_states(self.store.list(namespace)))
-        view = kernel_view(self.executor, [ns_name])[ns_name]
-        addrs = {e["ifname"]: {f"{a['local']}/{a['prefixlen']}" for a in e.get("addr_info", ())}
-                 for e in self.executor.addresses(ns_name)}
+        view = kernel_view(self.executor, [ns_name])[ns_name]  # links with their addresses, one ip call
+        addrs = {name: {f"{a['local']}/{a['prefixlen']}" for a in e.get("addr_info", ())} for name, e in view.items()}
         problems = []
         for lp in plan.links:
             end = lp.a if isinstance(lp, VethPlan) else lp.local

@@ -36,7 +36,7 @@ def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
         # Every peer is on this host, so every link is a veth: the VTEP is never used and nothing
         # has to be created on the host to stand in for one.
         return NodeInfo(cfg.node_name, "127.0.0.1", "lo")
-    entries = executor.addresses(None)
+    entries = executor.show(None)
     for entry in entries:
         addrs = [a.get("local") for a in entry.get("addr_info", ())]
         if (cfg.host_intf and entry.get("ifname") == cfg.host_intf) or (cfg.host_ip and cfg.host_ip in addrs):

@@ -452,16 +452,9 @@ class Lab:
 
     def kernel_links(self, netns: str) -> dict[str, dict[str, Any]]:
         try:
-            links = {e["ifname"]: e for e in self.executor.show(netns)}
+            return {e["ifname"]: e for e in self.executor.show(netns)}  # details and addresses in one call
         except ExecError:
             return {}
-        try:
-            for e in self.executor.addresses(netns):
-                if e["ifname"] in links:
-                    links[e["ifname"]]["addr_info"] = e.get("addr_info", [])
-        except ExecError:
-            pass
-        return links
 
     def status(self) -> dict[str, Any]:
         st = self.state
