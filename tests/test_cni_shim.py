@@ -206,6 +206,68 @@ def test_daemon_timeout_is_try_again_later(daemon: FakeDaemon) -> None:
     assert daemon.sock in answer["details"]
 
 
+def _full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: the next non-blocking connect() gets EAGAIN."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    fillers = []
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(str(path))
+        except BlockingIOError:
+            c.close()
+            return listener, fillers
+        fillers.append(c)
+
+
+def test_full_accept_queue_is_waited_for_not_failed(tmp_path: Path) -> None:
+    """20 pods at once on a node overflowed meshnetd's backlog; the shim must queue, not fail."""
+    from meshnet.cni.shim import _connect
+
+    path = tmp_path / "busy.sock"
+    listener, fillers = _full_listener(path)
+
+    def drain_later() -> None:
+        threading.Event().wait(0.3)
+        for _ in fillers:
+            listener.accept()[0].close()
+
+    drainer = threading.Thread(target=drain_later)
+    drainer.start()
+    try:
+        sock = _connect(str(path), 5.0)
+        sock.close()
+    finally:
+        drainer.join()
+        for c in fillers:
+            c.close()
+        listener.close()
+
+
+def test_accept_queue_full_until_the_timeout_is_try_again_later(tmp_path: Path) -> None:
+    path = tmp_path / "stuck.sock"
+    listener, fillers = _full_listener(path)
+    try:
+        code, out, _ = _run(_env("ADD"), _conf(str(path), daemon_timeout=0.3))
+    finally:
+        for c in fillers:
+            c.close()
+        listener.close()
+    answer = json.loads(out)
+    assert (code, answer["code"]) == (1, spec.TRY_AGAIN_LATER)
+    assert str(path) in answer["details"]
+    assert "accept queue full" in answer["details"]
+
+
+def test_meshnetd_listens_with_the_kernel_backlog_not_socketservers_five() -> None:
+    from meshnet.daemon.api import _UnixHTTPServer
+
+    assert _UnixHTTPServer.request_queue_size >= 128
+
+
 def test_status_with_daemon_down_is_plugin_not_available(tmp_path: Path) -> None:
     sock = str(tmp_path / "nowhere.sock")
     code, out, _ = _run({"CNI_COMMAND": "STATUS"}, _conf(sock, "1.1.0"))

@@ -26,17 +26,36 @@ API_PATH = "/v1/cni"
 
 
 def _connect(path: str, timeout: float) -> _socket.socket:
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise spec.CniError(
-            spec.TRY_AGAIN_LATER, "meshnetd is not reachable", f"cannot connect to {path}: {reason}"
-        ) from exc
-    return sock
+    """Connect to meshnetd, waiting up to ``timeout`` while its accept queue is full.
+
+    With a timeout set the socket is non-blocking, and a unix socket whose listen backlog is full
+    answers EAGAIN at once instead of queueing the caller (TCP would wait). A node starting many
+    pods at once hits exactly that, so EAGAIN means "busy, ask again" until the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError as exc:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise spec.CniError(
+                    spec.TRY_AGAIN_LATER, "meshnetd is not reachable",
+                    f"cannot connect to {path}: busy (accept queue full) for {timeout:g} s",
+                ) from exc
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
+        except OSError as exc:
+            sock.close()
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise spec.CniError(
+                spec.TRY_AGAIN_LATER, "meshnetd is not reachable", f"cannot connect to {path}: {reason}"
+            ) from exc
 
 
 def _post(sock: _socket.socket, path: str, body: bytes) -> tuple[int, bytes]:

@@ -20,6 +20,9 @@ Handler = Callable[[str, Mapping[str, str], str], "dict[str, Any] | None"]
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # socketserver's default backlog is 5: a node starting 20 pods at once overflowed it and the
+    # shims got EAGAIN. The kernel caps this at net.core.somaxconn.
+    request_queue_size = socket.SOMAXCONN
 
 
 class ApiServer:
