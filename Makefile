@@ -5,7 +5,10 @@ SHELL := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
-DEB_PKGS := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod chromium patchelf gcc podman runc busybox-static
+# The lab (make demo) needs only the first line; the suite also drives podman, Chromium (graph
+# rendering) and Nuitka's toolchain (standalone binary), which are heavy on a fresh machine.
+LAB_PKGS  := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod
+TEST_PKGS := $(LAB_PKGS) chromium patchelf gcc podman runc busybox-static
 STAMP   := $(VENV)/.installed
 LAB     ?= demo
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -13,7 +16,7 @@ IMAGE   ?= meshnet/meshnet:$(VERSION)
 CLUSTER ?= meshnet
 OVERLAY ?= kind
 
-.PHONY: help setup deps venv test test-unit lint golden proto demo demo-down bench clean-netns cni-binary up docker install e2e-kind down
+.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto demo demo-down bench clean-netns cni-binary up docker install e2e-kind down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -21,7 +24,13 @@ help: ## list the targets
 setup: deps venv ## install Debian packages and the Python venv (idempotent; quick when nothing is missing)
 
 deps: ## install the Debian packages the lab and the tests need, when missing
-	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory _apt PKGS="$(TEST_PKGS)"
+
+deps-lab: ## install only the Debian packages the lab (make demo) needs, when missing
+	@$(MAKE) --no-print-directory _apt PKGS="$(LAB_PKGS)"
+
+_apt:
+	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "run as root to install:$$missing" >&2; exit 1; fi; \
@@ -56,12 +65,12 @@ proto: setup ## regenerate meshnet/proto/*_pb2*.py from meshnet.proto
 	$(PY) -m grpc_tools.protoc -I meshnet/proto --python_out=meshnet/proto --grpc_python_out=meshnet/proto --pyi_out=meshnet/proto meshnet/proto/meshnet.proto
 	sed -i 's/^import meshnet_pb2 as/from meshnet.proto import meshnet_pb2 as/' meshnet/proto/meshnet_pb2_grpc.py
 
-demo: setup ## run tests/3node.yml on 3 emulated nodes (every link a VXLAN) and print connectivity
+demo: deps-lab venv ## run tests/3node.yml on 3 emulated nodes (every link a VXLAN) and print connectivity
 	@$(VENV)/bin/meshnetctl lab down --name $(LAB) >/dev/null 2>&1 || true
 	$(VENV)/bin/meshnetctl lab up tests/3node.yml --nodes 3 --name $(LAB) --ping
 	@echo "  (or: make demo-down)"
 
-demo-down: setup ## remove the demo lab
+demo-down: venv ## remove the demo lab
 	$(VENV)/bin/meshnetctl lab down --name $(LAB)
 
 bench: setup ## measure the speed targets and write docs/performance.md
