@@ -162,6 +162,69 @@ def test_update_status_returning_none_writes_nothing(store: Store) -> None:
     assert store.get("default", "r1") == stored  # same resourceVersion: nothing was written
 
 
+def _bump(current: Topology) -> TopologyStatus:
+    return replace(current.status, container_id=str(int(current.status.container_id or "0") + 1))
+
+
+def test_update_status_from_a_fresh_known_copy(store: Store) -> None:
+    stored = store.apply(topo("r1"))
+    out = store.update_status("default", "r1", _bump, known=stored)
+    assert out is not None and out.status.container_id == "1"
+    assert store.get("default", "r1") == out
+
+
+def test_a_stale_known_copy_never_loses_an_update(store: Store) -> None:
+    stale = store.apply(topo("r1"))
+    store.update_status("default", "r1", _bump)  # someone else wrote since `stale` was read
+    seen: list[str] = []
+
+    def bump_seen(current: Topology) -> TopologyStatus:
+        seen.append(current.status.container_id)
+        return _bump(current)
+
+    out = store.update_status("default", "r1", bump_seen, known=stale)
+    assert out is not None and out.status.container_id == "2"  # computed again from the fresh read
+    assert seen == ["", "1"]
+    assert store.get("default", "r1") == out
+
+
+def test_a_stale_known_copy_is_never_the_reason_nothing_is_written(store: Store) -> None:
+    """A DEL decides from the status whether the pod is still its own: that verdict must come from
+    the store, not from a copy read before a newer ADD wrote its container id."""
+    stale = store.apply(topo("r1"))
+    store.update_status("default", "r1", lambda cur: replace(cur.status, container_id="new"))
+    verdicts: list[str] = []
+
+    def clear_if_unowned(current: Topology) -> TopologyStatus | None:
+        verdicts.append(current.status.container_id)
+        return None if current.status.container_id == "" else TopologyStatus()
+
+    out = store.update_status("default", "r1", clear_if_unowned, known=stale)
+    assert verdicts == ["", "new"]  # the stale copy's "nothing to do" was checked against the store
+    assert out is not None and out.status == TopologyStatus()
+
+
+def test_a_known_copy_of_another_object_or_without_version_is_ignored(store: Store) -> None:
+    r1 = store.apply(topo("r1"))
+    store.apply(topo("r2", peer="r1"))
+    seen: list[str] = []
+
+    def record(current: Topology) -> TopologyStatus:
+        seen.append(current.name)
+        return _bump(current)
+
+    store.update_status("default", "r2", record, known=r1)
+    store.update_status("default", "r1", record, known=replace(r1, resource_version=""))
+    assert seen == ["r2", "r1"]
+
+
+def test_a_known_copy_of_a_deleted_topology_writes_nothing(store: Store) -> None:
+    stale = store.apply(topo("r1"))
+    store.delete("default", "r1")
+    assert store.update_status("default", "r1", _bump, known=stale) is None
+    assert store.get("default", "r1") is None
+
+
 def test_update_status_of_missing_topology(store: Store) -> None:
     def must_not_run(current: Topology) -> TopologyStatus:
         raise AssertionError("fn called for a missing Topology")

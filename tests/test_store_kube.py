@@ -129,6 +129,17 @@ def test_api_calls_are_counted(kube_api: KubeApiServer, store: KubeStore) -> Non
     assert store.api_calls == 7 == len(kube_api.requests)
 
 
+def test_a_fresh_known_copy_saves_the_get(kube_api: KubeApiServer, store: KubeStore) -> None:
+    stored = store.apply(topo("r1"))
+    kube_api.reset_counts()
+    before = store.api_calls
+    written = store.update_status("default", "r1", bump, known=stored)  # put only: 1
+    store.update_status("default", "r1", lambda t: None, known=written)  # no-change verdict confirmed: get
+    store.update_status("default", "r1", bump, known=stored)  # stale: put 409, get, put: 3
+    assert [r.method for r in kube_api.requests] == ["PUT", "GET", "PUT", "GET", "PUT"]
+    assert store.api_calls - before == 5
+
+
 def test_rate_limit_is_honoured(kube_api: KubeApiServer) -> None:
     store = KubeStore(kube_api.api_client(), qps=20, burst=2)
     started = time.monotonic()

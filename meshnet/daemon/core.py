@@ -279,7 +279,8 @@ class Meshnet:
             return replace(cur.status, src_ip=self.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
                            node=self.node.name, plumbing_error="", skipped=())
 
-        topo = self.store.update_status(namespace, pod, mark_alive) or topo
+        # `topo` was read just now: it stands in for the store's read before the write.
+        topo = self.store.update_status(namespace, pod, mark_alive, known=topo) or topo
         listed = self.store.list(namespace)
         peers = self._peer_states(listed)
         plan = plan_pod(topo, ns_name, self.node, peers)
@@ -319,7 +320,7 @@ class Meshnet:
             new = replace(cur.status, links=tuple(states), skipped=skipped, plumbing_error=error)
             return None if new == cur.status else new
 
-        self.store.update_status(topo.namespace, topo.name, write)
+        self.store.update_status(topo.namespace, topo.name, write, known=topo)
 
     def build(self, namespace: str, plans: Sequence[LinkPlan]) -> None:
         """Create links; what already exists and matches is left, what differs is made again."""
@@ -422,7 +423,7 @@ class Meshnet:
                 return None  # a newer sandbox owns the pod now: its links stay
             return None if cur.status == TopologyStatus() else TopologyStatus()
 
-        self.store.update_status(topo.namespace, topo.name, clear)
+        self.store.update_status(topo.namespace, topo.name, clear, known=topo)
         if not owned:
             self._log(event="del-skipped", pod=topo.name, container=req.container_id[:12])
             return
@@ -657,7 +658,7 @@ class Meshnet:
             new = replace(cur.status, links=links, skipped=tuple(sorted(skipped, key=lambda s: s.link_id)))
             return None if new == cur.status else new
 
-        self.store.update_status(topo.namespace, topo.name, write)
+        self.store.update_status(topo.namespace, topo.name, write, known=topo)
 
     # --- reconcile --------------------------------------------------------------------------------
 

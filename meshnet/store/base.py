@@ -56,10 +56,16 @@ class Store(Protocol):
         """Remove a Topology; False when it was not there."""
         ...
 
-    def update_status(self, namespace: str, name: str, fn: StatusMutation) -> Topology | None:
+    def update_status(self, namespace: str, name: str, fn: StatusMutation, *,
+                      known: Topology | None = None) -> Topology | None:
         """Compare-and-set the status: read, fn(current), write if the object did not change meanwhile;
         on a conflict read again and retry (bounded). Returns the stored Topology, None if it does
-        not exist; raises StoreConflict when retries are exhausted."""
+        not exist; raises StoreConflict when retries are exhausted.
+
+        `known`, a copy the caller just read (with its resource_version), stands in for the first
+        read: a write computed from it that is stale fails the compare and is retried from a fresh
+        read, and a "nothing to change" verdict drawn from it is always confirmed by a fresh read
+        (a stale copy must never be the reason a write is skipped)."""
         ...
 
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
@@ -68,3 +74,10 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def usable_hint(known: Topology | None, namespace: str, name: str) -> Topology | None:
+    """`known` when it can stand in for a read of namespace/name (see Store.update_status)."""
+    if known is not None and known.resource_version and known.key == (namespace, name):
+        return known
+    return None

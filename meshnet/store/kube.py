@@ -37,6 +37,7 @@ from meshnet.store.base import (
     StoreInvalid,
     StoreUnavailable,
     WatchEvent,
+    usable_hint,
 )
 from meshnet.store.resync import EVENT_TYPES, Key, resync_events, track
 
@@ -259,15 +260,23 @@ class KubeStore:
             raise self._unexpected(e, f"delete Topology {namespace}/{name}") from e
         return True
 
-    def update_status(self, namespace: str, name: str, fn: StatusMutation) -> Topology | None:
-        raw = self._get_raw(namespace, name)
+    def update_status(self, namespace: str, name: str, fn: StatusMutation, *,
+                      known: Topology | None = None) -> Topology | None:
+        hint = usable_hint(known, namespace, name)
+        # A caller's fresh copy saves the GET before the PUT; only a confirmed read may end the loop
+        # without writing (see Store.update_status).
+        raw = hint.to_api() if hint is not None else self._get_raw(namespace, name)
+        confirmed = hint is None
         for attempt in range(CAS_TRIES):
             if raw is None:
                 return None
-            current = Topology.from_api(raw)
+            current = hint if not confirmed and hint is not None else Topology.from_api(raw)
             status = fn(current)
             if status is None or status == current.status:
-                return current
+                if confirmed:
+                    return current
+                raw, confirmed = self._get_raw(namespace, name), True
+                continue
             body = dict(raw)
             body["status"] = status.to_api()  # carries metadata.resourceVersion: the compare in CAS
             try:
@@ -276,9 +285,10 @@ class KubeStore:
             except kubernetes.client.ApiException as e:
                 if _not_found(e):
                     return None
-                # else 409: someone wrote first; read again
-            _backoff(attempt)
-            raw = self._get_raw(namespace, name)
+                # else 409: someone wrote first (or the caller's copy was stale); read again
+            if confirmed:
+                _backoff(attempt)
+            raw, confirmed = self._get_raw(namespace, name), True
         raise StoreConflict(f"Topology {namespace}/{name}: status update lost {CAS_TRIES} times in a row")
 
     # -- watch ---------------------------------------------------------------------------------

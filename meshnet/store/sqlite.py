@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from meshnet.model import API_VERSION, KIND, Topology, TopologyStatus, parse_topology
-from meshnet.store.base import StatusMutation, StoreConflict, StoreError, StoreUnavailable, WatchEvent
+from meshnet.store.base import (
+    StatusMutation,
+    StoreConflict,
+    StoreError,
+    StoreUnavailable,
+    WatchEvent,
+    usable_hint,
+)
 from meshnet.store.resync import EVENT_TYPES, resync_events, track
 
 log = logging.getLogger(__name__)
@@ -245,19 +252,28 @@ class SqliteStore:
             self._log_change(db, "DELETED", namespace, name, row[0], row[1])
         return True
 
-    def update_status(self, namespace: str, name: str, fn: StatusMutation) -> Topology | None:
+    def update_status(self, namespace: str, name: str, fn: StatusMutation, *,
+                      known: Topology | None = None) -> Topology | None:
+        hint = usable_hint(known, namespace, name)
+        current = hint if hint is not None else self.get(namespace, name)
+        confirmed = hint is None
         for attempt in range(CAS_TRIES):
-            current = self.get(namespace, name)
             if current is None:
                 return None
             status = fn(current)
             if status is None or status == current.status:
-                return current
+                if confirmed:
+                    return current
+                # Only a fresh read may be the reason nothing is written (see Store.update_status).
+                current, confirmed = self.get(namespace, name), True
+                continue
             try:
                 return self._write_status(current, status)
             except _Conflict:
-                # Jittered, growing pause so processes that collided do not collide again in step.
-                time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
+                if confirmed:
+                    # Jittered, growing pause so processes that collided do not collide again in step.
+                    time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
+            current, confirmed = self.get(namespace, name), True
         raise StoreConflict(f"Topology {namespace}/{name}: status update lost {CAS_TRIES} times in a row")
 
     def _write_status(self, current: Topology, status: TopologyStatus) -> Topology | None:
