@@ -115,6 +115,7 @@ class TopologyStatus:
     skipped: tuple[Skip, ...] = ()
     links: tuple[LinkStatus, ...] = ()
     plumbing_error: str = ""
+    vni_block: int = 0  # the namespace's VNI block as this pod recorded it (naming.choose_vni_block)
 
     @property
     def alive(self) -> bool:
@@ -129,6 +130,8 @@ class TopologyStatus:
             out["skipped"] = [{"pod_name": s.pod_name, "link_id": s.link_id} for s in self.skipped]
         if self.links:
             out["links"] = [ls.to_api() for ls in self.links]
+        if self.vni_block:
+            out["vni_block"] = self.vni_block
         return out
 
     @classmethod
@@ -150,7 +153,16 @@ class TopologyStatus:
                 for ls in raw.get("links") or ()
             ),
             plumbing_error=str(raw.get("plumbing_error") or ""),
+            vni_block=_int_or_zero(raw.get("vni_block")),
         )
+
+
+def _int_or_zero(value: object) -> int:
+    """A status number written by a daemon, or 0 when it is missing or not a number."""
+    try:
+        return int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else 0
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)

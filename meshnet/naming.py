@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from collections.abc import Iterable
 
 IFNAMSIZ = 15  # Linux: IFNAMSIZ is 16 including the terminating NUL
 POD_NETWORK_IF = "eth0"
@@ -82,20 +83,62 @@ def netns_problem(name: object) -> str | None:
 
 
 def vni_block(namespace: str) -> int:
-    """The namespace's VNI block: stable across daemons and restarts, no coordination needed.
+    """The namespace's home VNI block, from a hash: what a namespace gets when no other one has it.
 
-    A hash can put two namespaces in one block (1 in 4000 for a pair); links only clash when, in
-    addition, they share a uid and meet on one node, and meshnet then reports the clash by name
-    instead of failing with "file exists" as the original did.
+    A hash alone puts two namespaces in one block with probability 1 in 4000 per pair, and their
+    links then clash on any node where two share a uid (the kernel allows one vxlan per VNI and
+    port: the original's "file exists"). So the block a namespace really uses is recorded in its
+    pods' status (`choose_vni_block`); this is where the search for a free one starts.
     """
     return 1 + zlib.crc32(namespace.encode()) % VNI_BLOCKS
 
 
-def vni(namespace: str, uid: int) -> int:
-    """VNI of link `uid` in `namespace`: its namespace's block, offset by the uid."""
+def valid_block(block: int) -> bool:
+    return 1 <= block <= VNI_BLOCKS
+
+
+def block_lost(namespace: str, block: int, others: Iterable[tuple[str, int]]) -> bool:
+    """Whether `namespace` must give up `block`: a namespace with a smaller name recorded it too.
+
+    Two namespaces whose first pods came up at the same moment can both pick a free-looking block;
+    once each daemon sees the other's record, this rule decides the same everywhere who moves.
+    """
+    return any(ns < namespace and b == block for ns, b in others)
+
+
+def choose_vni_block(namespace: str, own: Iterable[int], others: Iterable[tuple[str, int]]) -> int:
+    """The VNI block a pod of `namespace` records when it comes alive (or when its block was lost).
+
+    `own`: blocks pods of the namespace recorded already — the smallest it has not lost wins, so
+    pods that came up at the same time on different nodes converge. Otherwise the first block,
+    from the namespace's hash on, that no other namespace recorded. `others`: (namespace, block)
+    of the pods of every other namespace.
+    """
+    taken = list(others)
+    mine = [b for b in own if valid_block(b) and not block_lost(namespace, b, taken)]
+    if mine:
+        return min(mine)
+    busy = {b for _, b in taken}
+    start = vni_block(namespace) - 1
+    for k in range(VNI_BLOCKS):
+        block = 1 + (start + k) % VNI_BLOCKS
+        if block not in busy:
+            return block
+    raise ValueError(f"namespace {namespace}: all {VNI_BLOCKS} VNI blocks are in use by other namespaces")
+
+
+def link_block(namespace: str, *recorded: int) -> int:
+    """The block of a link between two pods: the smaller of the blocks its ends recorded (both
+    ends compute the same), or the namespace's hash when neither recorded one (dry runs)."""
+    blocks = [b for b in recorded if valid_block(b)]
+    return min(blocks) if blocks else vni_block(namespace)
+
+
+def vni(namespace: str, uid: int, block: int = 0) -> int:
+    """VNI of link `uid` in `namespace`: its block (`link_block`; the hash's when 0), offset by the uid."""
     if not 0 <= uid <= MAX_UID:
         raise ValueError(f"uid {uid} outside 0..{MAX_UID}")
-    return vni_block(namespace) * VNI_BLOCK_SIZE + uid
+    return (block if valid_block(block) else vni_block(namespace)) * VNI_BLOCK_SIZE + uid
 
 
 # Every interface meshnet makes joins this link group ("mn" in ASCII). It marks what is meshnet's

@@ -38,6 +38,7 @@ class PeerState:
     node: str = ""
     src_ip: str = ""
     netns: str = ""  # the iproute2 name of its network namespace
+    vni_block: int = 0  # the VNI block it recorded (naming.link_block)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
         far = Endpoint(peer.netns, link.peer_intf, link.peer_ip,
                        naming.mac_address(topo.namespace, link.peer_pod, link.peer_intf))
         return VethPlan(link.uid, local, far, node.netns, link.mtu or DEFAULT_MTU)
-    plan = VxlanPlan(link.uid, local, naming.vni(topo.namespace, link.uid), peer.src_ip, node.vtep_ip,
+    block = naming.link_block(topo.namespace, topo.status.vni_block, peer.vni_block)
+    plan = VxlanPlan(link.uid, local, naming.vni(topo.namespace, link.uid, block), peer.src_ip, node.vtep_ip,
                      node.uplink, node.netns, vxlan_mtu(link, node))
     return plan, RemoteEnd(link.uid, link.peer_pod, peer.node, peer.src_ip)
 

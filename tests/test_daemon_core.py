@@ -17,7 +17,7 @@ from meshnet import naming
 from meshnet.daemon import netns
 from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
 from meshnet.executor import Executor
-from meshnet.model import Topology, TopologyStatus, parse_manifest
+from meshnet.model import Link, Topology, TopologyStatus, parse_manifest
 from meshnet.plan import NodeInfo
 from meshnet.store.base import Store
 from meshnet.store.sqlite import SqliteStore
@@ -283,6 +283,36 @@ def test_peer_update_backed_by_the_store_builds_our_end(a_and_c_alive: Node) -> 
         "ip -n pa addr add 10.0.2.1/24 dev eth2", "ip -n pa link set eth2 up"]
 
 
+def test_peer_update_wants_the_vni_of_the_block_both_pods_recorded(a_and_c_alive: Node,
+                                                                   store: SqliteStore) -> None:
+    node = a_and_c_alive
+    for pod, block in (("a", 7), ("c", 5)):
+        store.update_status(NS, pod, lambda cur, b=block: replace(cur.status, vni_block=b))
+    with pytest.raises(PeerDenied, match=rf"VNI {naming.vni(NS, 2, 7)} is not the link's .*block 5"):
+        node.core.peer_update([replace(valid_update(), vni=naming.vni(NS, 2, 7))])
+    assert lines(node) == []
+    assert node.core.peer_update([replace(valid_update(), vni=naming.vni(NS, 2, 5))]) == ["created"]
+    assert f"type vxlan id {5 * naming.VNI_BLOCK_SIZE + 2} " in lines(node)[0]
+
+
+def test_add_records_the_namespace_block_and_a_free_one_when_another_namespace_has_it(
+        node: Node, store: SqliteStore, paper: PaperNetns) -> None:
+    home = naming.vni_block(NS)
+    other = next(f"o{i}" for i in range(100_000) if naming.vni_block(f"o{i}") == home)
+    store.apply(Topology("x", other, (Link(1, "y", "eth1", "eth1"),)))
+    store.update_status(other, "x", lambda cur: replace(cur.status, vni_block=home))
+    node.core.reconcile()  # the daemon's view of every Topology (the watch keeps it current)
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    a = store.get(NS, "a")
+    assert a is not None and a.status.vni_block == home + 1  # the home block was another's first
+    assert f"type vxlan id {naming.vni(NS, 2, home + 1)} " in " ".join(lines(node))
+    # The next pod of the namespace adopts the block its namespace recorded.
+    cni(node.core, "ADD", "b", paper.make("pb"), "cid-b")
+    b = store.get(NS, "b")
+    assert b is not None and b.status.vni_block == home + 1
+
+
 @pytest.mark.parametrize(("change", "reason"), [
     ({"pod": "ghost"}, "no Topology"),
     ({"peer_pod": "b"}, "no link uid 2 to b"),
@@ -293,9 +323,10 @@ def test_peer_update_backed_by_the_store_builds_our_end(a_and_c_alive: Node) -> 
     ({"local_ip": "10.0.2.9/24"}, "differs"),
     ({"peer_ip": ""}, "differs"),
     ({"vni": naming.vni(NS, 2) + 1}, "differs"),
+    ({"vni": naming.vni(NS, 2, naming.vni_block(NS) % naming.VNI_BLOCKS + 1)}, "is not the link's"),
     ({"peer_vtep": VTEP2}, "not alive behind VTEP"),
 ], ids=["unknown-topology", "uid-not-to-caller", "uid-of-other-pods", "macvlan-uid", "local-intf", "peer-intf",
-        "local-ip", "peer-ip", "vni", "other-vtep"])
+        "local-ip", "peer-ip", "vni", "vni-of-another-block", "other-vtep"])
 def test_peer_update_refuses_what_the_store_does_not_back(a_and_c_alive: Node, store: SqliteStore,
                                                           change: dict[str, Any], reason: str) -> None:
     before = {t.name: t.status for t in store.list(NS)}

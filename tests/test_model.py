@@ -318,11 +318,18 @@ def test_api_round_trip_keeps_spec_and_status() -> None:
     raw["metadata"]["resourceVersion"] = "42"
     raw["status"] = {"src_ip": "198.51.100.1", "net_ns": "/run/netns/x", "container_id": "c1", "node": "n1",
                      "skipped": [{"pod_name": "r2", "link_id": 1}],
-                     "links": [{"uid": 1, "kind": "veth", "state": "up"}]}
+                     "links": [{"uid": 1, "kind": "veth", "state": "up"}], "vni_block": 220}
     t = Topology.from_api(raw, SRC)
     assert t.key == ("lab", "r1") and t.resource_version == "42" and t.status.alive
     assert t.to_api() == raw
     assert parse_topology(t.to_api()) == t
+
+
+@pytest.mark.parametrize("value", [None, "x", True, [1], 3.5])
+def test_a_vni_block_that_is_not_a_number_reads_as_none_recorded(value: object) -> None:
+    raw = topo("r1", link(1))
+    raw["status"] = {"vni_block": value}
+    assert Topology.from_api(raw, SRC).status.vni_block == 0
 
 
 def test_status_alive_needs_src_ip_and_net_ns() -> None:

@@ -92,3 +92,48 @@ def test_attached_netns_name_is_deterministic_and_safe() -> None:
     assert a == naming.attached_netns_name("/proc/1234/ns/net")
     assert a != naming.attached_netns_name("/proc/1235/ns/net")
     assert a.startswith("mnp-") and len(a) == 20 and naming.netns_problem(a) is None
+
+
+# --- VNI blocks recorded per namespace (no two namespaces share one) -------------------------------
+
+def test_a_namespace_gets_its_home_block_when_free() -> None:
+    assert naming.choose_vni_block("lab-27", [], []) == naming.vni_block("lab-27") == 219
+
+
+def test_a_namespace_whose_home_block_is_taken_gets_the_next_free_one() -> None:
+    # lab-27 and lab-59 hash to the same block: the second one to come up moves on.
+    assert naming.vni_block("lab-59") == naming.vni_block("lab-27")
+    assert naming.choose_vni_block("lab-59", [], [("lab-27", 219)]) == 220
+    assert naming.choose_vni_block("lab-59", [], [("lab-27", 219), ("x", 220), ("y", 222)]) == 221
+
+
+def test_probing_wraps_around_the_last_block() -> None:
+    ns = next(f"n{i}" for i in range(100_000) if naming.vni_block(f"n{i}") == naming.VNI_BLOCKS)
+    assert naming.choose_vni_block(ns, [], [("other", naming.VNI_BLOCKS)]) == 1
+
+
+def test_pods_of_a_namespace_adopt_the_smallest_block_it_recorded() -> None:
+    assert naming.choose_vni_block("lab-59", [230, 0, 220], [("lab-27", 219)]) == 220
+
+
+def test_a_block_two_namespaces_recorded_stays_with_the_smaller_name() -> None:
+    assert not naming.block_lost("lab-27", 219, [("lab-59", 219)])
+    assert naming.block_lost("lab-59", 219, [("lab-27", 219)])
+    assert naming.choose_vni_block("lab-27", [219], [("lab-59", 219)]) == 219
+    # The loser gives it up even though its own pods recorded it, and skips every taken block.
+    assert naming.choose_vni_block("lab-59", [219], [("lab-27", 219), ("z", 220)]) == 221
+
+
+def test_every_block_taken_is_an_error_naming_the_namespace() -> None:
+    others = [(f"o{b}", b) for b in range(1, naming.VNI_BLOCKS + 1)]
+    with pytest.raises(ValueError, match="lab-x: all 4000 VNI blocks"):
+        naming.choose_vni_block("lab-x", [], others)
+
+
+def test_a_link_uses_the_smaller_block_its_ends_recorded() -> None:
+    assert naming.link_block("lab-59", 221, 220) == naming.link_block("lab-59", 220, 221) == 220
+    assert naming.link_block("lab-59", 0, 221) == 221
+    assert naming.link_block("lab-59", 0, 0) == naming.vni_block("lab-59")  # dry runs: the hash
+    assert naming.link_block("lab-59", 9999, -1) == naming.vni_block("lab-59")  # nonsense ignored
+    assert naming.vni("lab-59", 7, 220) == 220 * naming.VNI_BLOCK_SIZE + 7
+    assert naming.vni("lab-59", 7) == naming.vni("lab-59", 7, 0) == naming.vni("lab-27", 7)

@@ -91,8 +91,12 @@ def desired(lab: Lab, topos: Mapping[tuple[str, str], Topology]) -> dict[str, di
             elif up[lnk.peer_pod] == rec.node:
                 want[lnk.local_intf] = Want(lnk.uid, "veth", ip, lnk.peer_pod, lnk.peer_intf)
             else:
+                # The VNI's block is the smaller one the two ends recorded (naming.link_block).
+                peer = topos.get((rec.namespace, lnk.peer_pod))
+                block = naming.link_block(rec.namespace, topo.status.vni_block if topo else 0,
+                                          peer.status.vni_block if peer else 0)
                 want[lnk.local_intf] = Want(lnk.uid, "vxlan", ip, lnk.peer_pod, lnk.peer_intf,
-                                            naming.vni(rec.namespace, lnk.uid), _vtep(lab, up[lnk.peer_pod]),
+                                            naming.vni(rec.namespace, lnk.uid, block), _vtep(lab, up[lnk.peer_pod]),
                                             _vtep(lab, rec.node))
         out[rec.name] = want
     return out

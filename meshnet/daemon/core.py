@@ -70,6 +70,17 @@ class PeerClient(Protocol):
     def remove_many(self, address: str, links: Sequence[PeerLink]) -> list[str]: ...
 
 
+# How long an ADD waits, in steps, for a VNI-block clash with another namespace to be settled.
+VNI_CLASH_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.0)
+MAX_CLASH_RETRIES = 10
+
+
+def _vni_clash(e: ExecError) -> bool:
+    """The kernel refused a vxlan because its VNI is in use on this node (another namespace's)."""
+    text = f"{e} {e.stderr}"
+    return "VNI already exists" in text or ("File exists" in text and "vxlan" in text)
+
+
 def _forget_vanished(container_id: str) -> Callable[[Topology], TopologyStatus | None]:
     """A status mutation: the pod's netns is gone (crash, reboot), so it is not alive any more."""
 
@@ -138,6 +149,9 @@ class Meshnet:
         self._delegates = ThreadPoolExecutor(max_workers=16, thread_name_prefix="delegate")
         self._seen: dict[tuple[str, str], Topology] = {}
         self._maybe_settled: set[tuple[str, str]] = set()
+        # Pods whose pass hit a VNI clash, with how often in a row: the other namespace's pod is
+        # moving to another block, so they are worth another pass soon (Reconciler.take_retries).
+        self._clashes: dict[tuple[str, str], int] = {}
         self._inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -194,7 +208,7 @@ class Meshnet:
                     ns_name = ""
             # A pod on this node whose namespace vanished is not alive, whatever the store says.
             alive = st.alive and (st.node != self.node.name or bool(ns_name))
-            states[t.name] = PeerState(t.name, alive, st.node, st.src_ip, ns_name)
+            states[t.name] = PeerState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block)
         return states
 
     # --- CNI -----------------------------------------------------------------------------------
@@ -274,24 +288,42 @@ class Meshnet:
         if topo is None:
             return None
         ns_name = netns.resolve(req.netns)
+        block = self._vni_block(topo)
 
         def mark_alive(cur: Topology) -> TopologyStatus:
             return replace(cur.status, src_ip=self.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
-                           node=self.node.name, plumbing_error="", skipped=())
+                           node=self.node.name, plumbing_error="", skipped=(), vni_block=block)
 
         # `topo` was read just now: it stands in for the store's read before the write.
         topo = self.store.update_status(namespace, pod, mark_alive, known=topo) or topo
         listed = self.store.list(namespace)
-        peers = self._peer_states(listed)
-        plan = plan_pod(topo, ns_name, self.node, peers)
-        try:
-            self.build(namespace, plan.links)
-        except ExecError as e:
-            message = f"{pod}: {e}"
+        plan = plan_pod(topo, ns_name, self.node, self._peer_states(listed))
+        failure: ExecError | None = None
+        for pause in (*VNI_CLASH_PAUSES, None):
+            try:
+                self.build(namespace, plan.links)
+                failure = None
+                break
+            except ExecError as e:
+                failure = e
+                if pause is None or not _vni_clash(e):
+                    break
+                # Another namespace's pod came up with the same VNI block at the same moment. Each
+                # daemon sees the other's record within milliseconds and one side moves
+                # (naming.block_lost): this pod now, or the other one, whose link we then wait for.
+                self._log(event="vni-clash", pod=pod, block=topo.status.vni_block, error=str(e))
+                time.sleep(pause)
+                topo = self.store.get(namespace, pod) or topo
+                if self._block_lost(topo):
+                    topo = self._move_block(topo)
+                listed = self.store.list(namespace)
+                plan = plan_pod(topo, ns_name, self.node, self._peer_states(listed))
+        if failure is not None:
+            message = f"{pod}: {failure}"
             self.store.update_status(namespace, pod, lambda cur: replace(
                 cur.status, src_ip="", net_ns="", plumbing_error=message)
                 if cur.status.container_id == req.container_id else None)
-            raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from e
+            raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
         remote_errors = self.notify_peers(topo, plan)
         self._record(topo, req.container_id, plan, remote_errors)
         self._veth_peers_up(topo, plan, listed)
@@ -369,10 +401,29 @@ class Meshnet:
                 commands += render([p], "update")
         return commands
 
-    def _peer_link(self, topo: Topology, uid: int) -> PeerLink:
+    def _vni_block(self, topo: Topology) -> int:
+        """The VNI block `topo`'s pod records as it comes alive: its namespace's, as the other pods
+        of the namespace recorded it, or a block no other namespace uses (naming.choose_vni_block).
+        Read from the watch's copies of every Topology: no API call on the ADD path."""
+        seen = [t for t in list(self._seen.values()) if t.key != topo.key] + [topo]
+        own = [t.status.vni_block for t in seen if t.namespace == topo.namespace]
+        return naming.choose_vni_block(topo.namespace, own, self._other_blocks(topo.namespace, seen))
+
+    @staticmethod
+    def _other_blocks(namespace: str, topologies: Iterable[Topology]) -> list[tuple[str, int]]:
+        return [(t.namespace, t.status.vni_block) for t in topologies
+                if t.namespace != namespace and t.status.vni_block]
+
+    def _block_lost(self, topo: Topology) -> bool:
+        """The pod's recorded block is also another namespace's, which keeps it (naming.block_lost)."""
+        block = topo.status.vni_block
+        return bool(block) and naming.block_lost(
+            topo.namespace, block, self._other_blocks(topo.namespace, list(self._seen.values())))
+
+    def _peer_link(self, topo: Topology, uid: int, vni: int) -> PeerLink:
         link = topo.link(uid)
         assert link is not None
-        return PeerLink(topo.namespace, link.peer_pod, topo.name, uid, naming.vni(topo.namespace, uid),
+        return PeerLink(topo.namespace, link.peer_pod, topo.name, uid, vni,
                         link.peer_intf, link.local_intf, _ip(link.peer_ip), _ip(link.local_ip), self.node.vtep_ip)
 
     def notify_peers(self, topo: Topology, plan: PodPlan) -> dict[int, str]:
@@ -383,8 +434,9 @@ class Meshnet:
         by_node: dict[str, list[int]] = {}
         for r in plan.remote:
             by_node.setdefault(f"{r.peer_src_ip}:{self.grpc_port}", []).append(r.uid)
+        vnis = {p.uid: p.vni for p in plan.links if isinstance(p, VxlanPlan)}
         futures = {address: self._pool.submit(self.peers.update_many, address,
-                                              [self._peer_link(topo, uid) for uid in uids])
+                                              [self._peer_link(topo, uid, vnis[uid]) for uid in uids])
                    for address, uids in by_node.items()}
         errors: dict[int, str] = {}
         for address, fut in futures.items():
@@ -444,7 +496,10 @@ class Meshnet:
         for lnk in remote:
             st = peers.get(lnk.peer_pod)
             if st is not None and st.alive and st.node != self.node.name and st.src_ip:
-                far.setdefault(f"{st.src_ip}:{self.grpc_port}", []).append(self._peer_link(topo, lnk.uid))
+                # `topo` is the status as it was before the DEL cleared it: the block the link used.
+                block = naming.link_block(topo.namespace, topo.status.vni_block, st.vni_block)
+                vni = naming.vni(topo.namespace, lnk.uid, block)
+                far.setdefault(f"{st.src_ip}:{self.grpc_port}", []).append(self._peer_link(topo, lnk.uid, vni))
         futures = [self._pool.submit(self.peers.remove_many, address, links) for address, links in far.items()]
         for fut in futures:
             try:
@@ -530,10 +585,11 @@ class Meshnet:
                 link = topo.link(req.uid)
                 if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
                     raise PeerDenied(f"{namespace}/{pod} has no link uid {req.uid} to {req.peer_pod}")
-                want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip),
-                        naming.vni(namespace, req.uid))
-                got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni)
-                if want != got:
+                want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip), req.uid)
+                # The VNI's block depends on both pods' status: peer_update checks it exactly; here
+                # it must at least be this link's VNI in some block.
+                got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni % naming.VNI_BLOCK_SIZE)
+                if want != got or not naming.valid_block(req.vni // naming.VNI_BLOCK_SIZE):
                     raise PeerDenied(f"link uid {req.uid} of {namespace}/{pod} differs from the request")
             out.append((topo, items))
         return out
@@ -553,7 +609,12 @@ class Meshnet:
                     if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
                             or caller.status.node == self.node.name:
                         raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
-                    callers[req.peer_pod] = PeerState(caller.name, True, caller.status.node, caller.status.src_ip)
+                    callers[req.peer_pod] = PeerState(caller.name, True, caller.status.node, caller.status.src_ip,
+                                                      vni_block=caller.status.vni_block)
+                block = naming.link_block(topo.namespace, st.vni_block, callers[req.peer_pod].vni_block)
+                if req.vni != naming.vni(topo.namespace, req.uid, block):
+                    raise PeerDenied(f"link uid {req.uid} of {topo.namespace}/{topo.name}: VNI {req.vni} is not "
+                                     f"the link's ({naming.vni(topo.namespace, req.uid, block)}, VNI block {block})")
             if not netns.exists(st.net_ns):
                 raise PeerDenied(f"{topo.namespace}/{topo.name}: its network namespace {st.net_ns} is gone")
             work.append((topo, items, callers))
@@ -698,6 +759,9 @@ class Meshnet:
             self._log(event="stale-netns", pod=topo.name, net_ns=st.net_ns)
             self.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
             return 0
+        if self._block_lost(topo):
+            topo = self._move_block(topo)
+            st = topo.status
         ns_name = netns.resolve(st.net_ns)
         plan = plan_pod(topo, ns_name, self.node, self._peer_states(namespace_topologies))
         errors: dict[int, str] = {}
@@ -715,11 +779,38 @@ class Meshnet:
                 except ExecError as e:
                     self._log(event="reconcile-failed", pod=topo.name, error=str(e))
                     errors = {c.uid: str(e) for c in todo}
+                    if _vni_clash(e):
+                        self._clashes[topo.key] = self._clashes.get(topo.key, 0) + 1
+                else:
+                    self._clashes.pop(topo.key, None)
         if stale or todo:
             self._log(event="reconciled", pod=topo.name, removed=[c.argv[2] for c in stale],
                       changed=sorted({c.uid for c in todo}))
         self._record(topo, st.container_id, plan, errors)
         return len({c.uid for c in todo}) + len(stale)
+
+    def take_retries(self) -> set[tuple[str, str]]:
+        """Pods to look at again shortly: their last pass met a VNI clash (at most
+        MAX_CLASH_RETRIES passes in a row; after that the periodic resync and new events do)."""
+        due = {key for key, count in self._clashes.items() if count <= MAX_CLASH_RETRIES}
+        for key in [k for k, c in self._clashes.items() if c > MAX_CLASH_RETRIES]:
+            del self._clashes[key]
+        return due
+
+    def _move_block(self, topo: Topology) -> Topology:
+        """Record another VNI block for a pod whose block a namespace with a smaller name also
+        recorded (both came up at once); the pass that follows rebuilds its vxlan links with it, and
+        the status change makes its peers' daemons rebuild their ends."""
+        old, new = topo.status.vni_block, self._vni_block(topo)
+        container = topo.status.container_id
+
+        def move(cur: Topology) -> TopologyStatus | None:
+            if cur.status.container_id != container or cur.status.vni_block != old:
+                return None
+            return replace(cur.status, vni_block=new)
+
+        self._log(event="vni-block-moved", pod=topo.name, namespace=topo.namespace, old=old, new=new)
+        return self.store.update_status(topo.namespace, topo.name, move, known=topo) or topo
 
     def _orphans(self, topo: Topology, plan: PodPlan, view: Mapping[str, Mapping[str, Any]]) -> set[str]:
         """Interfaces of links whose peer is gone (pending): a veth or vxlan end left towards a pod
@@ -742,12 +833,12 @@ class Meshnet:
         """
         orphaned = set(orphans)
         desired = {lnk.local_intf for lnk in topo.links} - orphaned
-        block = naming.vni_block(topo.namespace)
+        blocks = {naming.vni_block(topo.namespace), topo.status.vni_block}
         ours = {s.intf for s in topo.status.links if s.intf} | orphaned
         for name, entry in view.items():
             vni = entry.get("linkinfo", {}).get("info_data", {}).get("id")
             if str(entry.get("group")) == str(naming.LINK_GROUP) or (
-                    _kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE == block):
+                    _kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE in blocks):
                 ours.add(name)
         return [Command(ns_name, ("link", "del", name)) for name in sorted(ours - desired) if name in view]
 
@@ -769,6 +860,16 @@ class Meshnet:
                  (old.status.net_ns, old.status.node) != (topo.status.net_ns, topo.status.node)))
         out: set[tuple[str, str]] = set()
         settled_only: set[tuple[str, str]] = set()
+        old_block = old.status.vni_block if old is not None else 0
+        new_block = topo.status.vni_block if event_type != "DELETED" else 0
+        block_changed = old is not None and old_block != new_block
+        if new_block or block_changed:
+            # VNI blocks are per namespace: a pod of another namespace may have to give up the block
+            # this one recorded (naming.block_lost), or may have been waiting for the one it left.
+            for other in self._seen.values():
+                if (other.namespace != topo.namespace and self._local(other)
+                        and other.status.vni_block in {new_block, old_block} - {0}):
+                    out.add(other.key)
         if event_type != "DELETED" and self._local(topo) and (spec_changed or self._unsettled(topo)):
             out.add(topo.key)
             if not spec_changed:
@@ -778,7 +879,7 @@ class Meshnet:
                     and any(lnk.peer_pod == topo.name for lnk in other.links)):
                 # A peer that came alive (or changed at all) is worth another look for links
                 # still pending or in error towards it: its ADD may have raced with ours.
-                if spec_changed or moved:
+                if spec_changed or moved or block_changed:  # a new block: the links' VNIs change
                     out.add(other.key)
                 elif self._unsettled(other, topo.name):
                     out.add(other.key)

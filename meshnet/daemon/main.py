@@ -99,6 +99,10 @@ class Reconciler:
                     changed = self.core.reconcile(None if full else targets)
                     if changed:
                         log(event="reconcile", full=full, pods=len(targets), changed=changed)
+                    retry = self.core.take_retries()
+                    if retry:  # picked up by the next turn of the loop, within a second
+                        with self._lock:
+                            self._pending |= retry
                 except Exception as e:  # retried at the next change or tick
                     log(event="reconcile-error", error=f"{type(e).__name__}: {e}")
                     with self._lock:
