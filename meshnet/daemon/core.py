@@ -862,8 +862,10 @@ class Meshnet:
         settled_only: set[tuple[str, str]] = set()
         old_block = old.status.vni_block if old is not None else 0
         new_block = topo.status.vni_block if event_type != "DELETED" else 0
-        block_changed = old is not None and old_block != new_block
-        if new_block or block_changed:
+        # A pod coming alive or going is handled below like before; a block that changes while it
+        # stays alive (it moved) changes its links' VNIs, so its peers need a pass too.
+        block_changed = bool(old_block and new_block and old_block != new_block)
+        if new_block or (old_block and old_block != new_block):
             # VNI blocks are per namespace: a pod of another namespace may have to give up the block
             # this one recorded (naming.block_lost), or may have been waiting for the one it left.
             for other in self._seen.values():
