@@ -16,7 +16,9 @@ from pytest_subprocess import FakeProcess
 from meshnet import naming
 from meshnet.daemon import netns
 from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
-from meshnet.executor import Executor
+from meshnet.cni import spec
+from meshnet.cni.spec import CniError
+from meshnet.executor import ExecError, Executor
 from meshnet.model import Link, Topology, TopologyStatus, parse_manifest
 from meshnet.plan import NodeInfo
 from meshnet.store.base import Store
@@ -311,6 +313,53 @@ def test_add_records_the_namespace_block_and_a_free_one_when_another_namespace_h
     cni(node.core, "ADD", "b", paper.make("pb"), "cid-b")
     b = store.get(NS, "b")
     assert b is not None and b.status.vni_block == home + 1
+
+
+def test_an_add_meeting_a_vni_clash_moves_when_a_smaller_namespace_has_the_block(
+        node: Node, store: SqliteStore, paper: PaperNetns, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both namespaces picked block 640 at the same instant; the kernel refuses our vxlan. The
+    ADD waits, sees the other's record, and (its name being larger) moves to the next block."""
+    home = naming.vni_block(NS)
+    other = "a3699"
+    assert naming.vni_block(other) == home and other < NS
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    builds: list[list[int]] = []
+    real_build = node.core.build
+
+    def build(namespace: str, plans: Sequence[Any]) -> None:
+        builds.append([p.vni for p in plans if hasattr(p, "vni")])
+        if len(builds) == 1:  # the other namespace's record lands just as the kernel refuses ours
+            store.apply(Topology("x", other, (Link(1, "y", "eth1", "eth1"),)))
+            store.update_status(other, "x", lambda cur: replace(cur.status, vni_block=home))
+            node.core.reconcile(only=())  # what the watch does: the daemon now knows it
+            raise ExecError("Error: A VXLAN device with the specified VNI already exists.")
+        real_build(namespace, plans)
+
+    monkeypatch.setattr(node.core, "build", build)
+    monkeypatch.setattr("meshnet.daemon.core.VNI_CLASH_PAUSES", (0.01,))
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    a = store.get(NS, "a")
+    assert a is not None and a.status.vni_block == home + 1 and a.status.alive
+    assert builds == [[naming.vni(NS, 2, home)], [naming.vni(NS, 2, home + 1)]]
+    assert node.peers.calls[-1][2].vni == naming.vni(NS, 2, home + 1)
+
+
+def test_an_add_meeting_a_clash_it_cannot_settle_fails_after_waiting(
+        node: Node, store: SqliteStore, paper: PaperNetns, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    tries: list[int] = []
+
+    def build(namespace: str, plans: Sequence[Any]) -> None:
+        tries.append(1)
+        raise ExecError("Error: A VXLAN device with the specified VNI already exists.")
+
+    monkeypatch.setattr(node.core, "build", build)
+    monkeypatch.setattr("meshnet.daemon.core.VNI_CLASH_PAUSES", (0.01, 0.01))
+    with pytest.raises(CniError, match="VNI already exists") as err:
+        cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    assert err.value.code == spec.LINK_PLUMBING_FAILED and len(tries) == 3
+    a = store.get(NS, "a")
+    assert a is not None and not a.status.alive and "VNI already exists" in a.status.plumbing_error
 
 
 @pytest.mark.parametrize(("change", "reason"), [
