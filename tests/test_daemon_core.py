@@ -14,10 +14,10 @@ import pytest
 from pytest_subprocess import FakeProcess
 
 from meshnet import naming
-from meshnet.daemon import netns
-from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
 from meshnet.cni import spec
 from meshnet.cni.spec import CniError
+from meshnet.daemon import netns
+from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
 from meshnet.executor import ExecError, Executor
 from meshnet.model import Link, Topology, TopologyStatus, parse_manifest
 from meshnet.plan import NodeInfo
