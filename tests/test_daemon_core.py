@@ -254,6 +254,64 @@ def test_a_failing_peer_is_recorded_and_the_add_still_succeeds(node: Node, store
     assert "uid 2" in st.plumbing_error and "UNAVAILABLE" in st.plumbing_error
 
 
+def test_reconcile_asks_the_peer_again_before_calling_a_failed_link_up(node: Node, store: SqliteStore,
+                                                                       paper: PaperNetns) -> None:
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    node.peers.fail = True
+    cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+    updates = len(node.peers.calls)
+    node.core.reconcile()  # the peer failed just now: left alone for a while, the link stays in error
+    assert len(node.peers.calls) == updates
+    assert {s.uid: s.state for s in get(store, "a").status.links}[2] == "error"
+
+    peer = f"{VTEP1}:{GRPC_PORT}"
+    assert node.core.take_retries() == set()  # not before its back-off is over
+    node.core._peers_backoff.back(peer)  # e.g. a status its daemon wrote: it may be asked again
+    assert node.core.take_retries() == {(NS, "a")}
+    node.core.reconcile()  # it still fails
+    assert len(node.peers.calls) == updates + 1
+    assert {s.uid: s.state for s in get(store, "a").status.links}[2] == "error"
+
+    assert node.core.take_retries() == set()  # failed again: backing off longer
+    node.peers.fail = False  # its daemon is back: asked again, it builds its end
+    node.core._peers_backoff.back(peer)
+    node.core.reconcile(node.core.take_retries())
+    assert node.peers.calls[-1][:2] == ("update", f"{VTEP1}:{GRPC_PORT}") and node.peers.calls[-1][2].uid == 2
+    st = get(store, "a").status
+    assert {s.uid: s.state for s in st.links}[2] == "up" and st.plumbing_error == ""
+    calls = len(node.peers.calls)
+    node.core.reconcile()  # up: nobody is asked again
+    assert len(node.peers.calls) == calls and node.core.take_retries() == set()
+
+
+def test_peer_backoff_doubles_up_to_a_minute_and_news_of_the_peer_ends_it() -> None:
+    from meshnet.daemon.core import PeerBackoff
+
+    now = [100.0]
+    b = PeerBackoff(clock=lambda: now[0])
+    assert b.due("p:1")
+    waits = []
+    for _ in range(6):
+        b.failed("p:1")
+        start = now[0]
+        while not b.due("p:1"):
+            now[0] += 1.0
+        waits.append(now[0] - start)
+    assert waits == [5, 10, 20, 40, 60, 60]
+    b.failed("p:1")
+    assert not b.due("p:1") and b.due("other:1")
+    b.back("p:1")
+    assert b.due("p:1")
+    b.failed("p:1")  # the count goes on: news of the peer is not an answer from it
+    assert not b.due("p:1")
+    b.succeeded("p:1")
+    b.failed("p:1")
+    now0 = now[0]
+    while not b.due("p:1"):
+        now[0] += 1.0
+    assert now[0] - now0 == 5
+
+
 def test_pod_without_topology_gets_exactly_the_eth0_result(node: Node, paper: PaperNetns) -> None:
     result = cni(node.core, "ADD", "nobody", paper.make("pn"), "cid-n", version="0.4.0")
     assert result == {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/pn"}],

@@ -27,6 +27,7 @@ from meshnet.plan import (
     NodeInfo,
     PeerState,
     PodPlan,
+    RemoteEnd,
     VethPlan,
     VxlanPlan,
     plan_pod,
@@ -73,6 +74,42 @@ class PeerClient(Protocol):
 # How long an ADD waits, in steps, for a VNI-block clash with another namespace to be settled.
 VNI_CLASH_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.0)
 MAX_CLASH_RETRIES = 10
+# A peer daemon that failed an update is asked again by the reconciler after 5 s, then 10, 20,
+# up to 60 s (each try can wait the gRPC deadline); sooner once the store shows it is back.
+PEER_RETRY_FIRST = 5.0
+PEER_RETRY_MAX = 60.0
+
+
+class PeerBackoff:
+    """When each failed peer daemon may be asked again (thread-safe: CNI calls and the reconciler)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failed: dict[str, tuple[int, float]] = {}  # address -> (failures in a row, retry at)
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            count = self._failed.get(address, (0, 0.0))[0] + 1
+            wait = min(PEER_RETRY_FIRST * 2 ** (count - 1), PEER_RETRY_MAX)
+            self._failed[address] = (count, self._clock() + wait)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failed.pop(address, None)
+
+    def back(self, address: str) -> bool:
+        """News that the peer's daemon is up again: it may be asked at once. True if it had failed."""
+        with self._lock:
+            if address not in self._failed or self._failed[address][1] == 0.0:
+                return False
+            self._failed[address] = (self._failed[address][0], 0.0)
+            return True
+
+    def due(self, address: str) -> bool:
+        with self._lock:
+            entry = self._failed.get(address)
+        return entry is None or self._clock() >= entry[1]
 
 
 def _vni_clash(e: ExecError) -> bool:
@@ -152,6 +189,9 @@ class Meshnet:
         # Pods whose pass hit a VNI clash, with how often in a row: the other namespace's pod is
         # moving to another block, so they are worth another pass soon (Reconciler.take_retries).
         self._clashes: dict[tuple[str, str], int] = {}
+        self._peers_backoff = PeerBackoff()
+        # Pods with vxlan links whose far end a peer update failed to build: {pod: peer addresses}.
+        self._far_owed: dict[tuple[str, str], set[str]] = {}
         self._inflight = 0
         self._inflight_lock = threading.Lock()
 
@@ -325,6 +365,7 @@ class Meshnet:
                 if cur.status.container_id == req.container_id else None)
             raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
         remote_errors = self.notify_peers(topo, plan)
+        self._owe_far_ends(topo.key, plan, remote_errors)
         self._record(topo, req.container_id, plan, remote_errors)
         self._veth_peers_up(topo, plan, listed)
         out: list[tuple[results.Interface, str | None]] = []
@@ -442,12 +483,39 @@ class Meshnet:
         for address, fut in futures.items():
             try:
                 actions = fut.result()
+                self._peers_backoff.succeeded(address)
                 self._log(event="peer-update", peer=address, links=len(actions),
                           created=actions.count("created"), updated=actions.count("updated"))
             except Exception as e:  # any failure of one peer must not hide the others
+                self._peers_backoff.failed(address)
                 errors.update({uid: f"peer update failed: {e}" for uid in by_node[address]})
                 self._log(event="peer-update-failed", peer=address, error=str(e))
         return errors
+
+    def _retry_far_ends(self, topo: Topology, plan: PodPlan, skip: Iterable[int]) -> dict[int, str]:
+        """Ask the peers again for the far ends of vxlan links the status shows in `error` (a peer
+        update failed): our end being in the kernel says nothing about theirs, so such a link is
+        only called up once its peer's daemon has built its end. A peer daemon that failed is left
+        alone for a while (PeerBackoff): one pass must not wait on it for every pod."""
+        failed = {s.uid: s.message for s in topo.status.links if s.state == "error" and s.uid not in set(skip)}
+        owed = [r for r in plan.remote if r.uid in failed]
+        remote = tuple(r for r in owed if self._peers_backoff.due(self._peer_address(r)))
+        errors = {r.uid: failed[r.uid] or "peer update failed" for r in owed if r not in remote}
+        if remote:
+            errors.update(self.notify_peers(topo, replace(plan, remote=remote)))
+        self._owe_far_ends(topo.key, plan, errors)
+        return errors
+
+    def _peer_address(self, r: RemoteEnd) -> str:
+        return f"{r.peer_src_ip}:{self.grpc_port}"
+
+    def _owe_far_ends(self, key: tuple[str, str], plan: PodPlan, errors: Mapping[int, str]) -> None:
+        """Remember (for take_retries) which peers still owe this pod far ends, or forget the pod."""
+        owed = {self._peer_address(r) for r in plan.remote if r.uid in errors}
+        if owed:
+            self._far_owed[key] = owed
+        else:
+            self._far_owed.pop(key, None)
 
     def delete(self, req: CniRequest) -> None:
         namespace, pod = self._pod(req)
@@ -740,6 +808,11 @@ class Meshnet:
             self._seen.setdefault(t.key, t)
         changed = 0
         alive = {t.key for t in topologies if t.status.alive}
+        here = {t.key for t in topologies if t.status.alive and t.status.node == self.node.name}
+        for key in [k for k in (*self._far_owed, *self._clashes) if k not in here]:
+            # Gone, or not on this node any more: nothing to retry for it here.
+            self._far_owed.pop(key, None)
+            self._clashes.pop(key, None)
         for topo in topologies:
             if wanted is not None and topo.key not in wanted:
                 continue
@@ -786,15 +859,21 @@ class Meshnet:
         if stale or todo:
             self._log(event="reconciled", pod=topo.name, removed=[c.argv[2] for c in stale],
                       changed=sorted({c.uid for c in todo}))
+        errors.update(self._retry_far_ends(topo, plan, errors))
         self._record(topo, st.container_id, plan, errors)
         return len({c.uid for c in todo}) + len(stale)
 
     def take_retries(self) -> set[tuple[str, str]]:
-        """Pods to look at again shortly: their last pass met a VNI clash (at most
-        MAX_CLASH_RETRIES passes in a row; after that the periodic resync and new events do)."""
+        """Pods to look at again now: their last pass met a VNI clash (at most MAX_CLASH_RETRIES
+        passes in a row; after that the periodic resync and new events do), or a peer daemon that
+        owes them far ends may be asked again."""
         due = {key for key, count in self._clashes.items() if count <= MAX_CLASH_RETRIES}
         for key in [k for k, c in self._clashes.items() if c > MAX_CLASH_RETRIES]:
             del self._clashes[key]
+        # Pods owed far ends by a peer daemon that may be asked again now.
+        due |= {key for key, owed in list(self._far_owed.items())
+                if any(self._peers_backoff.due(address) for address in owed)}
+        self._maybe_settled -= due  # they are looked at, whatever their status seems to say
         return due
 
     def _move_block(self, topo: Topology) -> Topology:
@@ -858,6 +937,12 @@ class Meshnet:
         clean_del = event_type == "MODIFIED" and topo.status == TopologyStatus()
         moved = (old is not None and old.status.alive and not clean_del and (not topo.status.alive or
                  (old.status.net_ns, old.status.node) != (topo.status.net_ns, topo.status.node)))
+        # Only daemons write statuses: a write about a pod on a node whose daemon failed us is news
+        # that it is back, so the far ends held back for it are asked for again at once.
+        peer = f"{topo.status.src_ip}:{self.grpc_port}"
+        if (event_type != "DELETED" and topo.status.src_ip and (old is None or old.status != topo.status)
+                and self._peers_backoff.back(peer)):
+            self._log(event="peer-back", peer=peer, pod=topo.name)
         out: set[tuple[str, str]] = set()
         settled_only: set[tuple[str, str]] = set()
         old_block = old.status.vni_block if old is not None else 0

@@ -91,6 +91,9 @@ class Reconciler:
             quiet_by = time.monotonic() + 1.0
             while self.core.busy and time.monotonic() < quiet_by and not self.stopping.is_set():
                 self.stopping.wait(0.02)
+            retry = self.core.take_retries()  # checked every turn: at least once a second
+            with self._lock:
+                self._pending |= retry
             with self._lock:
                 full, targets = self._full, self._pending
                 self._full, self._pending = False, set()
@@ -99,10 +102,7 @@ class Reconciler:
                     changed = self.core.reconcile(None if full else targets)
                     if changed:
                         log(event="reconcile", full=full, pods=len(targets), changed=changed)
-                    retry = self.core.take_retries()
-                    if retry:  # picked up by the next turn of the loop, within a second
-                        with self._lock:
-                            self._pending |= retry
+
                 except Exception as e:  # retried at the next change or tick
                     log(event="reconcile-error", error=f"{type(e).__name__}: {e}")
                     with self._lock:

@@ -61,6 +61,13 @@ def serve(core: Meshnet, bind: str, port: int, log: Callable[..., None]) -> grpc
     return server
 
 
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class GrpcPeerClient:
     """Channels are kept per peer address: an ADD to a busy node should not pay a TCP handshake."""
 
@@ -76,7 +83,10 @@ class GrpcPeerClient:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                channel = grpc.insecure_channel(address)
+                # gRPC's default reconnect back-off (1 s growing ×1.6 to 120 s) kept a restarted
+                # peer daemon unreachable for seconds after it was back; peers are on the node
+                # network, so reconnecting fast and often costs next to nothing.
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
                 self._channels.append(channel)
                 stub = self._stubs[address] = meshnet_pb2_grpc.PeerStub(channel)
             return stub
