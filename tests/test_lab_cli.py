@@ -120,3 +120,14 @@ def test_up_twice_is_refused(cli: Cli) -> None:
     assert cli("up", str(TESTS / "2node.yml")).returncode == 0
     again = cli("up", str(TESTS / "2node.yml"))
     assert again.returncode == 1 and "already up" in again.stderr
+
+
+def test_one_pod_name_in_two_namespaces_is_refused_before_anything_is_made(cli: Cli, tmp_path: Path) -> None:
+    manifest = tmp_path / "two-labs.yml"
+    manifest.write_text("\n---\n".join(
+        f"apiVersion: v1\nkind: Pod\nmetadata: {{name: r1, namespace: {ns}}}" for ns in ("lab-a", "lab-b")))
+    up = cli("up", str(manifest), "--nodes", "1")
+    assert up.returncode == 1
+    assert "Pod lab-b/r1: metadata.name" in up.stderr and "lab-a/r1" in up.stderr
+    assert [n for n in list_netns() if n.startswith(f"mnl-{cli.name}-")] == []
+    assert not (cli.root / cli.name).exists()

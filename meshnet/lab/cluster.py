@@ -40,6 +40,19 @@ GRPC_PORT = 51111
 FORWARDER = "kube-api-forward"  # key of the API relay's pid in LabState.daemons
 
 
+
+def lab_manifest(path: str | Path) -> Manifest:
+    """A manifest the lab can run: the lab names pods (namespaces, `lab exec POD`) by name alone,
+    so one pod name in two namespaces is refused rather than one pod silently replacing the other."""
+    manifest = load_manifest(path)
+    first: dict[str, str] = {}
+    for p in manifest.pods:
+        if p.name in first and first[p.name] != p.namespace:
+            raise LabError(f"{path}: Pod {p.namespace}/{p.name}: metadata.name is also the name of Pod "
+                           f"{first[p.name]}/{p.name}; the lab names pods by name alone, so rename one of them")
+        first.setdefault(p.name, p.namespace)
+    return manifest
+
 class LabError(Exception):
     pass
 
@@ -157,7 +170,7 @@ class Lab:
             raise LabError(f"lab {self.name!r} is already up; `meshnetctl lab down --name {self.name}` first")
         if not 1 <= nodes <= 50:
             raise LabError(f"--nodes: {nodes} is outside 1..50")
-        manifest = load_manifest(manifest_path)
+        manifest = lab_manifest(manifest_path)
         for p in manifest.pods:
             why = naming.netns_problem(self.pod_netns(p.name))
             if why:
@@ -251,7 +264,7 @@ class Lab:
         """
         from meshnet.store import open_store
 
-        manifest = load_manifest(manifest_path)
+        manifest = lab_manifest(manifest_path)
         old = self.manifest()
         new_keys = {t.key for t in manifest.topologies}
         store = open_store(self.state.store_url)
