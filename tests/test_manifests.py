@@ -279,6 +279,22 @@ def test_crd_accepts_the_status_meshnetd_writes(rendered: dict[str, list[dict[st
     assert topology_problems(crd_schema(rendered["base"]), topology) == []
 
 
+def test_the_crd_declares_every_status_field_meshnetd_writes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """An API server prunes status fields its schema does not declare: a missing one (say, the
+    VNI block) would be dropped silently on every write."""
+    from meshnet.model import LinkStatus, Skip, TopologyStatus
+
+    full = TopologyStatus(src_ip="172.18.0.3", net_ns="/var/run/netns/x", container_id="c", node="n",
+                          skipped=(Skip("r2", 1),), links=(LinkStatus(1, "vxlan", "up", "m", "eth1"),),
+                          plumbing_error="e", vni_block=220).to_api()
+    declared = crd_schema(rendered["base"])["properties"]["status"]["properties"]
+    assert set(full) <= set(declared), set(full) - set(declared)
+    assert set(full["links"][0]) <= set(declared["links"]["items"]["properties"])
+    topology = _topology()
+    topology["status"] = full
+    assert topology_problems(crd_schema(rendered["base"]), topology) == []
+
+
 # --- RBAC and the DaemonSet --------------------------------------------------------------------
 
 

@@ -285,3 +285,15 @@ def test_resync_events_turn_known_into_current() -> None:
     events = resync_events(known, current)
     assert [(e.type, e.topology.name) for e in events] == [("DELETED", "c"), ("MODIFIED", "b"), ("ADDED", "d")]
     assert known == {t.key: t for t in current}
+
+
+def test_every_status_field_survives_the_store(store: Store) -> None:
+    """The kube store passes through the CRD's status schema (the API server prunes what it does
+    not declare): every field meshnet writes must come back."""
+    store.apply(topo("r1"))
+    status = TopologyStatus(src_ip="198.51.100.1", net_ns="/var/run/netns/x", container_id="c1", node="n1",
+                            skipped=(Skip("r2", 1),), links=(LinkStatus(1, "vxlan", "error", "why", "eth1"),),
+                            plumbing_error="uid 1: why", vni_block=4000)
+    store.update_status("default", "r1", lambda cur: status)
+    got = store.get("default", "r1")
+    assert got is not None and got.status == status
