@@ -336,10 +336,10 @@ class Meshnet:
 
         # `topo` was read just now: it stands in for the store's read before the write.
         topo = self.store.update_status(namespace, pod, mark_alive, known=topo) or topo
-        listed = self.store.list(namespace)
-        plan = plan_pod(topo, ns_name, self.node, self._peer_states(listed))
         failure: ExecError | None = None
         for pause in (*VNI_CLASH_PAUSES, None):
+            listed = self.store.list(namespace)
+            plan = plan_pod(topo, ns_name, self.node, self._peer_states(listed))
             try:
                 self.build(namespace, plan.links)
                 failure = None
@@ -356,8 +356,6 @@ class Meshnet:
                 topo = self.store.get(namespace, pod) or topo
                 if self._block_lost(topo):
                     topo = self._move_block(topo)
-                listed = self.store.list(namespace)
-                plan = plan_pod(topo, ns_name, self.node, self._peer_states(listed))
         if failure is not None:
             message = f"{pod}: {failure}"
             self.store.update_status(namespace, pod, lambda cur: replace(
@@ -497,7 +495,8 @@ class Meshnet:
         update failed): our end being in the kernel says nothing about theirs, so such a link is
         only called up once its peer's daemon has built its end. A peer daemon that failed is left
         alone for a while (PeerBackoff): one pass must not wait on it for every pod."""
-        failed = {s.uid: s.message for s in topo.status.links if s.state == "error" and s.uid not in set(skip)}
+        skipped = set(skip)
+        failed = {s.uid: s.message for s in topo.status.links if s.state == "error" and s.uid not in skipped}
         owed = [r for r in plan.remote if r.uid in failed]
         remote = tuple(r for r in owed if self._peers_backoff.due(self._peer_address(r)))
         errors = {r.uid: failed[r.uid] or "peer update failed" for r in owed if r not in remote}

@@ -40,6 +40,9 @@ GRPC_PORT = 51111
 FORWARDER = "kube-api-forward"  # key of the API relay's pid in LabState.daemons
 
 
+class LabError(Exception):
+    pass
+
 
 def lab_manifest(path: str | Path) -> Manifest:
     """A manifest the lab can run: the lab names pods (namespaces, `lab exec POD`) by name alone,
@@ -52,9 +55,6 @@ def lab_manifest(path: str | Path) -> Manifest:
                            f"{first[p.name]}/{p.name}; the lab names pods by name alone, so rename one of them")
         first.setdefault(p.name, p.namespace)
     return manifest
-
-class LabError(Exception):
-    pass
 
 
 @dataclass

@@ -76,8 +76,42 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def usable_hint(known: Topology | None, namespace: str, name: str) -> Topology | None:
-    """`known` when it can stand in for a read of namespace/name (see Store.update_status)."""
-    if known is not None and known.resource_version and known.key == (namespace, name):
-        return known
-    return None
+
+CAS_TRIES = 50  # a writer can lose many rounds to busy peers; bounded, not starved
+
+
+class CompareFailed(Exception):
+    """Raised by a store's status write when the object changed since it was read."""
+
+
+def update_status_cas(namespace: str, name: str, fn: StatusMutation, known: Topology | None, *,
+                      read: Callable[[], Topology | None],
+                      write: Callable[[Topology, TopologyStatus], Topology | None],
+                      backoff: Callable[[int], None]) -> Topology | None:
+    """The compare-and-set loop of `Store.update_status`, for every store.
+
+    `read` gets the stored object (None: there is none); `write(current, status)` stores `status`
+    only if the object is still `current` (else CompareFailed), returning the stored object or None
+    when it is gone; `backoff(attempt)` pauses after a lost round against another writer.
+    """
+    hint = known if known is not None and known.resource_version and known.key == (namespace, name) else None
+    # A caller's fresh copy saves the first read; only a confirmed read may end the loop without
+    # writing (see Store.update_status).
+    current = hint if hint is not None else read()
+    confirmed = hint is None
+    for attempt in range(CAS_TRIES):
+        if current is None:
+            return None
+        status = fn(current)
+        if status is None or status == current.status:
+            if confirmed:
+                return current
+            current, confirmed = read(), True
+            continue
+        try:
+            return write(current, status)
+        except CompareFailed:
+            if confirmed:  # a stale copy of the caller's is no contention: no pause for it
+                backoff(attempt)
+        current, confirmed = read(), True
+    raise StoreConflict(f"Topology {namespace}/{name}: status update lost {CAS_TRIES} times in a row")

@@ -31,13 +31,15 @@ import urllib3
 
 from meshnet.model import GROUP, PLURAL, VERSION, ManifestError, Topology, TopologyStatus, parse_topology
 from meshnet.store.base import (
+    CAS_TRIES,
+    CompareFailed,
     StatusMutation,
     StoreConflict,
     StoreError,
     StoreInvalid,
     StoreUnavailable,
     WatchEvent,
-    usable_hint,
+    update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, Key, resync_events, track
 
@@ -50,7 +52,6 @@ SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 DEFAULT_QPS = 50.0
 DEFAULT_BURST = 100
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds; a hung API server must not hang a CNI ADD forever
-CAS_TRIES = 50  # a writer can lose many rounds to busy peers; bounded, not starved
 # Server-side length of one watch request; the watch reconnects (from its last resourceVersion)
 # after it. Stopping does not wait for it: the reader's connection is shut down.
 WATCH_SECONDS = 300
@@ -262,34 +263,19 @@ class KubeStore:
 
     def update_status(self, namespace: str, name: str, fn: StatusMutation, *,
                       known: Topology | None = None) -> Topology | None:
-        hint = usable_hint(known, namespace, name)
-        # A caller's fresh copy saves the GET before the PUT; only a confirmed read may end the loop
-        # without writing (see Store.update_status).
-        raw = hint.to_api() if hint is not None else self._get_raw(namespace, name)
-        confirmed = hint is None
-        for attempt in range(CAS_TRIES):
-            if raw is None:
-                return None
-            current = hint if not confirmed and hint is not None else Topology.from_api(raw)
-            status = fn(current)
-            if status is None or status == current.status:
-                if confirmed:
-                    return current
-                raw, confirmed = self._get_raw(namespace, name), True
-                continue
-            body = dict(raw)
-            body["status"] = status.to_api()  # carries metadata.resourceVersion: the compare in CAS
+        def write(current: Topology, status: TopologyStatus) -> Topology | None:
+            body = current.to_api()
+            body["status"] = status.to_api()  # metadata.resourceVersion is the compare in CAS
             try:
                 return Topology.from_api(self._call(self._api.replace_namespaced_custom_object_status, GROUP,
                                                     VERSION, namespace, PLURAL, name, body))
             except kubernetes.client.ApiException as e:
                 if _not_found(e):
                     return None
-                # else 409: someone wrote first (or the caller's copy was stale); read again
-            if confirmed:
-                _backoff(attempt)
-            raw, confirmed = self._get_raw(namespace, name), True
-        raise StoreConflict(f"Topology {namespace}/{name}: status update lost {CAS_TRIES} times in a row")
+                raise CompareFailed from e  # 409: someone wrote first (or the copy was stale)
+
+        return update_status_cas(namespace, name, fn, known, read=lambda: self.get(namespace, name),
+                                 write=write, backoff=_backoff)
 
     # -- watch ---------------------------------------------------------------------------------
 

@@ -28,19 +28,18 @@ from typing import Any
 
 from meshnet.model import API_VERSION, KIND, Topology, TopologyStatus, parse_topology
 from meshnet.store.base import (
+    CompareFailed,
     StatusMutation,
-    StoreConflict,
     StoreError,
     StoreUnavailable,
     WatchEvent,
-    usable_hint,
+    update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, resync_events, track
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000  # longer than any write holds the lock; past it the store counts as unavailable
-CAS_TRIES = 50  # a writer can lose many rounds to busy peers; bounded, not starved
 WATCH_POLL = 0.05  # seconds between change-log polls of a watch
 WATCH_BATCH = 256
 # Change rows kept for watchers. A watcher further behind than this re-lists (see resync.py).
@@ -89,8 +88,9 @@ def _topology(namespace: str, name: str, spec: str, status: str, resource_versio
                    resource_version=str(resource_version))
 
 
-class _Conflict(Exception):
-    """The row changed between read and write (internal: update_status retries)."""
+def _backoff(attempt: int) -> None:
+    # Jittered, growing pause so processes that collided do not collide again in step.
+    time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
 
 
 class SqliteStore:
@@ -254,27 +254,8 @@ class SqliteStore:
 
     def update_status(self, namespace: str, name: str, fn: StatusMutation, *,
                       known: Topology | None = None) -> Topology | None:
-        hint = usable_hint(known, namespace, name)
-        current = hint if hint is not None else self.get(namespace, name)
-        confirmed = hint is None
-        for attempt in range(CAS_TRIES):
-            if current is None:
-                return None
-            status = fn(current)
-            if status is None or status == current.status:
-                if confirmed:
-                    return current
-                # Only a fresh read may be the reason nothing is written (see Store.update_status).
-                current, confirmed = self.get(namespace, name), True
-                continue
-            try:
-                return self._write_status(current, status)
-            except _Conflict:
-                if confirmed:
-                    # Jittered, growing pause so processes that collided do not collide again in step.
-                    time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
-            current, confirmed = self.get(namespace, name), True
-        raise StoreConflict(f"Topology {namespace}/{name}: status update lost {CAS_TRIES} times in a row")
+        return update_status_cas(namespace, name, fn, known, read=lambda: self.get(namespace, name),
+                                 write=self._write_status, backoff=_backoff)
 
     def _write_status(self, current: Topology, status: TopologyStatus) -> Topology | None:
         ns, name = current.namespace, current.name
@@ -285,7 +266,7 @@ class SqliteStore:
             if row is None:
                 return None
             if str(row[0]) != current.resource_version:
-                raise _Conflict
+                raise CompareFailed
             version = self._log_change(db, "MODIFIED", ns, name, None, status_json)
             db.execute("UPDATE topology SET status = ?, resource_version = ? WHERE namespace = ? AND name = ?",
                        (status_json, version, ns, name))
