@@ -7,6 +7,7 @@ Pure: no I/O. Everything here is what makes a value safe to hand to `ip`: a name
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import zlib
 from collections.abc import Iterable
@@ -163,3 +164,13 @@ def attached_netns_name(netns_path: str) -> str:
     """
     digest = hashlib.sha256(netns_path.encode()).hexdigest()[:16]
     return f"mnp-{digest}"
+
+
+def host_port(host: str, port: int) -> str:
+    """A gRPC address (a peer daemon behind its VTEP, or where to listen): `host:port`, and
+    `[addr]:port` for IPv6 (a bare IPv6 address and a port would read as one longer address)."""
+    try:
+        is_v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        is_v6 = False  # a host name: gRPC resolves it
+    return f"[{host}]:{port}" if is_v6 else f"{host}:{port}"

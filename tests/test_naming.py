@@ -137,3 +137,14 @@ def test_a_link_uses_the_smaller_block_its_ends_recorded() -> None:
     assert naming.link_block("lab-59", 9999, -1) == naming.vni_block("lab-59")  # nonsense ignored
     assert naming.vni("lab-59", 7, 220) == 220 * naming.VNI_BLOCK_SIZE + 7
     assert naming.vni("lab-59", 7) == naming.vni("lab-59", 7, 0) == naming.vni("lab-27", 7)
+
+
+@pytest.mark.parametrize(("vtep", "address"), [
+    ("198.51.100.2", "198.51.100.2:51111"),
+    ("2001:db8::2", "[2001:db8::2]:51111"),
+    ("::1", "[::1]:51111"),
+    ("::", "[::]:51111"),
+    ("node1.example", "node1.example:51111"),
+])
+def test_host_port_brackets_an_ipv6_address(vtep: str, address: str) -> None:
+    assert naming.host_port(vtep, 51111) == address
