@@ -30,8 +30,9 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
-class PeerState:
-    """What the store says about a pod: alive or not, on which node, reachable through which VTEP."""
+class PodState:
+    """What the store says about a pod (any pod: a link's peer, a caller, the pod itself): alive or
+    not, on which node, reachable through which VTEP."""
 
     name: str
     alive: bool
@@ -98,6 +99,12 @@ class MacvlanPlan:
 LinkPlan = VethPlan | VxlanPlan | MacvlanPlan
 
 
+def pending_reason(peer_pod: str) -> str:
+    """Why a link waits: recorded in its status by the plan and by the daemon alike, byte for byte
+    (a status that differs only in this text would be written again on every pass)."""
+    return f"peer pod {peer_pod} is not up yet"
+
+
 @dataclass(frozen=True)
 class Pending:
     """A link that cannot be built now: its peer is not alive yet (the peer's ADD will build it)."""
@@ -129,14 +136,14 @@ def vxlan_mtu(link: Link, node: NodeInfo) -> int:
 
 
 def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
-              peer: PeerState | None) -> LinkPlan | Pending | tuple[VxlanPlan, RemoteEnd]:
+              peer: PodState | None) -> LinkPlan | Pending | tuple[VxlanPlan, RemoteEnd]:
     """Decide one link of pod `topo.name` (namespace `netns`, on `node`)."""
     mac = naming.mac_address(topo.namespace, topo.name, link.local_intf)
     local = Endpoint(netns, link.local_intf, link.local_ip, mac)
     if link.is_macvlan:
         return MacvlanPlan(link.uid, local, link.peer_intf, node.netns, link.mtu)
     if peer is None or not peer.alive:
-        return Pending(link.uid, link.peer_pod, f"peer pod {link.peer_pod} is not up yet")
+        return Pending(link.uid, link.peer_pod, pending_reason(link.peer_pod))
     if peer.node == node.name:
         far = Endpoint(peer.netns, link.peer_intf, link.peer_ip,
                        naming.mac_address(topo.namespace, link.peer_pod, link.peer_intf))
@@ -147,7 +154,7 @@ def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
     return plan, RemoteEnd(link.uid, link.peer_pod, peer.node, peer.src_ip)
 
 
-def plan_pod(topo: Topology, netns: str, node: NodeInfo, peers: Mapping[str, PeerState]) -> PodPlan:
+def plan_pod(topo: Topology, netns: str, node: NodeInfo, peers: Mapping[str, PodState]) -> PodPlan:
     """Every link of one pod, given the state of its peers."""
     links: list[LinkPlan] = []
     pending: list[Pending] = []
@@ -164,7 +171,7 @@ def plan_pod(topo: Topology, netns: str, node: NodeInfo, peers: Mapping[str, Pee
     return PodPlan(tuple(links), tuple(pending), tuple(remote))
 
 
-def plan_remote_end(topo: Topology, uid: int, netns: str, node: NodeInfo, caller: PeerState) -> VxlanPlan:
+def plan_remote_end(topo: Topology, uid: int, netns: str, node: NodeInfo, caller: PodState) -> VxlanPlan:
     """The vxlan end on this node for link `uid` of local pod `topo`, whose peer `caller` is remote."""
     link = topo.link(uid)
     if link is None or link.is_macvlan:
@@ -218,12 +225,12 @@ def simulate_adds(manifest: Manifest, layout: LabLayout) -> list[tuple[str, PodP
     link is built exactly once — the same decisions the daemons make.
     """
     nodes = {n.name: n for n in layout.nodes}
-    alive: dict[str, PeerState] = {}
+    alive: dict[str, PodState] = {}
     out: list[tuple[str, PodPlan, list[VxlanPlan]]] = []
     for key in pod_names(manifest):
         ns, name = key.split("/", 1)
         node = nodes[layout.pod_node[key]]
-        me = PeerState(name, True, node.name, node.vtep_ip, layout.pod_netns[key])
+        me = PodState(name, True, node.name, node.vtep_ip, layout.pod_netns[key])
         topo = manifest.topology(ns, name)
         if topo is None:
             alive[key] = me

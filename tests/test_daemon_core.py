@@ -1,4 +1,4 @@
-"""meshnetd's logic (`Meshnet`) without root: a real sqlite store, a dry-run executor whose kernel
+"""meshnetd's logic (`NodeDaemon`) without root: a real sqlite store, a dry-run executor whose kernel
 look-ups (`ip -j ... show`) are answered by pytest-subprocess, runtime namespaces that exist only
 on paper, and a fake peer client recording what would go over gRPC."""
 
@@ -17,7 +17,9 @@ from meshnet import naming
 from meshnet.cni import spec
 from meshnet.cni.spec import CniError
 from meshnet.daemon import netns
-from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
+from meshnet.daemon.node import NodeDaemon
+from meshnet.daemon.peer_client import PeerError, PeerLink
+from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import ExecError, Executor
 from meshnet.model import Link, Topology, TopologyStatus, parse_manifest
 from meshnet.plan import NodeInfo
@@ -135,7 +137,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
 
 @dataclass
 class Node:
-    core: Meshnet
+    core: NodeDaemon
     executor: Executor
     peers: FakePeers
 
@@ -143,7 +145,7 @@ class Node:
 def make_node(store: Store) -> Node:
     executor = Executor(dry_run=True)
     peers = FakePeers()
-    core = Meshnet(NODE0, store, executor, peers, grpc_port=GRPC_PORT)
+    core = NodeDaemon(NODE0, store, executor, peers, grpc_port=GRPC_PORT)
     return Node(core, executor, peers)
 
 
@@ -159,7 +161,7 @@ def set_alive(store: Store, pod: str, node: str, vtep: str, net_ns: str, contain
                                                             node=node))
 
 
-def cni(core: Meshnet, command: str, pod: str, netns_path: str, container: str,
+def cni(core: NodeDaemon, command: str, pod: str, netns_path: str, container: str,
         version: str = "1.0.0") -> dict[str, Any] | None:
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0",
            "CNI_PATH": "/usr/lib/cni", "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME={pod}"}
@@ -266,7 +268,7 @@ def test_reconcile_asks_the_peer_again_before_calling_a_failed_link_up(node: Nod
 
     peer = f"{VTEP1}:{GRPC_PORT}"
     assert node.core.take_retries() == set()  # not before its back-off is over
-    node.core._peers_backoff.back(peer)  # e.g. a status its daemon wrote: it may be asked again
+    node.core.peer_client.backoff.back(peer)  # e.g. a status its daemon wrote: it may be asked again
     assert node.core.take_retries() == {(NS, "a")}
     node.core.reconcile()  # it still fails
     assert len(node.peers.calls) == updates + 1
@@ -274,7 +276,7 @@ def test_reconcile_asks_the_peer_again_before_calling_a_failed_link_up(node: Nod
 
     assert node.core.take_retries() == set()  # failed again: backing off longer
     node.peers.fail = False  # its daemon is back: asked again, it builds its end
-    node.core._peers_backoff.back(peer)
+    node.core.peer_client.backoff.back(peer)
     node.core.reconcile(node.core.take_retries())
     assert node.peers.calls[-1][:2] == ("update", f"{VTEP1}:{GRPC_PORT}") and node.peers.calls[-1][2].uid == 2
     st = get(store, "a").status
@@ -285,7 +287,7 @@ def test_reconcile_asks_the_peer_again_before_calling_a_failed_link_up(node: Nod
 
 
 def test_peer_backoff_doubles_up_to_a_minute_and_news_of_the_peer_ends_it() -> None:
-    from meshnet.daemon.core import PeerBackoff
+    from meshnet.daemon.peer_client import PeerBackoff
 
     now = [100.0]
     b = PeerBackoff(clock=lambda: now[0])
@@ -382,7 +384,7 @@ def test_an_add_meeting_a_vni_clash_moves_when_a_smaller_namespace_has_the_block
     assert naming.vni_block(other) == home and other < NS
     set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
     builds: list[list[int]] = []
-    real_build = node.core.build
+    real_build = node.core.cni.build
 
     def build(namespace: str, plans: Sequence[Any]) -> None:
         builds.append([p.vni for p in plans if hasattr(p, "vni")])
@@ -393,8 +395,8 @@ def test_an_add_meeting_a_vni_clash_moves_when_a_smaller_namespace_has_the_block
             raise ExecError("Error: A VXLAN device with the specified VNI already exists.")
         real_build(namespace, plans)
 
-    monkeypatch.setattr(node.core, "build", build)
-    monkeypatch.setattr("meshnet.daemon.core.VNI_CLASH_PAUSES", (0.01,))
+    monkeypatch.setattr(node.core.cni, "build", build)
+    monkeypatch.setattr("meshnet.daemon.vni.VNI_CLASH_PAUSES", (0.01,))
     cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
     a = store.get(NS, "a")
     assert a is not None and a.status.vni_block == home + 1 and a.status.alive
@@ -411,8 +413,8 @@ def test_an_add_meeting_a_clash_it_cannot_settle_fails_after_waiting(
         tries.append(1)
         raise ExecError("Error: A VXLAN device with the specified VNI already exists.")
 
-    monkeypatch.setattr(node.core, "build", build)
-    monkeypatch.setattr("meshnet.daemon.core.VNI_CLASH_PAUSES", (0.01, 0.01))
+    monkeypatch.setattr(node.core.cni, "build", build)
+    monkeypatch.setattr("meshnet.daemon.vni.VNI_CLASH_PAUSES", (0.01, 0.01))
     with pytest.raises(CniError, match="VNI already exists") as err:
         cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
     assert err.value.code == spec.LINK_PLUMBING_FAILED and len(tries) == 3

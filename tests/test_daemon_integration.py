@@ -256,7 +256,7 @@ def test_add_result_per_version(lab: Lab, monkeypatch: pytest.MonkeyPatch, versi
 
 FORGE = """
 import json, sys
-from meshnet.daemon.core import PeerError, PeerLink
+from meshnet.daemon.peer_client import PeerError, PeerLink
 from meshnet.daemon.peers import GrpcPeerClient
 client = GrpcPeerClient(timeout=10)
 try:

@@ -10,7 +10,9 @@ from typing import Any, cast
 
 import pytest
 
-from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
+from meshnet.daemon.node import NodeDaemon
+from meshnet.daemon.peer_client import PeerError, PeerLink
+from meshnet.daemon.peer_service import PeerDenied
 from meshnet.daemon.peers import GrpcPeerClient, serve
 from meshnet.executor import ExecError
 
@@ -22,7 +24,7 @@ LINK = PeerLink(namespace="lab-ns", pod="r1", peer_pod="r2-0", uid=2**31 + 7, vn
 
 @dataclass
 class FakeCore:
-    """Answers like `Meshnet.peer_update/peer_remove`; the pod name picks the behaviour."""
+    """Answers like `NodeDaemon.peer_update/peer_remove`; the pod name picks the behaviour."""
 
     received: list[tuple[str, PeerLink]] = field(default_factory=list)
 
@@ -60,7 +62,7 @@ def edge() -> Iterator[Edge]:
     core = FakeCore()
     logs: list[dict[str, Any]] = []
     port = free_port()
-    server = serve(cast(Meshnet, core), "127.0.0.1", port, lambda **event: logs.append(event))
+    server = serve(cast(NodeDaemon, core), "127.0.0.1", port, lambda **event: logs.append(event))
     client = GrpcPeerClient(timeout=10)
     try:
         yield Edge(core, client, f"127.0.0.1:{port}", logs)

@@ -16,8 +16,8 @@ from meshnet.plan import (
     VXLAN_OVERHEAD,
     MacvlanPlan,
     NodeInfo,
-    PeerState,
     Pending,
+    PodState,
     RemoteEnd,
     VethPlan,
     VxlanPlan,
@@ -57,14 +57,14 @@ def test_macvlan_needs_no_peer() -> None:
     assert (p.local.netns, p.local.intf, p.local.ip) == ("pod-r1", "eth5", None)
 
 
-@pytest.mark.parametrize("peer", [None, PeerState("r2", False, "n1")])
-def test_pending_when_peer_not_alive(peer: PeerState | None) -> None:
+@pytest.mark.parametrize("peer", [None, PodState("r2", False, "n1")])
+def test_pending_when_peer_not_alive(peer: PodState | None) -> None:
     p = plan_link(R1, R1.links[0], "pod-r1", N1, peer)
     assert isinstance(p, Pending) and p.uid == 1 and p.peer_pod == "r2" and "not up" in p.reason
 
 
 def test_veth_on_the_same_node() -> None:
-    p = plan_link(R1, R1.links[0], "pod-r1", N1, PeerState("r2", True, "n1", "198.51.100.1", "pod-r2"))
+    p = plan_link(R1, R1.links[0], "pod-r1", N1, PodState("r2", True, "n1", "198.51.100.1", "pod-r2"))
     assert isinstance(p, VethPlan)
     assert (p.a.netns, p.a.intf, str(p.a.ip)) == ("pod-r1", "eth1", "10.0.0.1/30")
     assert (p.b.netns, p.b.intf, str(p.b.ip)) == ("pod-r2", "eth2", "10.0.0.2/30")
@@ -72,7 +72,7 @@ def test_veth_on_the_same_node() -> None:
 
 
 def test_vxlan_to_another_node_with_remote_end() -> None:
-    p = plan_link(R1, R1.links[0], "pod-r1", N1, PeerState("r2", True, "n2", "198.51.100.2", "pod-r2"))
+    p = plan_link(R1, R1.links[0], "pod-r1", N1, PodState("r2", True, "n2", "198.51.100.2", "pod-r2"))
     assert isinstance(p, tuple)
     vx, remote = p
     assert vx == VxlanPlan(1, vx.local, naming.vni("lab", 1), "198.51.100.2", "198.51.100.1", "eth0", "mnt-n1",
@@ -82,7 +82,7 @@ def test_vxlan_to_another_node_with_remote_end() -> None:
 
 
 def test_plan_pod_sorts_decisions() -> None:
-    peers = {"r2": PeerState("r2", True, "n2", "198.51.100.2", "pod-r2")}
+    peers = {"r2": PodState("r2", True, "n2", "198.51.100.2", "pod-r2")}
     plan = plan_pod(R1, "pod-r1", N1, peers)
     assert [type(p).__name__ for p in plan.links] == ["VxlanPlan", "MacvlanPlan"]
     assert [p.uid for p in plan.pending] == [3]
@@ -90,7 +90,7 @@ def test_plan_pod_sorts_decisions() -> None:
 
 
 def test_plan_remote_end_mirrors_the_caller() -> None:
-    caller = PeerState("r1", True, "n1", "198.51.100.1", "pod-r1")
+    caller = PodState("r1", True, "n1", "198.51.100.1", "pod-r1")
     vx = plan_remote_end(R2, 1, "pod-r2", N2, caller)
     assert (vx.local.netns, vx.local.intf, str(vx.local.ip)) == ("pod-r2", "eth2", "10.0.0.2/30")
     assert (vx.remote_ip, vx.vtep_ip, vx.vni) == ("198.51.100.1", "198.51.100.2", naming.vni("lab", 1))
@@ -98,7 +98,7 @@ def test_plan_remote_end_mirrors_the_caller() -> None:
 
 
 def test_plan_remote_end_refuses_unknown_macvlan_or_same_node() -> None:
-    caller = PeerState("r1", True, "n1", "198.51.100.1", "pod-r1")
+    caller = PodState("r1", True, "n1", "198.51.100.1", "pod-r1")
     with pytest.raises(KeyError):
         plan_remote_end(R2, 9, "pod-r2", N2, caller)
     with pytest.raises(KeyError):

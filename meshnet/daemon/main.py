@@ -10,12 +10,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from meshnet import naming
 from meshnet.daemon.config import DaemonConfig, parse_args
 from meshnet.executor import Executor, Journal, open_journal
 from meshnet.plan import DEFAULT_MTU, NodeInfo
 
 if TYPE_CHECKING:
-    from meshnet.daemon.core import Meshnet
+    from meshnet.daemon.node import NodeDaemon
     from meshnet.store.base import Store
 
 _log_lock = threading.Lock()
@@ -48,11 +49,11 @@ def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
                      "set one of them to the node's underlay address or interface")
 
 
-class Reconciler:
+class ReconcileLoop:
     """One thread converges the node: everything at start and every `resync` seconds, and the pods
     a store change concerns as soon as the watch reports it (changes within 50 ms are batched)."""
 
-    def __init__(self, core: Meshnet, resync: float, stopping: threading.Event, ready: threading.Event) -> None:
+    def __init__(self, core: NodeDaemon, resync: float, stopping: threading.Event, ready: threading.Event) -> None:
         self.core = core
         self.resync = resync
         self.stopping = stopping
@@ -66,7 +67,7 @@ class Reconciler:
         while not self.stopping.is_set():
             try:
                 for ev in store.watch(None, stop=self.stopping.is_set, timeout=1.0):
-                    targets = self.core.affected(ev.type, ev.topology)
+                    targets = self.core.on_store_event(ev.type, ev.topology)
                     if targets:
                         with self._lock:
                             self._pending |= targets
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     # Heavy imports only after the arguments are known to be good.
     from meshnet.daemon.api import ApiServer
-    from meshnet.daemon.core import Meshnet
+    from meshnet.daemon.node import NodeDaemon
     from meshnet.daemon.peers import GrpcPeerClient, serve
     from meshnet.store import open_store
 
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = discover_node(cfg, executor)
     store = open_store(cfg.store_url)
     peers = GrpcPeerClient()
-    core = Meshnet(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log)
+    core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log)
     stopping = threading.Event()
     ready = threading.Event()
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     api = ApiServer(cfg.socket_path, core.handle, health, log)
     api.start()
     log(event="started", node=node.name, vtep=node.vtep_ip, uplink=node.uplink, socket=cfg.socket_path,
-        grpc=f"{cfg.grpc_bind}:{cfg.grpc_port}", store=cfg.store_url.split("?")[0])
+        grpc=naming.host_port(cfg.grpc_bind, cfg.grpc_port), store=cfg.store_url.split("?")[0])
 
     def on_signal(signum: int, _frame: object) -> None:
         log(event="stopping", signal=signal.Signals(signum).name)
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    reconciler = Reconciler(core, cfg.resync_seconds, stopping, ready)
+    reconciler = ReconcileLoop(core, cfg.resync_seconds, stopping, ready)
     threading.Thread(target=reconciler.run, name="reconcile", daemon=True).start()
     threading.Thread(target=reconciler.watch, args=(store,), name="watch", daemon=True).start()
     stopping.wait()

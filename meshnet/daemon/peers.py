@@ -8,7 +8,10 @@ from concurrent import futures
 
 import grpc
 
-from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
+from meshnet import naming
+from meshnet.daemon.node import NodeDaemon
+from meshnet.daemon.peer_client import PeerError, PeerLink
+from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import ExecError
 from meshnet.proto import meshnet_pb2, meshnet_pb2_grpc
 
@@ -26,7 +29,7 @@ def from_message(msg: meshnet_pb2.LinkRequest) -> PeerLink:
 
 
 class PeerServicer(meshnet_pb2_grpc.PeerServicer):
-    def __init__(self, core: Meshnet, log: Callable[..., None]) -> None:
+    def __init__(self, core: NodeDaemon, log: Callable[..., None]) -> None:
         self.core = core
         self.log = log
 
@@ -53,10 +56,10 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
         return self._serve(self.core.peer_remove, request, context, "remove")
 
 
-def serve(core: Meshnet, bind: str, port: int, log: Callable[..., None]) -> grpc.Server:
+def serve(core: NodeDaemon, bind: str, port: int, log: Callable[..., None]) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
     meshnet_pb2_grpc.add_PeerServicer_to_server(PeerServicer(core, log), server)
-    server.add_insecure_port(f"{bind}:{port}")
+    server.add_insecure_port(naming.host_port(bind, port))
     server.start()
     return server
 

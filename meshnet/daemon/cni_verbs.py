@@ -1,0 +1,318 @@
+"""The CNI verbs (ADD, DEL, CHECK, STATUS, GC) as meshnetd serves them to the shim, and the eth0
+delegate each of them runs beside meshnet's own links.
+
+Errors leave as `CniError`; store and netns failures are turned into CNI codes here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from meshnet import naming
+from meshnet.cni import delegate, results, spec
+from meshnet.cni.spec import CniError, CniRequest
+from meshnet.daemon import kernel, netns, vni
+from meshnet.daemon.link_status import LinkStatusWriter, veth_ends_built, veth_ends_lost
+from meshnet.daemon.peer_client import PeerNotifier
+from meshnet.daemon.state import NodeState, PodKey
+from meshnet.executor import ExecError, LinkExists
+from meshnet.model import Topology, TopologyStatus
+from meshnet.plan import LinkPlan, VethPlan, plan_pod
+from meshnet.render import Command, render
+from meshnet.store.base import StoreError
+
+
+class CniVerbs:
+    def __init__(self, state: NodeState, blocks: vni.VniBlocks, peers: PeerNotifier, link_status: LinkStatusWriter,
+                 *, cni_path: str = "/opt/cni/bin") -> None:
+        self.state = state
+        self.blocks = blocks
+        self.peers = peers
+        self.link_status = link_status
+        self.cni_path = cni_path
+        # eth0 results by container, for the delegate's DEL and CHECK (guarded by `_lock`).
+        self._eth0_results: dict[str, dict[str, Any]] = {}
+        self._inflight = 0  # CNI calls being served (guarded by `_lock`)
+        self._lock = threading.Lock()
+        # eth0 delegates run beside the link work of their ADD (own pool: they never wait on peers)
+        self._delegates = ThreadPoolExecutor(max_workers=16, thread_name_prefix="delegate")
+
+    # --- the shim's entry ------------------------------------------------------------------------
+
+    def handle(self, command: str, env: Mapping[str, str], stdin: str) -> dict[str, Any] | None:
+        if command == "VERSION":
+            return spec.version_answer(stdin)
+        req = spec.parse_request(env, stdin)
+        handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "STATUS": self.status,
+                   "GC": self.gc}[req.command]
+        with self._lock:
+            self._inflight += 1
+        try:
+            return handler(req)
+        except StoreError as e:
+            raise CniError(spec.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
+        except netns.NetnsError as e:
+            raise CniError(spec.INVALID_ENV, "network namespace", str(e)) from e
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    @property
+    def busy(self) -> bool:
+        """A CNI call is being served: the pods it touches are about to settle by themselves."""
+        return self._inflight > 0
+
+    def _pod(self, req: CniRequest) -> PodKey:
+        name = req.pod_name
+        namespace = req.pod_namespace or "default"  # podman passes no namespace
+        if not name:
+            return namespace, ""
+        for value, what in ((name, "K8S_POD_NAME"), (namespace, "K8S_POD_NAMESPACE")):
+            why = naming.k8s_name_problem(value, label=what == "K8S_POD_NAMESPACE")
+            if why:
+                raise CniError(spec.INVALID_ENV, f"CNI_ARGS {what} is invalid", why)
+        return namespace, name
+
+    # --- eth0: the delegate plugin, or the result of the plugin chained before meshnet ------------
+
+    def run_eth0_delegate(self, req: CniRequest, command: str) -> dict[str, Any] | None:
+        conf = req.conf
+        if conf.delegate is not None:
+            env = self._delegate_env(req, command)
+            with self._lock:
+                prev = self._eth0_results.get(req.container_id) if command in ("DEL", "CHECK") else None
+            runtime = conf.raw.get("runtimeConfig")
+            return delegate.run_delegate(conf.delegate, command, env, conf.cni_version, conf.name,
+                                         prev_result=prev, valid_attachments=conf.valid_attachments or (),
+                                         runtime_config=runtime if isinstance(runtime, dict) else None)
+        if command == "ADD":
+            return delegate.chained_prev_result(conf, command)
+        return None
+
+    def _delegate_env(self, req: CniRequest, command: str) -> dict[str, str]:
+        args = ";".join(f"{k}={v}" for k, v in req.args.items())
+        return {"CNI_COMMAND": command, "CNI_CONTAINERID": req.container_id, "CNI_NETNS": req.netns,
+                "CNI_IFNAME": req.ifname or "eth0", "CNI_ARGS": args,
+                "CNI_PATH": ":".join(req.path) or self.cni_path, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    # --- ADD -------------------------------------------------------------------------------------
+
+    def add(self, req: CniRequest) -> dict[str, Any]:
+        """eth0 (the delegate) and meshnet's links are independent: they are built at the same time.
+        If either fails, both are undone — a failed ADD leaves nothing behind."""
+        started = time.monotonic()
+        eth0_future = self._delegates.submit(self.run_eth0_delegate, req, "ADD")
+        try:
+            links = self._add_links(req)
+        except BaseException:
+            self._undo_eth0(req, eth0_future)
+            raise
+        try:
+            eth0 = eth0_future.result()
+        except BaseException:
+            if links is not None:
+                self._undo_links(req)
+            raise
+        if eth0 is not None:
+            with self._lock:
+                self._eth0_results[req.container_id] = eth0
+        base = results.Result.from_dict(eth0) if eth0 else results.Result()
+        ifaces = list(base.interfaces)
+        ips = list(base.ips)
+        for iface, address in links or ():
+            ifaces.append(iface)
+            if address is not None:
+                ips.append(results.IPConfig(address, interface=len(ifaces) - 1))
+        self.state.log(event="add", container=req.container_id[:12],
+                       ms=round((time.monotonic() - started) * 1000, 1))
+        return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
+
+    def _undo_eth0(self, req: CniRequest, eth0_future: Future[dict[str, Any] | None]) -> None:
+        try:
+            eth0_future.result()
+        except Exception:  # eth0 failed as well: nothing of it to undo
+            return
+        if req.conf.delegate is not None:
+            try:
+                self.run_eth0_delegate(req, "DEL")
+            except CniError as e:
+                self.state.log(event="rollback-eth0-failed", error=str(e))
+
+    def _undo_links(self, req: CniRequest) -> None:
+        namespace, pod = self._pod(req)
+        topo = self.state.store.get(namespace, pod)
+        if topo is not None:
+            self.delete_links(topo, req)
+
+    def _add_links(self, req: CniRequest) -> list[tuple[results.Interface, str | None]] | None:
+        """Mark the pod alive and build its links; None when the pod has no Topology."""
+        state = self.state
+        store = state.store
+        namespace, pod = self._pod(req)
+        topo = store.get(namespace, pod) if pod else None
+        if topo is None:
+            return None
+        ns_name = netns.resolve(req.netns)
+        block = self.blocks.choose(topo)
+
+        def mark_alive(cur: Topology) -> TopologyStatus:
+            return replace(cur.status, src_ip=state.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
+                           node=state.node.name, plumbing_error="", skipped=(), vni_block=block)
+
+        # `topo` was read just now: it stands in for the store's read before the write.
+        topo = store.update_status(namespace, pod, mark_alive, known=topo) or topo
+        failure: ExecError | None = None
+        for pause in (*vni.VNI_CLASH_PAUSES, None):
+            listed = store.list(namespace)
+            plan = plan_pod(topo, ns_name, state.node, state.pod_states(listed))
+            try:
+                self.build(namespace, plan.links)
+                failure = None
+                break
+            except ExecError as e:
+                failure = e
+                if pause is None or not kernel.vni_clash(e):
+                    break
+                # Another namespace's pod came up with the same VNI block at the same moment. Each
+                # daemon sees the other's record within milliseconds and one side moves
+                # (naming.block_lost): this pod now, or the other one, whose link we then wait for.
+                state.log(event="vni-clash", pod=pod, block=topo.status.vni_block, error=str(e))
+                time.sleep(pause)
+                topo = self.blocks.move_if_lost(store.get(namespace, pod) or topo)
+        if failure is not None:
+            message = f"{pod}: {failure}"
+            store.update_status(namespace, pod, lambda cur: replace(
+                cur.status, src_ip="", net_ns="", plumbing_error=message)
+                if cur.status.container_id == req.container_id else None)
+            raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
+        remote_errors = self.peers.build_far_ends(topo, plan)
+        self.peers.note_owed(topo.key, plan, remote_errors)
+        self.link_status.write_outcome(topo, req.container_id, plan, remote_errors)
+        self.link_status.tell_veth_peers(listed, veth_ends_built(topo, plan, listed))
+        out: list[tuple[results.Interface, str | None]] = []
+        for lp in plan.links:
+            end = lp.a if isinstance(lp, VethPlan) else lp.local
+            # Runtimes that read the result need each sandbox interface's MAC (podman rejects a
+            # result without one): meshnet sets them itself, stable per pod and interface.
+            out.append((results.Interface(end.intf, mac=end.mac, sandbox=req.netns),
+                        str(end.ip) if end.ip is not None else None))
+        return out
+
+    def build(self, namespace: str, plans: Sequence[LinkPlan]) -> None:
+        """Create links; what already exists and matches is left, what differs is made again."""
+        if not plans:
+            return
+        executor = self.state.executor
+        with self.state.link_locks(namespace, (p.uid for p in plans)):
+            try:
+                executor.apply(render(plans, "add"))
+                return
+            except LinkExists:
+                pass  # a concurrent ADD, a restarted daemon or a re-ADD got there first: look
+            view = kernel.read_view(executor, [e.netns for p in plans for e in p.ends])
+            todo = kernel.differences(plans, view)
+            if todo:
+                executor.apply(todo)
+
+    # --- DEL and GC ------------------------------------------------------------------------------
+
+    def delete(self, req: CniRequest) -> None:
+        namespace, pod = self._pod(req)
+        topo = self.state.store.get(namespace, pod) if pod else None
+        if topo is not None:
+            owner = topo.status.container_id
+            if owner and owner != req.container_id:
+                # A DEL for an old sandbox arriving after a newer ADD: the links are the new one's.
+                self.state.log(event="del-skipped", pod=pod, container=req.container_id[:12], owner=owner[:12])
+            else:
+                self.delete_links(topo, req)
+        self.run_eth0_delegate(req, "DEL")
+        with self._lock:
+            self._eth0_results.pop(req.container_id, None)
+        return None
+
+    def delete_links(self, topo: Topology, req: CniRequest) -> None:
+        """Forget the pod first, then remove its links: once the store says it is not alive, no
+        reconcile pass (ours or a peer's) builds towards it while the links go."""
+        state = self.state
+        owned = False
+
+        def clear(cur: Topology) -> TopologyStatus | None:
+            nonlocal owned
+            owned = cur.status.container_id in ("", req.container_id)
+            if not owned:
+                return None  # a newer sandbox owns the pod now: its links stay
+            return None if cur.status == TopologyStatus() else TopologyStatus()
+
+        state.store.update_status(topo.namespace, topo.name, clear, known=topo)
+        if not owned:
+            state.log(event="del-skipped", pod=topo.name, container=req.container_id[:12])
+            return
+        path = req.netns or topo.status.net_ns
+        ns_name = netns.resolve(path) if netns.exists(path) else ""
+        if ns_name:
+            # Every interface meshnet made is in its link group: one batched kernel call removes
+            # them all (a veth's far end goes with it); other plugins' interfaces stay.
+            with state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+                problems = state.executor.remove(
+                    [Command(ns_name, ("link", "del", "group", str(naming.LINK_GROUP)))])
+            for p in problems:
+                state.log(event="del-problem", pod=topo.name, error=p)
+        remote = [lnk for lnk in topo.links if not lnk.is_macvlan]
+        listed = [t for t in state.store.list(topo.namespace) if t.name in {lnk.peer_pod for lnk in remote}]
+        peers = state.pod_states(listed)
+        self.link_status.tell_veth_peers(listed, veth_ends_lost(state, topo, remote, listed))
+        self.peers.remove_far_ends(topo, remote, peers)
+        if ns_name:
+            netns.detach(ns_name)
+
+    def gc(self, req: CniRequest) -> None:
+        """Forget pods of this node whose sandbox the runtime no longer lists; remove their links."""
+        valid = {a.container_id for a in req.conf.valid_attachments or ()}
+        for topo in self.state.store.list(None):
+            st = topo.status
+            if st.node != self.state.node.name or not st.container_id or st.container_id in valid:
+                continue
+            self.state.log(event="gc", pod=topo.name, container=st.container_id[:12])
+            stale = req.replace(container_id=st.container_id, netns=st.net_ns if netns.exists(st.net_ns) else "")
+            self.delete_links(topo, stale)
+        if req.conf.delegate is not None:
+            self.run_eth0_delegate(req, "GC")
+        return None
+
+    # --- CHECK and STATUS ------------------------------------------------------------------------
+
+    def check(self, req: CniRequest) -> None:
+        if req.conf.delegate is not None:
+            self.run_eth0_delegate(req, "CHECK")
+        namespace, pod = self._pod(req)
+        topo = self.state.store.get(namespace, pod) if pod else None
+        if topo is None:
+            return None
+        if topo.status.container_id != req.container_id:
+            raise CniError(spec.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
+                           f"status has container {topo.status.container_id or 'none'}")
+        ns_name = netns.resolve(req.netns)
+        plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.store.list(namespace)))
+        view = kernel.read_view(self.state.executor, [ns_name])[ns_name]  # links with their addresses, one ip call
+        problems = kernel.check_problems(plan.links, view)
+        if problems:
+            raise CniError(spec.LINK_PLUMBING_FAILED, f"{pod}: links differ from the topology", "; ".join(problems))
+        return None
+
+    def status(self, req: CniRequest) -> None:
+        try:
+            self.state.store.list("default")
+        except StoreError as e:
+            raise CniError(spec.PLUGIN_NOT_AVAILABLE, "meshnet cannot reach its topology store", str(e)) from e
+        if req.conf.delegate is not None:
+            self.run_eth0_delegate(req, "STATUS")
+        return None
+
+    def close(self) -> None:
+        self._delegates.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,146 @@
+"""The kernel's view of a node's links and how it compares with the plans.
+
+`read_view` is the only kernel read (through the executor); everything else here is a pure function
+of an `ip -j -d addr show` entry, a plan and a Topology, so the daemon's rooms ask one question one
+way: what kind a link is, whether it is configured, whether a vxlan matches, what differs, what is
+garbage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from meshnet import naming
+from meshnet.executor import ExecError, Executor
+from meshnet.model import Topology
+from meshnet.plan import Endpoint, LinkPlan, VethPlan, VxlanPlan
+from meshnet.render import Command, render
+
+# {netns: {ifname: `ip -j -d addr show` entry}}
+KernelView = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+
+def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{netns: {ifname: entry}} for each namespace (missing ones are empty)."""
+    view: dict[str, dict[str, dict[str, Any]]] = {}
+    for ns in set(names):
+        try:
+            view[ns] = {e["ifname"]: e for e in executor.show(ns)}
+        except ExecError:
+            view[ns] = {}
+    return view
+
+
+def link_kind(entry: Mapping[str, Any] | None) -> str:
+    """The link's kind (`veth`, `vxlan`, `macvlan`, ...); empty for a missing interface."""
+    if not entry:
+        return ""
+    return str(entry.get("linkinfo", {}).get("info_kind", ""))
+
+
+def _vxlan_data(entry: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return (entry or {}).get("linkinfo", {}).get("info_data", {})
+
+
+def addresses(entry: Mapping[str, Any]) -> set[str]:
+    """The interface's addresses as `ip/prefixlen`, link-local ones included."""
+    return {f"{a.get('local')}/{a.get('prefixlen')}" for a in entry.get("addr_info", ())}
+
+
+def configured(entry: Mapping[str, Any] | None, end: Endpoint) -> bool:
+    """The interface is up and carries exactly the link's address (besides link-local IPv6)."""
+    if not entry or "UP" not in entry.get("flags", ()):
+        return False
+    have = {f"{a.get('local')}/{a.get('prefixlen')}" for a in entry.get("addr_info", ())
+            if a.get("scope") != "link"}
+    return have == ({str(end.ip)} if end.ip is not None else set())
+
+
+def vxlan_matches(entry: Mapping[str, Any] | None, plan: VxlanPlan) -> bool:
+    if link_kind(entry) != "vxlan":
+        return False
+    data = _vxlan_data(entry)
+    return (data.get("id") == plan.vni and data.get("remote") == plan.remote_ip
+            and data.get("local") == plan.vtep_ip and data.get("port") == plan.port)
+
+
+def vxlan_towards(entry: Mapping[str, Any] | None, remote: str, vni: int) -> bool:
+    """A vxlan end with this VNI pointing at `remote` (a peer's VTEP)."""
+    data = _vxlan_data(entry)
+    return link_kind(entry) == "vxlan" and data.get("remote") == remote and data.get("id") == vni
+
+
+def vni_clash(e: ExecError) -> bool:
+    """The kernel refused a vxlan because its VNI is in use on this node (another namespace's)."""
+    text = f"{e} {e.stderr}"
+    return "VNI already exists" in text or ("File exists" in text and "vxlan" in text)
+
+
+def differences(plans: Sequence[LinkPlan], view: KernelView) -> list[Command]:
+    """Commands that turn the kernel into the plans: missing links made, wrong ones made again,
+    links with other addresses (or down) configured again; links that match are left alone."""
+    commands: list[Command] = []
+    for p in plans:
+        entries = [view.get(e.netns, {}).get(e.intf) for e in p.ends]
+        if isinstance(p, VethPlan):
+            if all(link_kind(e) == "veth" for e in entries):
+                if not all(configured(e, end) for e, end in zip(entries, p.ends, strict=True)):
+                    commands += render([p], "update")
+                continue
+            # Missing, or an end whose far side is elsewhere (a stale pair): make the pair again.
+            commands += [Command(end.netns, ("link", "del", end.intf), p.uid)
+                         for e, end in zip(entries, p.ends, strict=True) if e is not None]
+            commands += render([p], "add")
+            continue
+        entry = entries[0]
+        if isinstance(p, VxlanPlan):
+            if not vxlan_matches(entry, p):
+                commands += render([p], "update" if entry else "add")
+                continue
+        elif link_kind(entry) != "macvlan":
+            if entry is not None:
+                commands.append(Command(p.local.netns, ("link", "del", p.local.intf), p.uid))
+            commands += render([p], "add")
+            continue
+        if not configured(entry, p.ends[0]):
+            commands += render([p], "update")
+    return commands
+
+
+def garbage(topo: Topology, ns_name: str, view: Mapping[str, Mapping[str, Any]],
+            orphans: Iterable[str] = ()) -> list[Command]:
+    """Interfaces meshnet made in this pod that no desired link owns any more, as `link del`s.
+
+    Only interfaces in meshnet's link group, names meshnet recorded in the pod's status, vxlan
+    devices with a VNI of the pod's namespace block, and `orphans` (ends of links whose peer is
+    gone) are candidates: nothing another plugin made is ever touched.
+    """
+    orphaned = set(orphans)
+    desired = {lnk.local_intf for lnk in topo.links} - orphaned
+    blocks = {naming.vni_block(topo.namespace), topo.status.vni_block}
+    ours = {s.intf for s in topo.status.links if s.intf} | orphaned
+    for name, entry in view.items():
+        vni = _vxlan_data(entry).get("id")
+        if str(entry.get("group")) == str(naming.LINK_GROUP) or (
+                link_kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE in blocks):
+            ours.add(name)
+    return [Command(ns_name, ("link", "del", name)) for name in sorted(ours - desired) if name in view]
+
+
+def check_problems(plans: Sequence[LinkPlan], view: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What CHECK reports: each pod-side end missing, of another kind, pointing elsewhere or
+    without its address (`view` is the pod's namespace)."""
+    problems = []
+    for lp in plans:
+        end = lp.a if isinstance(lp, VethPlan) else lp.local
+        entry = view.get(end.intf)
+        if entry is None:
+            problems.append(f"link uid {lp.uid}: {end.intf} is missing")
+        elif link_kind(entry) != lp.kind:
+            problems.append(f"link uid {lp.uid}: {end.intf} is a {link_kind(entry) or 'device'} not a {lp.kind}")
+        elif isinstance(lp, VxlanPlan) and not vxlan_matches(entry, lp):
+            problems.append(f"link uid {lp.uid}: {end.intf} has the wrong VNI or remote")
+        elif end.ip is not None and str(end.ip) not in addresses(entry):
+            problems.append(f"link uid {lp.uid}: {end.intf} lacks {end.ip}")
+    return problems

@@ -1,0 +1,134 @@
+"""Peer requests received from other nodes' daemons: refused unless the store backs every link of
+the batch, then applied to this node's ends of the vxlan links (the gRPC servicer in `peers.py`
+calls in here; errors leave as `PeerDenied`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshnet import naming
+from meshnet.daemon import kernel, netns
+from meshnet.daemon.link_status import LinkStatusWriter
+from meshnet.daemon.peer_client import PeerLink
+from meshnet.daemon.state import NodeState, PodKey
+from meshnet.model import LinkStatus, ManifestError, Topology
+from meshnet.plan import PodState, pending_reason, plan_remote_end
+from meshnet.render import Command, render
+from meshnet.store.base import StoreError
+
+
+class PeerDenied(Exception):
+    """A peer request the store does not back; nothing was done."""
+
+
+def _ip(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+class PeerService:
+    def __init__(self, state: NodeState, link_status: LinkStatusWriter) -> None:
+        self.state = state
+        self.link_status = link_status
+
+    def _group_backed_by_store(self, reqs: Sequence[PeerLink]) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
+        """Group a batch by local pod, each with its Topology, if the store backs every request.
+
+        One request the store does not back refuses the whole batch (PeerDenied) before anything
+        is done: a forged link never rides along with honest ones.
+        """
+        groups: dict[PodKey, list[tuple[int, PeerLink]]] = {}
+        for i, req in enumerate(reqs):
+            groups.setdefault((req.namespace, req.pod), []).append((i, req))
+        out: list[tuple[Topology, list[tuple[int, PeerLink]]]] = []
+        for (namespace, pod), items in groups.items():
+            try:
+                topo = self.state.store.get(namespace, pod)
+            except (StoreError, ManifestError) as e:
+                raise PeerDenied(f"store: {e}") from e
+            if topo is None:
+                raise PeerDenied(f"no Topology {namespace}/{pod}")
+            for _, req in items:
+                link = topo.link(req.uid)
+                if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
+                    raise PeerDenied(f"{namespace}/{pod} has no link uid {req.uid} to {req.peer_pod}")
+                want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip), req.uid)
+                # The VNI's block depends on both pods' status: `update` checks it exactly; here
+                # it must at least be this link's VNI in some block.
+                got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni % naming.VNI_BLOCK_SIZE)
+                if want != got or not naming.valid_block(req.vni // naming.VNI_BLOCK_SIZE):
+                    raise PeerDenied(f"link uid {req.uid} of {namespace}/{pod} differs from the request")
+            out.append((topo, items))
+        return out
+
+    def update(self, reqs: Sequence[PeerLink]) -> list[str]:
+        """Build or update this node's ends of a batch of vxlan links (one batch per calling node)."""
+        state = self.state
+        groups = self._group_backed_by_store(reqs)
+        work = []
+        for topo, items in groups:
+            st = topo.status
+            if not state.alive_here(st):
+                raise PeerDenied(f"{topo.namespace}/{topo.name} is not alive on node {state.node.name}")
+            callers: dict[str, PodState] = {}
+            for _, req in items:
+                if req.peer_pod not in callers:
+                    caller = state.store.get(req.namespace, req.peer_pod)
+                    if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
+                            or caller.status.node == state.node.name:
+                        raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
+                    callers[req.peer_pod] = PodState(caller.name, True, caller.status.node, caller.status.src_ip,
+                                                     vni_block=caller.status.vni_block)
+                block = naming.link_block(topo.namespace, st.vni_block, callers[req.peer_pod].vni_block)
+                if req.vni != naming.vni(topo.namespace, req.uid, block):
+                    raise PeerDenied(f"link uid {req.uid} of {topo.namespace}/{topo.name}: VNI {req.vni} is not "
+                                     f"the link's ({naming.vni(topo.namespace, req.uid, block)}, VNI block {block})")
+            if not netns.exists(st.net_ns):
+                raise PeerDenied(f"{topo.namespace}/{topo.name}: its network namespace {st.net_ns} is gone")
+            work.append((topo, items, callers))
+        actions = [""] * len(reqs)
+        for topo, items, callers in work:
+            ns_name = netns.resolve(topo.status.net_ns)
+            plans = [(i, plan_remote_end(topo, req.uid, ns_name, state.node, callers[req.peer_pod]))
+                     for i, req in items]
+            with state.link_locks(topo.namespace, [req.uid for _, req in items]):
+                view = kernel.read_view(state.executor, [ns_name])[ns_name]
+                commands: list[Command] = []
+                for i, plan in plans:
+                    entry = view.get(plan.local.intf)
+                    if kernel.vxlan_matches(entry, plan):
+                        if kernel.configured(entry, plan.local):
+                            actions[i] = "unchanged"
+                            continue
+                        commands += render([plan], "update")
+                        actions[i] = "updated"
+                    else:
+                        commands += render([plan], "update" if entry else "add")
+                        actions[i] = "updated" if entry else "created"
+                if commands:
+                    state.executor.apply(commands)
+            # Record the interfaces too: they are what garbage collection may later remove.
+            self.link_status.write(topo, [LinkStatus(p.uid, "vxlan", "up", "", p.local.intf) for _, p in plans])
+        return actions
+
+    def remove(self, reqs: Sequence[PeerLink]) -> list[str]:
+        """Remove this node's ends of links whose far pod (the caller's) went away."""
+        state = self.state
+        actions = ["absent"] * len(reqs)
+        for topo, items in self._group_backed_by_store(reqs):
+            st = topo.status
+            if not state.alive_here(st) or not netns.exists(st.net_ns):
+                continue
+            ns_name = netns.resolve(st.net_ns)
+            gone: list[PeerLink] = []
+            with state.link_locks(topo.namespace, [req.uid for _, req in items]):
+                view = kernel.read_view(state.executor, [ns_name])[ns_name]
+                for i, req in items:
+                    # Only an end that points at the caller goes: a newer incarnation elsewhere keeps its link.
+                    if kernel.vxlan_towards(view.get(req.local_intf), req.peer_vtep, req.vni):
+                        actions[i] = "removed"
+                        gone.append(req)
+                if gone:
+                    state.executor.remove([Command(ns_name, ("link", "del", r.local_intf), r.uid) for r in gone])
+            # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
+            self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
+        return actions

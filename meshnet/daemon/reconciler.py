@@ -1,0 +1,250 @@
+"""Converging this node's pods with the store, level-triggered: the store's desired links against
+the kernel, after a crash, a restart, a missed event or a hot change alike.
+
+Two halves: `pods_touched` (pure) sorts a watch event into the pods it concerns; `Reconciler`
+acts on events (keeps the watch's copies, removes the links of a deleted Topology, hears that a
+peer daemon is back) and runs the passes. The loop that drives it is `main.ReconcileLoop`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshnet.daemon import kernel, netns
+from meshnet.daemon.link_status import LinkStatusWriter
+from meshnet.daemon.peer_client import PeerNotifier
+from meshnet.daemon.state import NodeState, PodKey, alive_on
+from meshnet.daemon.vni import VniBlocks
+from meshnet.executor import ExecError
+from meshnet.model import Topology, TopologyStatus
+from meshnet.plan import PodPlan, plan_pod
+from meshnet.render import Command
+
+
+@dataclass(frozen=True)
+class Touched:
+    """What a watch event means for this node."""
+
+    pods: frozenset[PodKey]  # local pods worth a pass
+    # Of those, the ones queued only because their status looked unsettled: looked at again just
+    # before the pass, since the ADD that woke them usually settles them first (no kernel read).
+    if_unsettled: frozenset[PodKey]
+    vtep_heard: str = ""  # a daemon wrote this pod's status: the daemon behind this VTEP is up
+
+
+def _unsettled(topo: Topology, seen: Mapping[PodKey, Topology], peer: str = "") -> bool:
+    """With `peer`: links of a local pod towards it that its status shows pending or in error.
+    Without: links pending although their peer is alive (a status written from a plan older
+    than the peer's ADD). Reconciling them again is harmless: an unchanged outcome writes
+    nothing, so this cannot feed itself."""
+    peers = {lnk.uid: lnk.peer_pod for lnk in topo.links}
+    for s in topo.status.links:
+        pod = peers.get(s.uid, "")
+        if peer:
+            if pod == peer and s.state in ("pending", "error"):
+                return True
+            continue
+        copy = seen.get((topo.namespace, pod))
+        if s.state == "pending" and copy is not None and copy.status.alive:
+            return True
+    return False
+
+
+def pods_touched(event_type: str, old: Topology | None, topo: Topology, seen: Mapping[PodKey, Topology],
+                 node_name: str) -> Touched:
+    """Pods of node `node_name` a store change concerns. `old`: the watch's previous copy of the
+    Topology; `seen`: every copy, this event's included (a deleted one gone). Status writes that
+    only record link states (ours included) concern nobody, so reconciling never feeds itself."""
+    deleted = event_type == "DELETED"
+    spec_changed = old is None or old.links != topo.links or deleted
+    # A clean DEL (status emptied) removed its links itself — the far ends of veths die with
+    # them, remote vxlan ends were told — so its peers need no pass; a crash or a move does.
+    clean_del = event_type == "MODIFIED" and topo.status == TopologyStatus()
+    moved = (old is not None and old.status.alive and not clean_del and (not topo.status.alive or
+             (old.status.net_ns, old.status.node) != (topo.status.net_ns, topo.status.node)))
+    # Only daemons write statuses: a write about a pod on a node whose daemon failed us is news
+    # that it is back, so the far ends held back for it may be asked for again at once.
+    heard = (topo.status.src_ip if not deleted and topo.status.src_ip and (old is None or old.status != topo.status)
+             else "")
+    out: set[PodKey] = set()
+    if_unsettled: set[PodKey] = set()
+    old_block = old.status.vni_block if old is not None else 0
+    new_block = topo.status.vni_block if not deleted else 0
+    # A pod coming alive or going is handled below like before; a block that changes while it
+    # stays alive (it moved) changes its links' VNIs, so its peers need a pass too.
+    block_changed = bool(old_block and new_block and old_block != new_block)
+    if new_block or (old_block and old_block != new_block):
+        # VNI blocks are per namespace: a pod of another namespace may have to give up the block
+        # this one recorded (naming.block_lost), or may have been waiting for the one it left.
+        for other in seen.values():
+            if (other.namespace != topo.namespace and alive_on(other.status, node_name)
+                    and other.status.vni_block in {new_block, old_block} - {0}):
+                out.add(other.key)
+    if not deleted and alive_on(topo.status, node_name) and (spec_changed or _unsettled(topo, seen)):
+        out.add(topo.key)
+        if not spec_changed:
+            if_unsettled.add(topo.key)
+    for other in seen.values():
+        if (other.namespace == topo.namespace and alive_on(other.status, node_name)
+                and any(lnk.peer_pod == topo.name for lnk in other.links)):
+            # A peer that came alive (or changed at all) is worth another look for links
+            # still pending or in error towards it: its ADD may have raced with ours.
+            if spec_changed or moved or block_changed:  # a new block: the links' VNIs change
+                out.add(other.key)
+            elif _unsettled(other, seen, topo.name):
+                out.add(other.key)
+                if_unsettled.add(other.key)
+    return Touched(frozenset(out), frozenset(if_unsettled), heard)
+
+
+def _forget_vanished(container_id: str) -> Callable[[Topology], TopologyStatus | None]:
+    """A status mutation: the pod's netns is gone (crash, reboot), so it is not alive any more."""
+
+    def fn(cur: Topology) -> TopologyStatus | None:
+        if cur.status.container_id != container_id:
+            return None
+        return TopologyStatus(plumbing_error=f"network namespace {cur.status.net_ns} vanished")
+
+    return fn
+
+
+class Reconciler:
+    def __init__(self, state: NodeState, blocks: VniBlocks, peers: PeerNotifier,
+                 link_status: LinkStatusWriter) -> None:
+        self.state = state
+        self.blocks = blocks
+        self.peers = peers
+        self.link_status = link_status
+        # Pods queued only because their status looked unsettled (Touched.if_unsettled): skipped
+        # at the pass if their status has settled by then. Guarded by `_lock` (watch and pass).
+        self._skip_if_settled: set[PodKey] = set()
+        self._lock = threading.Lock()
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def on_store_event(self, event_type: str, topo: Topology) -> set[PodKey]:
+        """Take in a watch event; returns the pods of this node to reconcile for it. A Topology
+        deleted while its pod runs here loses meshnet's links at once."""
+        state = self.state
+        if event_type == "DELETED":
+            old = state.unsee(topo.key)
+            if old is not None and state.alive_here(old.status):
+                self._remove_all(old)
+        else:
+            old = state.see(topo)
+        touched = pods_touched(event_type, old, topo, {t.key: t for t in state.seen()}, state.node.name)
+        if touched.vtep_heard:
+            address = self.peers.address(touched.vtep_heard)
+            if self.peers.backoff.back(address):
+                state.log(event="peer-back", peer=address, pod=topo.name)
+        with self._lock:
+            self._skip_if_settled |= touched.if_unsettled
+            self._skip_if_settled -= touched.pods - touched.if_unsettled
+        return set(touched.pods)
+
+    def _remove_all(self, topo: Topology) -> None:
+        """A Topology deleted while its pod runs: the pod keeps eth0 and loses meshnet's links."""
+        if not netns.exists(topo.status.net_ns):
+            return
+        ns_name = netns.resolve(topo.status.net_ns)
+        with self.state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+            self.state.executor.remove(
+                [Command(ns_name, ("link", "del", lnk.local_intf), lnk.uid) for lnk in topo.links])
+        self.state.log(event="topology-deleted", pod=topo.name)
+
+    def take_retries(self) -> set[PodKey]:
+        """Pods to look at again now: their last pass met a VNI clash, or a peer daemon that owes
+        them far ends may be asked again."""
+        due = self.blocks.retries_due() | self.peers.owed_due()
+        with self._lock:
+            self._skip_if_settled -= due  # they are looked at, whatever their status seems to say
+        return due
+
+    # --- passes ----------------------------------------------------------------------------------
+
+    def _settled_since_queued(self, topo: Topology, alive: set[PodKey]) -> bool:
+        with self._lock:
+            if topo.key not in self._skip_if_settled:
+                return False
+            self._skip_if_settled.discard(topo.key)
+        peers = {lnk.uid: lnk.peer_pod for lnk in topo.links}
+        return not any(s.state in ("pending", "error") and (topo.namespace, peers.get(s.uid, "")) in alive
+                       for s in topo.status.links)
+
+    def reconcile(self, only: Iterable[PodKey] | None = None) -> int:
+        """Converge the pods alive on this node (all, or those in `only`); returns links changed."""
+        state = self.state
+        wanted = set(only) if only is not None else None
+        topologies = state.store.list(None)
+        by_namespace: dict[str, list[Topology]] = {}
+        for t in topologies:
+            by_namespace.setdefault(t.namespace, []).append(t)
+            # Only seed what the watch has not reported yet: `on_store_event` diffs each event
+            # against the watch's previous copy, and a pass that listed a change first would make it
+            # look like no change at all (the event's pod would never be looked at).
+            state.see(t, only_if_new=True)
+        changed = 0
+        alive = {t.key for t in topologies if t.status.alive}
+        here = {t.key for t in topologies if state.alive_here(t.status)}
+        self.peers.forget_except(here)
+        self.blocks.forget_except(here)
+        for topo in topologies:
+            if wanted is not None and (topo.key not in wanted or self._settled_since_queued(topo, alive)):
+                continue
+            if state.alive_here(topo.status):
+                changed += self.reconcile_pod(topo, by_namespace[topo.namespace])
+        return changed
+
+    def reconcile_pod(self, topo: Topology, namespace_topologies: Iterable[Topology]) -> int:
+        state = self.state
+        st = topo.status
+        if not netns.exists(st.net_ns):
+            state.log(event="stale-netns", pod=topo.name, net_ns=st.net_ns)
+            state.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
+            return 0
+        topo = self.blocks.move_if_lost(topo)
+        st = topo.status
+        ns_name = netns.resolve(st.net_ns)
+        plan = plan_pod(topo, ns_name, state.node, state.pod_states(namespace_topologies))
+        errors: dict[int, str] = {}
+        uids = {p.uid for p in plan.links} | {s.uid for s in st.links}
+        with state.link_locks(topo.namespace, uids):
+            view = kernel.read_view(state.executor, [ns_name, *(e.netns for p in plan.links for e in p.ends)])
+            pod_view = view.get(ns_name, {})
+            stale = kernel.garbage(topo, ns_name, pod_view, self._orphans(topo, plan, pod_view))
+            todo = kernel.differences(plan.links, view)
+            if stale:
+                for problem in state.executor.remove(stale):
+                    state.log(event="gc-problem", pod=topo.name, error=problem)
+            if todo:
+                try:
+                    state.executor.apply(todo)
+                except ExecError as e:
+                    state.log(event="reconcile-failed", pod=topo.name, error=str(e))
+                    errors = {c.uid: str(e) for c in todo}
+                    if kernel.vni_clash(e):
+                        self.blocks.clashed(topo.key)
+                else:
+                    self.blocks.settled(topo.key)
+        if stale or todo:
+            state.log(event="reconciled", pod=topo.name, removed=[c.argv[2] for c in stale],
+                      changed=sorted({c.uid for c in todo}))
+        errors.update(self.peers.retry_far_ends(topo, plan, errors))
+        self.link_status.write_outcome(topo, st.container_id, plan, errors)
+        return len({c.uid for c in todo}) + len(stale)
+
+    def _orphans(self, topo: Topology, plan: PodPlan, view: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        """Interfaces of links whose peer is gone (pending): a veth or vxlan end left towards a pod
+        that died or moved away. The peers are read again first, so a peer that came alive after
+        this pass listed the store keeps the end its ADD just built (its event brings another pass)."""
+        names = {lnk.uid: lnk.local_intf for lnk in topo.links}
+        left = {p.peer_pod: names[p.uid] for p in plan.pending
+                if kernel.link_kind(view.get(names[p.uid])) in ("veth", "vxlan")}
+        if not left:
+            return set()
+        store = self.state.store
+        fresh = self.state.pod_states(t for pod in left if (t := store.get(topo.namespace, pod)) is not None)
+        return {intf for pod, intf in left.items() if pod not in fresh or not fresh[pod].alive}

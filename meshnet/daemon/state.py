@@ -1,0 +1,102 @@
+"""What the daemon's rooms share about this node, and the locks that guard it.
+
+Locks (never held across a store or gRPC call, except the link locks):
+- `link_locks(namespace, uids)`: one lock per link, held while its kernel objects are read and
+  changed, so an ADD, a peer request and a reconcile pass never interleave on one link. Taken in
+  uid order, so two holders never wait on each other in a cycle.
+- `lock`: the watch's copies of every Topology (`seen`). The watch thread writes them; CNI calls
+  (choosing a VNI block) and the reconciler read them.
+Each room keeps its own bookkeeping under its own lock (peer back-off, owed far ends, VNI clashes,
+pods to re-check); those are documented where they live.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+
+from meshnet.daemon import netns
+from meshnet.executor import Executor
+from meshnet.model import Topology, TopologyStatus
+from meshnet.plan import NodeInfo, PodState
+from meshnet.store.base import Store
+
+Log = Callable[..., None]
+PodKey = tuple[str, str]  # (namespace, pod)
+
+
+def alive_on(status: TopologyStatus, node_name: str) -> bool:
+    """The store says the pod runs on node `node_name` (its sandbox may still have vanished)."""
+    return status.alive and status.node == node_name
+
+
+class NodeState:
+    def __init__(self, node: NodeInfo, store: Store, executor: Executor, *, grpc_port: int,
+                 log: Log | None = None) -> None:
+        self.node = node
+        self.store = store
+        self.executor = executor
+        self.grpc_port = grpc_port
+        self.log: Log = log or (lambda **_: None)
+        self.lock = threading.Lock()
+        self._seen: dict[PodKey, Topology] = {}  # guarded by `lock`
+        self._link_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._link_locks_guard = threading.Lock()
+
+    # --- "alive on this node", written once ------------------------------------------------------
+
+    def alive_here(self, status: TopologyStatus) -> bool:
+        """The store says the pod runs on this node (its sandbox may still have vanished)."""
+        return alive_on(status, self.node.name)
+
+    def pod_states(self, topologies: Iterable[Topology]) -> dict[str, PodState]:
+        """What planning needs about each pod, by name. A pod on this node whose namespace vanished
+        is not alive, whatever the store says."""
+        states: dict[str, PodState] = {}
+        for t in topologies:
+            st = t.status
+            ns_name = ""
+            if self.alive_here(st) and netns.exists(st.net_ns):
+                try:
+                    ns_name = netns.resolve(st.net_ns)
+                except netns.NetnsError:
+                    ns_name = ""
+            alive = st.alive and (st.node != self.node.name or bool(ns_name))
+            states[t.name] = PodState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block)
+        return states
+
+    # --- the watch's copies --------------------------------------------------------------------
+
+    def seen(self) -> list[Topology]:
+        """A snapshot of the watch's copies of every Topology."""
+        with self.lock:
+            return list(self._seen.values())
+
+    def seen_copy(self, key: PodKey) -> Topology | None:
+        with self.lock:
+            return self._seen.get(key)
+
+    def see(self, topo: Topology, *, only_if_new: bool = False) -> Topology | None:
+        """Keep `topo` as the latest copy (or only when none is kept yet); returns the previous one."""
+        with self.lock:
+            old = self._seen.get(topo.key)
+            if old is None or not only_if_new:
+                self._seen[topo.key] = topo
+            return old
+
+    def unsee(self, key: PodKey) -> Topology | None:
+        with self.lock:
+            return self._seen.pop(key, None)
+
+    # --- per-link serialisation ------------------------------------------------------------------
+
+    def link_locks(self, namespace: str, uids: Iterable[int]) -> ExitStack:
+        """Serialise work per link (sorted, so two holders never wait on each other in a cycle)."""
+        stack = ExitStack()
+        with self._link_locks_guard:
+            locks = [self._link_locks.setdefault((namespace, uid), threading.Lock())
+                     for uid in sorted(set(uids))]
+        for lock in locks:
+            stack.enter_context(lock)
+        return stack

@@ -1,0 +1,87 @@
+"""VNI blocks: which block a pod records as it comes alive, who gives a shared block up, and the
+bookkeeping of passes that met a clash (naming.py has the rules; this applies them to the store)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import replace
+
+from meshnet import naming
+from meshnet.daemon.state import NodeState, PodKey
+from meshnet.model import Topology, TopologyStatus
+
+# How long an ADD waits, in steps, for a VNI-block clash with another namespace to be settled.
+VNI_CLASH_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.0)
+MAX_CLASH_RETRIES = 10
+
+
+def _other_blocks(namespace: str, topologies: Iterable[Topology]) -> list[tuple[str, int]]:
+    return [(t.namespace, t.status.vni_block) for t in topologies
+            if t.namespace != namespace and t.status.vni_block]
+
+
+class VniBlocks:
+    def __init__(self, state: NodeState) -> None:
+        self.state = state
+        self._lock = threading.Lock()
+        # Pods whose pass hit a VNI clash, with how often in a row (guarded by `_lock`): the other
+        # namespace's pod is moving to another block, so they are worth another pass soon.
+        self._clashes: dict[PodKey, int] = {}
+
+    def choose(self, topo: Topology) -> int:
+        """The VNI block `topo`'s pod records as it comes alive: its namespace's, as the other pods
+        of the namespace recorded it, or a block no other namespace uses (naming.choose_vni_block).
+        Read from the watch's copies of every Topology: no API call on the ADD path."""
+        seen = [t for t in self.state.seen() if t.key != topo.key] + [topo]
+        own = [t.status.vni_block for t in seen if t.namespace == topo.namespace]
+        return naming.choose_vni_block(topo.namespace, own, _other_blocks(topo.namespace, seen))
+
+    def lost(self, topo: Topology) -> bool:
+        """The pod's recorded block is also another namespace's, which keeps it (naming.block_lost)."""
+        block = topo.status.vni_block
+        return bool(block) and naming.block_lost(
+            topo.namespace, block, _other_blocks(topo.namespace, self.state.seen()))
+
+    def move(self, topo: Topology) -> Topology:
+        """Record another VNI block for a pod whose block a namespace with a smaller name also
+        recorded (both came up at once); the pass that follows rebuilds its vxlan links with it, and
+        the status change makes its peers' daemons rebuild their ends."""
+        old, new = topo.status.vni_block, self.choose(topo)
+        container = topo.status.container_id
+
+        def move(cur: Topology) -> TopologyStatus | None:
+            if cur.status.container_id != container or cur.status.vni_block != old:
+                return None
+            return replace(cur.status, vni_block=new)
+
+        self.state.log(event="vni-block-moved", pod=topo.name, namespace=topo.namespace, old=old, new=new)
+        return self.state.store.update_status(topo.namespace, topo.name, move, known=topo) or topo
+
+    def move_if_lost(self, topo: Topology) -> Topology:
+        return self.move(topo) if self.lost(topo) else topo
+
+    # --- passes that met a clash -----------------------------------------------------------------
+
+    def clashed(self, key: PodKey) -> None:
+        with self._lock:
+            self._clashes[key] = self._clashes.get(key, 0) + 1
+
+    def settled(self, key: PodKey) -> None:
+        with self._lock:
+            self._clashes.pop(key, None)
+
+    def retries_due(self) -> set[PodKey]:
+        """Pods whose last pass met a clash, at most MAX_CLASH_RETRIES passes in a row (after that
+        the periodic resync and new events look at them)."""
+        with self._lock:
+            due = {key for key, count in self._clashes.items() if count <= MAX_CLASH_RETRIES}
+            for key in [k for k, c in self._clashes.items() if c > MAX_CLASH_RETRIES]:
+                del self._clashes[key]
+        return due
+
+    def forget_except(self, here: set[PodKey]) -> None:
+        """Pods gone, or not on this node any more: nothing to retry for them here."""
+        with self._lock:
+            for key in [k for k in self._clashes if k not in here]:
+                del self._clashes[key]
