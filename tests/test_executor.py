@@ -116,7 +116,7 @@ def test_dry_run_runs_nothing_and_records(fp: FakeProcess) -> None:
     ex = Executor(dry_run=True)
     cmds = veth(1, "pa", "pb", "eth1")
     ex.apply(cmds)
-    assert ex.remove(cmds[:1]) == []
+    assert ex.run_best_effort(cmds[:1]) == []
     assert len(fp.calls) == 0
     assert ex.recorded == [*cmds, cmds[0]]
     assert ex.journal.entries == []
@@ -181,21 +181,21 @@ def test_failure_without_line_number_rolls_back_only_earlier_batches(fp: FakePro
     assert len(fp.calls) == 1
 
 
-def test_remove_tolerates_what_is_already_gone(fp: FakeProcess, ip_calls: list[Call]) -> None:
+def test_run_best_effort_tolerates_what_is_already_gone(fp: FakeProcess, ip_calls: list[Call]) -> None:
     fp.register(ip_argv(fp, "pa", force=True),
                 stderr='Cannot find device "eth1"\nCommand failed -:1\nCannot find device "eth2"\nCommand failed -:2\n',
                 returncode=1)
     cmds = [Command("pa", ("link", "del", "eth1")), Command("pa", ("link", "del", "eth2"))]
-    assert Executor().remove(cmds) == []
+    assert Executor().run_best_effort(cmds) == []
     assert ip_calls == [(("/usr/sbin/ip", "-n", "pa", "-force", "-batch", "-"), "link del eth1\nlink del eth2\n")]
 
 
-def test_remove_reports_other_errors(fp: FakeProcess) -> None:
+def test_run_best_effort_reports_other_errors(fp: FakeProcess) -> None:
     fp.register(ip_argv(fp, "pa", force=True),
                 stderr='Cannot find device "eth1"\nCommand failed -:1\nRTNETLINK answers: Operation not permitted\n'
                        "Command failed -:2\n", returncode=1)
     cmds = [Command("pa", ("link", "del", "eth1")), Command("pa", ("link", "del", "eth2"))]
-    assert Executor().remove(cmds) == ["RTNETLINK answers: Operation not permitted"]
+    assert Executor().run_best_effort(cmds) == ["RTNETLINK answers: Operation not permitted"]
 
 
 def test_journal_records_every_batch(fp: FakeProcess, tmp_path: Path) -> None:

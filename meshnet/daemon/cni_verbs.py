@@ -259,7 +259,7 @@ class CniVerbs:
             # Every interface meshnet made is in its link group: one batched kernel call removes
             # them all (a veth's far end goes with it); other plugins' interfaces stay.
             with state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
-                problems = state.executor.remove(
+                problems = state.executor.run_best_effort(
                     [Command(ns_name, ("link", "del", "group", str(naming.LINK_GROUP)))])
             for p in problems:
                 state.log(event="del-problem", pod=topo.name, error=p)

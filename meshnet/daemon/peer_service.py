@@ -128,7 +128,8 @@ class PeerService:
                         actions[i] = "removed"
                         gone.append(req)
                 if gone:
-                    state.executor.remove([Command(ns_name, ("link", "del", r.local_intf), r.uid) for r in gone])
+                    state.executor.run_best_effort(
+                        [Command(ns_name, ("link", "del", r.local_intf), r.uid) for r in gone])
             # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions

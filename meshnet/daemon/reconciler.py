@@ -151,7 +151,7 @@ class Reconciler:
             return
         ns_name = netns.resolve(topo.status.net_ns)
         with self.state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
-            self.state.executor.remove(
+            self.state.executor.run_best_effort(
                 [Command(ns_name, ("link", "del", lnk.local_intf), lnk.uid) for lnk in topo.links])
         self.state.log(event="topology-deleted", pod=topo.name)
 
@@ -217,7 +217,7 @@ class Reconciler:
             stale = kernel.garbage(topo, ns_name, pod_view, self._orphans(topo, plan, pod_view))
             todo = kernel.differences(plan.links, view)
             if stale:
-                for problem in state.executor.remove(stale):
+                for problem in state.executor.run_best_effort(stale):
                     state.log(event="gc-problem", pod=topo.name, error=problem)
             if todo:
                 try:
