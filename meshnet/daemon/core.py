@@ -248,7 +248,7 @@ class Meshnet:
                     ns_name = ""
             # A pod on this node whose namespace vanished is not alive, whatever the store says.
             alive = st.alive and (st.node != self.node.name or bool(ns_name))
-            states[t.name] = PeerState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block)
+            states[t.name] = PeerState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block, st.problems)
         return states
 
     # --- CNI -----------------------------------------------------------------------------------
@@ -930,6 +930,10 @@ class Meshnet:
                 self._remove_all(old)
         else:
             self._seen[topo.key] = topo
+            if topo.status.problems and (old is None or old.status.problems != topo.status.problems):
+                # A forged or corrupt status: the pod counts as not alive (model.TopologyStatus).
+                self._log(event="status-refused", pod=f"{topo.namespace}/{topo.name}",
+                          problems=list(topo.status.problems))
         spec_changed = old is None or old.links != topo.links or event_type == "DELETED"
         # A clean DEL (status emptied) removed its links itself — the far ends of veths die with
         # them, remote vxlan ends were told — so its peers need no pass; a crash or a move does.
