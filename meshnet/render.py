@@ -11,11 +11,13 @@ import os
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup
 
 from meshnet import naming
 from meshnet.plan import LinkPlan
@@ -44,6 +46,9 @@ class Command:
     netns: str | None
     argv: tuple[str, ...]
     uid: int = -1  # the link it belongs to, for journals and rollback
+    # The template whose line this is ("" for the few commands code builds by hand: the executor
+    # allows those only a closed set of verbs, see executor.check_command).
+    template: str = field(default="", compare=False)
 
     @property
     def creates(self) -> tuple[str | None, str] | None:
@@ -59,6 +64,30 @@ class Command:
         return shlex.join([*prefix, *self.argv])
 
 
+# Values never shape a command. Each `{{ value }}` renders as a slot marker ("\0N\0", a character
+# no template contains) and the value is kept aside; lines and words are cut from the template's
+# own text, then each slot gets its value back inside its word. A value carrying a line break or a
+# space therefore stays one argument (which the executor refuses) instead of becoming another
+# command. Macro output is already made of template text and slots, and comes back as Markup
+# (autoescape on, so that the two can be told apart): it passes through untouched.
+_SLOT = re.compile("\x00([0-9]+)\x00")
+_slots: ContextVar[list[str] | None] = ContextVar("meshnet_render_slots", default=None)
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, Markup):
+        return value
+    slots = _slots.get()
+    if slots is None:  # a constant folded while compiling: template text itself
+        return value
+    slots.append(str(value))
+    return Markup(f"\x00{len(slots) - 1}\x00")
+
+
+def _fill(word: str, slots: Sequence[str]) -> str:
+    return _SLOT.sub(lambda m: slots[int(m.group(1))], word) if "\x00" in word else word
+
+
 @lru_cache(maxsize=4)
 def environment(root: str) -> jinja2.Environment:
     return jinja2.Environment(
@@ -66,27 +95,31 @@ def environment(root: str) -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly, never renders ""
         trim_blocks=True,
         lstrip_blocks=True,
-        autoescape=False,
+        # Not HTML: it only marks macro output as template-made (see _finalize); literal template
+        # text is never escaped, and every value is replaced by a slot before escaping could apply.
+        autoescape=True,
+        finalize=_finalize,
         keep_trailing_newline=True,
         auto_reload=False,  # templates are read once per process: no stat() per rendered link
     )
 
 
-def _parse(text: str, uid: int, where: str) -> list[Command]:
+def _parse(text: str, uid: int, where: str, slots: Sequence[str] = ()) -> list[Command]:
+    """Template output (values as slots) → commands; lines and words come from template text only."""
     commands: list[Command] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
             continue
         if not line.startswith("[") or "]" not in line:
-            raise RenderError(f"{where}: output line {lineno} is not '[NETNS] ip-args': {line!r}")
+            raise RenderError(f"{where}: output line {lineno} is not '[NETNS] ip-args': {_fill(line, slots)!r}")
         ns, _, rest = line[1:].partition("]")
-        # Values are validated before rendering (no whitespace or quotes in names, addresses via
-        # ipaddress), so a plain split is exact; the checks below keep it so.
-        argv = tuple(rest.split())
+        argv = tuple(_fill(word, slots) for word in rest.split())
         if not argv or _UNSAFE.search(rest) or not ns or " " in ns:
-            raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {line!r}")
-        commands.append(Command(None if ns == HERE else ns, argv, uid))
+            raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {_fill(line, slots)!r}")
+        ns = _fill(ns, slots)
+        # Values are checked by the model before rendering and again by the executor before `ip`.
+        commands.append(Command(None if ns == HERE else ns, argv, uid, where))
     return commands
 
 
@@ -103,11 +136,15 @@ def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
 
 
 def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Command]:
+    slots: list[str] = []
+    token = _slots.set(slots)
     try:
         text = template.render(link=plan, node=plan.node_netns or HERE, group=naming.LINK_GROUP)
     except jinja2.TemplateError as e:
         raise RenderError(f"{name}: {e}") from e
-    return _parse(text, plan.uid, name)
+    finally:
+        _slots.reset(token)
+    return _parse(text, plan.uid, name, slots)
 
 
 def render_link(plan: LinkPlan, action: str) -> list[Command]:
