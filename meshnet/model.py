@@ -132,6 +132,7 @@ _NETNS_PATH = re.compile(r"(?:/var/run/netns/|/run/netns/)[A-Za-z0-9][A-Za-z0-9_
 # escapes in `kubectl get` or a log).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _STATUS_FIELDS = ("src_ip", "net_ns", "container_id", "node", "plumbing_error")
+_NOT_OURS = frozenset({naming.POD_NETWORK_IF, "lo"})
 
 
 def _bounded_text(text: str) -> str:
@@ -227,6 +228,9 @@ def _parse_link_status(raw: object, where: str, problems: list[str]) -> LinkStat
         problems.append(f"{where}.message: {why}")
     intf = raw.get("intf", "")
     why = naming.ifname_problem(intf) if intf != "" else None
+    if why is None and intf in _NOT_OURS:
+        # Garbage collection removes the names a status lists: never the pod network's or lo.
+        why = f"{intf!r} is never an interface meshnet made"
     if why:
         problems.append(f"{where}.intf: {why}")
     if len(problems) > before:

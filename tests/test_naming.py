@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from meshnet import naming
@@ -137,3 +139,10 @@ def test_a_link_uses_the_smaller_block_its_ends_recorded() -> None:
     assert naming.link_block("lab-59", 9999, -1) == naming.vni_block("lab-59")  # nonsense ignored
     assert naming.vni("lab-59", 7, 220) == 220 * naming.VNI_BLOCK_SIZE + 7
     assert naming.vni("lab-59", 7) == naming.vni("lab-59", 7, 0) == naming.vni("lab-27", 7)
+
+
+@pytest.mark.parametrize("check", [naming.k8s_name_problem, naming.netns_problem, naming.ifname_problem])
+def test_a_trailing_line_break_is_refused(check: Any) -> None:
+    # `re.match(...$)` accepts "r1\n": the rules match whole values.
+    assert check("r1") is None
+    assert check("r1\n") is not None

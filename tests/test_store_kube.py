@@ -43,7 +43,8 @@ def store(kube_api: KubeApiServer) -> Iterator[KubeStore]:
 def test_status_goes_through_the_status_subresource(kube_api: KubeApiServer, store: KubeStore) -> None:
     store.apply(topo("r1"))
     kube_api.reset_counts()
-    updated = store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/run/netns/n"))
+    updated = store.update_status("default", "r1",
+                                  lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/run/netns/n"))
     assert [(r.method, r.path) for r in kube_api.requests] == [("GET", R1), ("PUT", f"{R1}/status")]
     assert updated is not None and updated.status.src_ip == "198.51.100.1"
     stored = kube_api.get_object("topologies", "default", "r1")
