@@ -167,11 +167,9 @@ def vtep_problem(value: object) -> str | None:
         # ipaddress takes any text after '%' as an IPv6 scope id: it would reach `ip` verbatim.
         return f"{value[:80]!r} is not an IPv4 or IPv6 address (no prefix, no scope id)"
     try:
-        addr = ipaddress.ip_address(value)
+        ipaddress.ip_address(value)
     except ValueError:
         return f"{value!r} is not an IPv4 or IPv6 address (no prefix, no scope id)"
-    if str(addr) != value.lower():
-        return f"{value!r} is not written as {addr} (the canonical form)"
     return None
 
 
@@ -325,7 +323,8 @@ class TopologyStatus:
             if why:
                 problems.append(f"{obj}: status.{key}: {why}")
             else:
-                values[key] = value.lower() if key == "src_ip" else value
+                # An address is kept in its canonical form, so comparisons with a caller's are exact.
+                values[key] = str(ipaddress.ip_address(value)) if key == "src_ip" else value
         block = raw.get("vni_block")
         if block is not None:
             why = _int_problem(block, 0, naming.VNI_BLOCKS)
