@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,15 @@ _FIELD_CHECKS = {
 }
 
 
+@lru_cache(maxsize=16384)
+def _status_intf_problem(intf: str) -> str | None:
+    # Every list re-reads the same few thousand names: check each once.
+    if intf in _NOT_OURS:
+        # Garbage collection removes the names a status lists: never the pod network's or lo.
+        return f"{intf!r} is never an interface meshnet made"
+    return naming.ifname_problem(intf)
+
+
 def _parse_link_status(raw: object, where: str, problems: list[str]) -> LinkStatus | None:
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a mapping, not {type(raw).__name__}")
@@ -221,14 +230,11 @@ def _parse_link_status(raw: object, where: str, problems: list[str]) -> LinkStat
     if state not in LINK_STATES:
         problems.append(f"{where}.state: {state!r:.80} is not one of {', '.join(LINK_STATES)}")
     message = raw.get("message", "")
-    why = _text_problem(message)
+    why = _text_problem(message) if message != "" else None
     if why:
         problems.append(f"{where}.message: {why}")
     intf = raw.get("intf", "")
-    why = naming.ifname_problem(intf) if intf != "" else None
-    if why is None and intf in _NOT_OURS:
-        # Garbage collection removes the names a status lists: never the pod network's or lo.
-        why = f"{intf!r} is never an interface meshnet made"
+    why = (_status_intf_problem(intf) if type(intf) is str else naming.ifname_problem(intf)) if intf != "" else None
     if why:
         problems.append(f"{where}.intf: {why}")
     if len(problems) > before:

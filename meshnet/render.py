@@ -7,17 +7,17 @@ anything runs, so a template error never leaves a half-built link behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import jinja2
-from markupsafe import Markup
 
 from meshnet import naming
 from meshnet.plan import LinkPlan
@@ -64,28 +64,36 @@ class Command:
         return shlex.join([*prefix, *self.argv])
 
 
-# Values never shape a command. Each `{{ value }}` renders as a slot marker ("\0N\0", a character
-# no template contains) and the value is kept aside; lines and words are cut from the template's
-# own text, then each slot gets its value back inside its word. A value carrying a line break or a
-# space therefore stays one argument (which the executor refuses) instead of becoming another
-# command. Macro output is already made of template text and slots, and comes back as Markup
-# (autoescape on, so that the two can be told apart): it passes through untouched.
+# Values never shape a command. A template is rendered with every value of the plan replaced by a
+# slot marker ("\0N\0": a character no template contains), so the lines and words of its output come
+# from template text alone; each slot then gets its value back inside its word. A value carrying a
+# line break or a space therefore stays one argument (which the executor refuses) instead of
+# becoming another command. Falsy values (None, "", 0) stay as they are: templates test them.
 _SLOT = re.compile("\x00([0-9]+)\x00")
-_slots: ContextVar[list[str] | None] = ContextVar("meshnet_render_slots", default=None)
+_SLOT_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
-def _finalize(value: object) -> object:
-    if isinstance(value, Markup):
+def _slotted(value: Any, slots: list[str]) -> Any:
+    if not value:
         return value
-    slots = _slots.get()
-    if slots is None:  # a constant folded while compiling: template text itself
-        return value
+    names = _SLOT_FIELDS.get(type(value))
+    if names is None:  # once per type: a plan or an endpoint has fields, a leaf value has none
+        is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        names = _SLOT_FIELDS[type(value)] = tuple(f.name for f in dataclasses.fields(value)) if is_record else ()
+    if names:
+        # `kind` chooses the template and is never a value in a line.
+        return type(value)(*[getattr(value, n) if n == "kind" else _slotted(getattr(value, n), slots)
+                             for n in names])
     slots.append(str(value))
-    return Markup(f"\x00{len(slots) - 1}\x00")
+    return f"\x00{len(slots) - 1}\x00"
 
 
 def _fill(word: str, slots: Sequence[str]) -> str:
-    return _SLOT.sub(lambda m: slots[int(m.group(1))], word) if "\x00" in word else word
+    if "\x00" not in word:
+        return word
+    if word[0] == "\x00" and word[-1] == "\x00" and word.count("\x00") == 2:
+        return slots[int(word[1:-1])]
+    return _SLOT.sub(lambda m: slots[int(m.group(1))], word)
 
 
 @lru_cache(maxsize=4)
@@ -95,10 +103,7 @@ def environment(root: str) -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly, never renders ""
         trim_blocks=True,
         lstrip_blocks=True,
-        # Not HTML: it only marks macro output as template-made (see _finalize); literal template
-        # text is never escaped, and every value is replaced by a slot before escaping could apply.
-        autoescape=True,
-        finalize=_finalize,
+        autoescape=False,
         keep_trailing_newline=True,
         auto_reload=False,  # templates are read once per process: no stat() per rendered link
     )
@@ -114,7 +119,7 @@ def _parse(text: str, uid: int, where: str, slots: Sequence[str] = ()) -> list[C
         if not line.startswith("[") or "]" not in line:
             raise RenderError(f"{where}: output line {lineno} is not '[NETNS] ip-args': {_fill(line, slots)!r}")
         ns, _, rest = line[1:].partition("]")
-        argv = tuple(_fill(word, slots) for word in rest.split())
+        argv = tuple([w if "\x00" not in w else _fill(w, slots) for w in rest.split()])
         if not argv or _UNSAFE.search(rest) or not ns or " " in ns:
             raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {_fill(line, slots)!r}")
         ns = _fill(ns, slots)
@@ -137,13 +142,11 @@ def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
 
 def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Command]:
     slots: list[str] = []
-    token = _slots.set(slots)
     try:
-        text = template.render(link=plan, node=plan.node_netns or HERE, group=naming.LINK_GROUP)
+        text = template.render(link=_slotted(plan, slots), node=_slotted(plan.node_netns or HERE, slots),
+                               group=_slotted(naming.LINK_GROUP, slots))
     except jinja2.TemplateError as e:
         raise RenderError(f"{name}: {e}") from e
-    finally:
-        _slots.reset(token)
     return _parse(text, plan.uid, name, slots)
 
 
