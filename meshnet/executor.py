@@ -48,6 +48,63 @@ class NetnsNotFound(CommandFailed):
     pass
 
 
+class UnsafeCommand(ExecError):
+    """A command refused before `ip` ran: not from a template, or an argument that could change
+    what an `ip -batch` line means. The message names the value."""
+
+
+# The last line of defence. `ip -batch` splits a line into words at blanks, gives quotes, '#' and
+# '\' a meaning, and reads a word starting with '-' as an option. Values are checked before
+# rendering and render keeps each value one argument (render._finalize); this makes a slip in
+# either (or a status that bypassed the model) fail here, before anything runs.
+_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f'\"\\#;]")
+# What code builds by hand (rollback, garbage collection, the lab's set-up and routes): removals,
+# namespaces, `link set`, addressing and routes. Creating links is a template's job only.
+HAND_BUILT_VERBS = frozenset({("link", "del"), ("link", "set"), ("netns", "add"), ("netns", "del"),
+                              ("addr", "replace"), ("route", "replace")})
+
+
+def _value_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"is a {type(value).__name__}, not text"
+    if not value:
+        return "is empty"
+    bad = _BAD_CHAR.search(value)
+    if bad:
+        return f"contains {bad.group()!r} (whitespace, control characters, quotes, '#', '\\' and ';' are refused)"
+    if value[0] == "-":
+        return "starts with '-' (ip would read it as an option)"
+    return None
+
+
+def check_command(command: Command, *, set_up: bool = False) -> None:
+    """Raise UnsafeCommand unless `command` is safe to hand to `ip -batch` as one line.
+
+    `set_up`: the lab's infrastructure (`Executor.run_sequence`), which code builds by hand.
+    """
+    origin = command.template or "hand-built"
+    if not set_up and not command.template and command.argv[:2] not in HAND_BUILT_VERBS:
+        allowed = ", ".join(sorted(" ".join(v) for v in HAND_BUILT_VERBS))
+        raise UnsafeCommand(f"refused: {' '.join(map(repr, command.argv))[:200]} does not come from a "
+                            f"template (commands built by hand may only: {allowed})", command)
+    if command.netns is not None:
+        why = _value_problem(command.netns)
+        if why:
+            raise UnsafeCommand(f"refused: namespace {command.netns!r:.200} {why} "
+                                f"({origin}: ip -n ... {' '.join(command.argv[:2])})", command)
+    for i, arg in enumerate(command.argv):
+        why = _value_problem(arg)
+        if why:
+            raise UnsafeCommand(f"refused: argument {i + 1}, {arg!r:.200}, {why} "
+                                f"({origin}: ip {' '.join(command.argv[:i])} ...)", command)
+
+
+def check_commands(commands: Sequence[Command], *, set_up: bool = False) -> None:
+    """Every command checked before the first one runs (a batch is never half refused)."""
+    for c in commands:
+        check_command(c, set_up=set_up)
+
+
 # Messages that mean "already gone": a deletion tolerates them.
 _GONE = ("Cannot find device", "does not exist", "Cannot open network namespace", "No such device",
          "Cannot assign requested address")
@@ -150,6 +207,7 @@ class Executor:
 
     def apply(self, commands: Sequence[Command]) -> None:
         """Run commands that build links; on failure remove what this call created, then raise."""
+        check_commands(commands)
         if self.dry_run:
             self.recorded.extend(commands)
             return
@@ -177,7 +235,10 @@ class Executor:
 
         For set-up steps whose order matters across namespaces (`netns add` before `link add ...
         netns`), which `apply`'s phases would reorder. No rollback: callers tear down by namespace.
+        Only the lab builds its emulated infrastructure (bridges, underlay veths) this way, so any
+        verb may come from code here; every argument is still checked.
         """
+        check_commands(commands, set_up=True)
         if self.dry_run:
             self.recorded.extend(commands)
             return
@@ -197,6 +258,7 @@ class Executor:
     def run_best_effort(self, commands: Sequence[Command]) -> list[str]:
         """Run every command (`ip -force`: a failure does not stop the batch), for tearing down.
         Failures because something is already gone are fine; returns the other errors."""
+        check_commands(commands)
         if self.dry_run:
             self.recorded.extend(commands)
             return []

@@ -8,9 +8,10 @@ value: names are checked by `naming`, addresses by `ipaddress`, numbers by range
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,10 @@ class Skip:
     link_id: int
 
 
+LINK_KINDS = ("", "veth", "vxlan", "macvlan")  # "" while the link is pending (no kind chosen yet)
+LINK_STATES = ("up", "pending", "error")
+
+
 @dataclass(frozen=True)
 class LinkStatus:
     uid: int
@@ -100,10 +105,176 @@ class LinkStatus:
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {"uid": self.uid, "kind": self.kind, "state": self.state}
         if self.message:
-            out["message"] = self.message
+            out["message"] = _bounded_text(self.message)
         if self.intf:
             out["intf"] = self.intf
         return out
+
+
+# --- status: written by every node's daemon, so read back as untrusted as a user's spec -------------
+#
+# Whoever can write one Topology's status (any node's service account) must not be able to steer
+# another node's daemon: every value is checked as strictly as a spec value, and a status with any
+# problem counts as "pod not alive" (its values are dropped, never rendered). The CRD's status
+# schema (manifests/base/crd.yaml) states the same rules; tests/test_manifests.py checks both
+# against one corpus (tests/bad/status/).
+
+MAX_TEXT = 4096  # messages and plumbing_error: display only, but bounded (logs, kubectl, etcd)
+MAX_STATUS_ITEMS = naming.MAX_UID + 1  # one entry per link uid at most
+# CNI's container id rule (^[A-Za-z0-9][A-Za-z0-9_.-]*$), bounded: runtimes use 64 hex digits.
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+# Where runtimes keep pod namespaces: a name under /var/run/netns or /run/netns, or a process's
+# /proc/<pid>/ns/net. No `..`, no other directory; /proc/1 is the host's own namespace and
+# /proc/self the reader's, so neither is a pod's.
+_NETNS_PATH = re.compile(r"(?:/var/run/netns/|/run/netns/)[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+                         r"|/proc/(?:[2-9]|[1-9][0-9]{1,9})/ns/net")
+# Free text may carry tabs and line breaks (an `ip` error), no other control character (terminal
+# escapes in `kubectl get` or a log).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_STATUS_FIELDS = ("src_ip", "net_ns", "container_id", "node", "plumbing_error")
+_NOT_OURS = frozenset({naming.POD_NETWORK_IF, "lo"})
+
+
+def _bounded_text(text: str) -> str:
+    """What a daemon writes as free text: within the limits it checks when reading it back."""
+    text = _CONTROL.sub(" ", text)
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+
+
+def _text_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if len(value) > MAX_TEXT:
+        return f"is {len(value)} characters long; at most {MAX_TEXT}"
+    if _CONTROL.search(value):
+        return f"{value[:80]!r} contains a control character"
+    return None
+
+
+def _int_problem(value: object, low: int, high: int) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"must be an integer, not {value!r:.80}"
+    if not low <= value <= high:
+        return f"{value} is outside {low}..{high}"
+    return None
+
+
+def vtep_problem(value: object) -> str | None:
+    """Why `value` is not a VTEP address as a status records it (a bare address, no prefix)."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if len(value) > 45 or "%" in value:
+        # ipaddress takes any text after '%' as an IPv6 scope id: it would reach `ip` verbatim.
+        return f"{value[:80]!r} is not an IPv4 or IPv6 address (no prefix, no scope id)"
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not an IPv4 or IPv6 address (no prefix, no scope id)"
+    return None
+
+
+def netns_path_problem(value: object) -> str | None:
+    """Why `value` is not a pod network-namespace path meshnet accepts from a status."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not _NETNS_PATH.fullmatch(value):
+        return (f"{value[:120]!r} is not /var/run/netns/NAME, /run/netns/NAME or /proc/PID/ns/net "
+                f"(PID > 1)")
+    return None
+
+
+def container_id_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not _CONTAINER_ID.fullmatch(value):
+        return (f"{value[:80]!r} is not a container id (letters, digits, '_', '.', '-', starting with "
+                f"a letter or digit; at most 255)")
+    return None
+
+
+def _node_problem(value: object) -> str | None:
+    return naming.k8s_name_problem(value)
+
+
+_FIELD_CHECKS = {
+    "src_ip": vtep_problem,
+    "net_ns": netns_path_problem,
+    "container_id": container_id_problem,
+    "node": _node_problem,
+    "plumbing_error": _text_problem,
+}
+
+
+@lru_cache(maxsize=16384)
+def _status_intf_problem(intf: str) -> str | None:
+    # Every list re-reads the same few thousand names: check each once.
+    if intf in _NOT_OURS:
+        # Garbage collection removes the names a status lists: never the pod network's or lo.
+        return f"{intf!r} is never an interface meshnet made"
+    return naming.ifname_problem(intf)
+
+
+def _parse_link_status(raw: object, where: str, problems: list[str]) -> LinkStatus | None:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: must be a mapping, not {type(raw).__name__}")
+        return None
+    before = len(problems)
+    uid = raw.get("uid")
+    why = _int_problem(uid, 0, naming.MAX_UID)
+    if why:
+        problems.append(f"{where}.uid: {why}")
+    kind = raw.get("kind", "")
+    if kind not in LINK_KINDS:
+        problems.append(f"{where}.kind: {kind!r:.80} is not one of {', '.join(k for k in LINK_KINDS if k)} (or empty)")
+    state = raw.get("state")
+    if state not in LINK_STATES:
+        problems.append(f"{where}.state: {state!r:.80} is not one of {', '.join(LINK_STATES)}")
+    message = raw.get("message", "")
+    why = _text_problem(message) if message != "" else None
+    if why:
+        problems.append(f"{where}.message: {why}")
+    intf = raw.get("intf", "")
+    why = (_status_intf_problem(intf) if type(intf) is str else naming.ifname_problem(intf)) if intf != "" else None
+    if why:
+        problems.append(f"{where}.intf: {why}")
+    if len(problems) > before:
+        return None
+    return LinkStatus(uid, kind, state, message, intf)  # type: ignore[arg-type]
+
+
+def _parse_skip(raw: object, where: str, problems: list[str]) -> Skip | None:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: must be a mapping, not {type(raw).__name__}")
+        return None
+    before = len(problems)
+    why = naming.k8s_name_problem(raw.get("pod_name"))
+    if why:
+        problems.append(f"{where}.pod_name: {why}")
+    why = _int_problem(raw.get("link_id"), 0, naming.MAX_UID)
+    if why:
+        problems.append(f"{where}.link_id: {why}")
+    if len(problems) > before:
+        return None
+    return Skip(raw["pod_name"], raw["link_id"])
+
+
+def _parse_list(raw: Mapping[str, Any], key: str, obj: str, problems: list[str],
+                parse: Any) -> list[Any]:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{obj}: status.{key}: must be a list, not {type(value).__name__}")
+        return []
+    if len(value) > MAX_STATUS_ITEMS:
+        problems.append(f"{obj}: status.{key}: has {len(value)} entries; at most {MAX_STATUS_ITEMS}")
+        return []
+    out = []
+    for i, item in enumerate(value):
+        parsed = parse(item, f"{obj}: status.{key}[{i}]", problems)
+        if parsed is not None:
+            out.append(parsed)
+    return out
 
 
 @dataclass(frozen=True)
@@ -116,16 +287,22 @@ class TopologyStatus:
     links: tuple[LinkStatus, ...] = ()
     plumbing_error: str = ""
     vni_block: int = 0  # the namespace's VNI block as this pod recorded it (naming.choose_vni_block)
+    # Why the status read back was refused, one line per pod and field ("Topology ns/pod:
+    # status.net_ns: ..."). Any problem makes the pod count as not alive; refused values are
+    # dropped (empty), so nothing downstream can use them. Never written back.
+    problems: tuple[str, ...] = ()
 
     @property
     def alive(self) -> bool:
-        return bool(self.src_ip and self.net_ns)
+        return bool(self.src_ip and self.net_ns) and not self.problems
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key in ("src_ip", "net_ns", "container_id", "node", "plumbing_error"):
+        for key in ("src_ip", "net_ns", "container_id", "node"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
+        if self.plumbing_error:
+            out["plumbing_error"] = _bounded_text(self.plumbing_error)
         if self.skipped:
             out["skipped"] = [{"pod_name": s.pod_name, "link_id": s.link_id} for s in self.skipped]
         if self.links:
@@ -135,34 +312,38 @@ class TopologyStatus:
         return out
 
     @classmethod
-    def from_api(cls, raw: Mapping[str, Any] | None) -> TopologyStatus:
-        # Status is written by meshnet daemons (ours or the original's): read it leniently.
-        if not raw:
+    def from_api(cls, raw: object, obj: str = "Topology") -> TopologyStatus:
+        """Parse a status as read back from a store. Never raises: what is malformed is dropped
+        and listed in `problems` (naming `obj`, e.g. "Topology ns/pod", and the field)."""
+        if raw is None or raw == {}:
             return cls()
-        return cls(
-            src_ip=str(raw.get("src_ip") or ""),
-            net_ns=str(raw.get("net_ns") or ""),
-            container_id=str(raw.get("container_id") or ""),
-            node=str(raw.get("node") or ""),
-            skipped=tuple(
-                Skip(str(s.get("pod_name", "")), int(s.get("link_id", 0))) for s in raw.get("skipped") or ()
-            ),
-            links=tuple(
-                LinkStatus(int(ls.get("uid", 0)), str(ls.get("kind", "")), str(ls.get("state", "")),
-                           str(ls.get("message", "")), str(ls.get("intf", "")))
-                for ls in raw.get("links") or ()
-            ),
-            plumbing_error=str(raw.get("plumbing_error") or ""),
-            vni_block=_int_or_zero(raw.get("vni_block")),
-        )
-
-
-def _int_or_zero(value: object) -> int:
-    """A status number written by a daemon, or 0 when it is missing or not a number."""
-    try:
-        return int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else 0
-    except ValueError:
-        return 0
+        problems: list[str] = []
+        if not isinstance(raw, Mapping):
+            return cls(problems=(f"{obj}: status: must be a mapping, not {type(raw).__name__}",))
+        values: dict[str, Any] = {}
+        for key in _STATUS_FIELDS:
+            value = raw.get(key)
+            if value is None or value == "":
+                continue
+            why = _FIELD_CHECKS[key](value)
+            if why:
+                problems.append(f"{obj}: status.{key}: {why}")
+            else:
+                # An address is kept in its canonical form, so comparisons with a caller's are exact.
+                values[key] = str(ipaddress.ip_address(value)) if key == "src_ip" else value
+        block = raw.get("vni_block")
+        if block is not None:
+            why = _int_problem(block, 0, naming.VNI_BLOCKS)
+            if why:
+                problems.append(f"{obj}: status.vni_block: {why}")
+            else:
+                values["vni_block"] = block
+        links = _parse_list(raw, "links", obj, problems, _parse_link_status)
+        skipped = _parse_list(raw, "skipped", obj, problems, _parse_skip)
+        # Refused values are left out (empty); the valid rest is kept (a container id still
+        # guards DEL ordering, link intfs still bound garbage collection), but `problems` makes
+        # the pod not alive, so no plan is made from it.
+        return cls(skipped=tuple(skipped), links=tuple(links), problems=tuple(problems), **values)
 
 
 @dataclass(frozen=True)
@@ -349,7 +530,7 @@ def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
             problems.append(f"{where}: peer_pod: a link from {name} to itself (self-loop) is not allowed")
     if problems:
         raise ManifestError(problems)
-    status = TopologyStatus.from_api(raw.get("status") if isinstance(raw.get("status"), Mapping) else None)
+    status = TopologyStatus.from_api(raw.get("status"), obj)
     return Topology(name, namespace, tuple(links), status, rv, source)
 
 

@@ -27,7 +27,8 @@ _IP_KEYWORDS = frozenset({
     "master", "mtu", "name", "netns", "nomaster", "peer", "set", "show", "txqueuelen", "type", "up", "vf",
 })
 
-# Kubernetes object names (DNS-1123 subdomain) and namespaces (DNS-1123 label).
+# Kubernetes object names (DNS-1123 subdomain) and namespaces (DNS-1123 label). Always used with
+# fullmatch: `$` alone also matches before a trailing line break ("r1\n" would pass).
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -58,7 +59,7 @@ def ifname_problem(name: object) -> str | None:
         return f"{name!r} contains {bad.group()!r}; whitespace, '/', ':', quotes, '#' and '\\' are not allowed"
     if not name.isprintable():
         return f"{name!r} contains a non-printable character"
-    if not _IFNAME_OK.match(name):
+    if not _IFNAME_OK.fullmatch(name):
         return f"{name!r}: only letters, digits, '_', '.' and '-' are allowed, starting with a letter or digit"
     if name in _IP_KEYWORDS:
         return f"{name!r} is a keyword of `ip link` and cannot name an interface"
@@ -71,14 +72,14 @@ def k8s_name_problem(name: object, *, label: bool = False) -> str | None:
         return f"must be a string, not {type(name).__name__}"
     limit = 63 if label else 253
     pattern = _DNS1123_LABEL if label else _DNS1123_SUBDOMAIN
-    if not name or len(name) > limit or not pattern.match(name):
+    if not name or len(name) > limit or not pattern.fullmatch(name):
         kind = "DNS-1123 label" if label else "DNS-1123 subdomain"
         return f"{name!r} is not a valid {kind} (lower-case letters, digits, '-', at most {limit} chars)"
     return None
 
 
 def netns_problem(name: object) -> str | None:
-    if not isinstance(name, str) or not _NETNS.match(name):
+    if not isinstance(name, str) or not _NETNS.fullmatch(name):
         return f"{name!r} is not a usable network-namespace name (letters, digits, '_', '.', '-'; ≤ 63)"
     return None
 

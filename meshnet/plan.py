@@ -40,6 +40,14 @@ class PodState:
     src_ip: str = ""
     netns: str = ""  # the iproute2 name of its network namespace
     vni_block: int = 0  # the VNI block it recorded (naming.link_block)
+    # Why its status was refused (model.TopologyStatus.problems): such a pod is never alive.
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def from_topology(cls, topo: Topology, netns: str = "") -> PodState:
+        """The pod as its (validated) status describes it; `netns`: its iproute2 name, if known."""
+        st = topo.status
+        return cls(topo.name, st.alive, st.node, st.src_ip, netns, st.vni_block, st.problems)
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,9 @@ def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
     local = Endpoint(netns, link.local_intf, link.local_ip, mac)
     if link.is_macvlan:
         return MacvlanPlan(link.uid, local, link.peer_intf, node.netns, link.mtu)
+    if peer is not None and peer.problems:
+        # A refused status (forged or corrupt) never reaches a command; the link says why it waits.
+        return Pending(link.uid, link.peer_pod, f"peer pod {link.peer_pod}'s status is refused: {peer.problems[0]}")
     if peer is None or not peer.alive:
         return Pending(link.uid, link.peer_pod, pending_reason(link.peer_pod))
     if peer.node == node.name:

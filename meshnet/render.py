@@ -7,13 +7,15 @@ anything runs, so a template error never leaves a half-built link behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -44,6 +46,9 @@ class Command:
     netns: str | None
     argv: tuple[str, ...]
     uid: int = -1  # the link it belongs to, for journals and rollback
+    # The template whose line this is ("" for the few commands code builds by hand: the executor
+    # allows those only a closed set of verbs, see executor.check_command).
+    template: str = field(default="", compare=False)
 
     @property
     def creates(self) -> tuple[str | None, str] | None:
@@ -59,6 +64,38 @@ class Command:
         return shlex.join([*prefix, *self.argv])
 
 
+# Values never shape a command. A template is rendered with every value of the plan replaced by a
+# slot marker ("\0N\0": a character no template contains), so the lines and words of its output come
+# from template text alone; each slot then gets its value back inside its word. A value carrying a
+# line break or a space therefore stays one argument (which the executor refuses) instead of
+# becoming another command. Falsy values (None, "", 0) stay as they are: templates test them.
+_SLOT = re.compile("\x00([0-9]+)\x00")
+_SLOT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _slotted(value: Any, slots: list[str]) -> Any:
+    if not value:
+        return value
+    names = _SLOT_FIELDS.get(type(value))
+    if names is None:  # once per type: a plan or an endpoint has fields, a leaf value has none
+        is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        names = _SLOT_FIELDS[type(value)] = tuple(f.name for f in dataclasses.fields(value)) if is_record else ()
+    if names:
+        # `kind` chooses the template and is never a value in a line.
+        return type(value)(*[getattr(value, n) if n == "kind" else _slotted(getattr(value, n), slots)
+                             for n in names])
+    slots.append(str(value))
+    return f"\x00{len(slots) - 1}\x00"
+
+
+def _fill(word: str, slots: Sequence[str]) -> str:
+    if "\x00" not in word:
+        return word
+    if word[0] == "\x00" and word[-1] == "\x00" and word.count("\x00") == 2:
+        return slots[int(word[1:-1])]
+    return _SLOT.sub(lambda m: slots[int(m.group(1))], word)
+
+
 @lru_cache(maxsize=4)
 def environment(root: str) -> jinja2.Environment:
     return jinja2.Environment(
@@ -72,21 +109,22 @@ def environment(root: str) -> jinja2.Environment:
     )
 
 
-def _parse(text: str, uid: int, where: str) -> list[Command]:
+def _parse(text: str, uid: int, where: str, slots: Sequence[str] = ()) -> list[Command]:
+    """Template output (values as slots) → commands; lines and words come from template text only."""
     commands: list[Command] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
             continue
         if not line.startswith("[") or "]" not in line:
-            raise RenderError(f"{where}: output line {lineno} is not '[NETNS] ip-args': {line!r}")
+            raise RenderError(f"{where}: output line {lineno} is not '[NETNS] ip-args': {_fill(line, slots)!r}")
         ns, _, rest = line[1:].partition("]")
-        # Values are validated before rendering (no whitespace or quotes in names, addresses via
-        # ipaddress), so a plain split is exact; the checks below keep it so.
-        argv = tuple(rest.split())
+        argv = tuple([w if "\x00" not in w else _fill(w, slots) for w in rest.split()])
         if not argv or _UNSAFE.search(rest) or not ns or " " in ns:
-            raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {line!r}")
-        commands.append(Command(None if ns == HERE else ns, argv, uid))
+            raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {_fill(line, slots)!r}")
+        ns = _fill(ns, slots)
+        # Values are checked by the model before rendering and again by the executor before `ip`.
+        commands.append(Command(None if ns == HERE else ns, argv, uid, where))
     return commands
 
 
@@ -103,11 +141,13 @@ def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
 
 
 def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Command]:
+    slots: list[str] = []
     try:
-        text = template.render(link=plan, node=plan.node_netns or HERE, group=naming.LINK_GROUP)
+        text = template.render(link=_slotted(plan, slots), node=_slotted(plan.node_netns or HERE, slots),
+                               group=_slotted(naming.LINK_GROUP, slots))
     except jinja2.TemplateError as e:
         raise RenderError(f"{name}: {e}") from e
-    return _parse(text, plan.uid, name)
+    return _parse(text, plan.uid, name, slots)
 
 
 def render_link(plan: LinkPlan, action: str) -> list[Command]:

@@ -59,10 +59,12 @@ def ip_argv(fp: FakeProcess, netns: str | None, *, force: bool = False) -> list[
 
 
 def veth(uid: int, a: str, b: str, intf: str, node: str | None = "node") -> list[Command]:
+    # As templates/veth/add.j2 would render them (the executor runs `link add` from templates only).
+    t = "veth/add.j2"
     return [
-        Command(node, ("link", "add", intf, "netns", a, "type", "veth", "peer", "name", intf, "netns", b), uid),
-        Command(a, ("link", "set", intf, "up"), uid),
-        Command(b, ("link", "set", intf, "up"), uid),
+        Command(node, ("link", "add", intf, "netns", a, "type", "veth", "peer", "name", intf, "netns", b), uid, t),
+        Command(a, ("link", "set", intf, "up"), uid, t),
+        Command(b, ("link", "set", intf, "up"), uid, t),
     ]
 
 
@@ -107,7 +109,8 @@ def test_one_batch_per_namespace_and_phase(fp: FakeProcess, ip_calls: list[Call]
 
 def test_stdin_is_exactly_one_line_per_command(fp: FakeProcess, ip_calls: list[Call]) -> None:
     fp.register(ip_argv(fp, "pa"))
-    cmds = [Command("pa", ("addr", "add", "10.0.0.1/30", "dev", "eth1")), Command("pa", ("link", "set", "eth1", "up"))]
+    cmds = [Command("pa", ("addr", "add", "10.0.0.1/30", "dev", "eth1"), template="veth/add.j2"),
+            Command("pa", ("link", "set", "eth1", "up"), template="veth/add.j2")]
     Executor().apply(cmds)
     assert ip_calls[0][1] == "addr add 10.0.0.1/30 dev eth1\nlink set eth1 up\n"
 

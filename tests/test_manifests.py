@@ -81,9 +81,19 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    # The API server's regexes are RE2, where `$` is the end of the text; Python's `$` also
+    # matches before a final line break, which would let "r1\n" pass here but not there.
+    if validator.is_type(instance, "string") and not re.search(pattern.replace("$", r"\Z"), instance):
+        yield jsonschema.ValidationError(f"{instance[:80]!r} does not match {pattern[:80]!r}")
+
+
+ApiServerValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"pattern": _re2_pattern})
+
+
 def topology_problems(schema: dict[str, Any], topology: dict[str, Any]) -> list[str]:
     """What the API server would reject in `topology` (schema + list-map key uniqueness)."""
-    validator = jsonschema.Draft7Validator(strict(schema))
+    validator = ApiServerValidator(strict(schema))
     problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(topology)]
     links = topology.get("spec", {}).get("links", [])
     uids = [link.get("uid") for link in links if isinstance(link, dict)]
@@ -302,8 +312,9 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
     objects = rendered["base"]
     rules = only(objects, "ClusterRole")["rules"]
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {("networkop.co.uk", "topologies", v) for v in ("get", "list", "watch", "update", "patch")} | {
-        ("networkop.co.uk", "topologies/status", v) for v in ("get", "update", "patch")}
+    # Read Topologies, write only their status: a node cannot change any pod's links (issue 12).
+    assert granted == {("networkop.co.uk", "topologies", v) for v in ("get", "list", "watch")} | {
+        ("networkop.co.uk", "topologies/status", "update")}
     binding = only(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == only(objects, "ClusterRole")["metadata"]["name"]
     sa = only(objects, "ServiceAccount")
@@ -483,3 +494,82 @@ def test_crd_interface_names_follow_meshnets_rule(rendered: dict[str, list[dict[
         crd_ok = topology_problems(schema, _topology(**{side: name})) == []
         meshnet_ok = naming.ifname_problem(name) is None and not (side == "local_intf" and name == "eth0")
         assert crd_ok == meshnet_ok, f"{side}={name!r}: CRD {'accepts' if crd_ok else 'rejects'} it, meshnet does not"
+
+
+def test_the_daemon_needs_no_more_than_the_cluster_role_grants() -> None:
+    """What meshnetd calls: the kube store's reads and its status replace. The store's apply and
+    delete (create/replace/delete a Topology) are for `meshnetctl` with the user's credentials
+    and the single-node mode's own store; the daemon never calls them."""
+    daemon = "\n".join(p.read_text() for p in (ROOT / "meshnet" / "daemon").glob("*.py"))
+    assert not re.search(r"store\.(apply|delete)\(", daemon)
+    kube = (ROOT / "meshnet" / "store" / "kube.py").read_text()
+    update_status = kube[kube.index("    def update_status("):]
+    update_status = update_status[: update_status.index("\n    def ", 10)]
+    calls = set(re.findall(r"self\._api\.(\w+)", update_status))
+    assert calls <= {"get_namespaced_custom_object", "replace_namespaced_custom_object_status"}, calls
+    assert "patch_namespaced_custom_object" not in kube
+    topo_kube = (ROOT / "meshnet" / "topo" / "kube.py").read_text()
+    assert "load_kube_config" in topo_kube  # meshnetctl create/destroy: the user's kubeconfig
+
+
+# --- status: the same corpus as the model (tests/bad/status, tests/test_status_corpus.py) -------
+
+GOOD_STATUSES: list[dict[str, Any]] = [
+    {},
+    {"src_ip": "198.51.100.2", "net_ns": "/var/run/netns/cni-2", "container_id": "c0ffee", "node": "node1"},
+    {"src_ip": "2001:db8::2", "net_ns": "/run/netns/netns-1f2e", "container_id": "a" * 64, "node": "kind-worker.x"},
+    {"src_ip": "203.0.113.9", "net_ns": "/proc/2/ns/net", "container_id": "ID_1.x-y", "node": "n"},
+    {"src_ip": "203.0.113.9", "net_ns": "/proc/4194304/ns/net", "container_id": "a" * 255, "node": "a" * 253},
+    {"net_ns": "/var/run/netns/" + "a" * 63, "vni_block": 4000, "plumbing_error": "ip: RTNETLINK answers:\tbusy\n"},
+    {"skipped": [{"pod_name": "r1", "link_id": 0}, {"pod_name": "r3.x", "link_id": 4095}], "vni_block": 1},
+    {"links": [{"uid": 0, "kind": "", "state": "pending", "message": "peer pod r1 is not up yet"},
+               {"uid": 4095, "kind": "vxlan", "state": "up", "intf": "e" * 15},
+               {"uid": 2, "kind": "macvlan", "state": "error", "message": "x" * 4096, "intf": "eth0.1"},
+               {"uid": 3, "kind": "veth", "state": "up", "intf": "", "vni": 5001}]},
+]
+
+
+def _status_topology(status: Any) -> dict[str, Any]:
+    topology = _topology()
+    topology["status"] = status
+    return topology
+
+
+@pytest.mark.parametrize("status", GOOD_STATUSES, ids=range(len(GOOD_STATUSES)))
+def test_crd_and_model_accept_the_same_good_statuses(rendered: dict[str, list[dict[str, Any]]],
+                                                     status: dict[str, Any]) -> None:
+    from meshnet.model import TopologyStatus
+
+    assert topology_problems(crd_schema(rendered["base"]), _status_topology(status)) == []
+    parsed = TopologyStatus.from_api(status, "Topology default/r1")
+    assert parsed.problems == ()
+
+
+def test_crd_refuses_every_forged_status_the_model_refuses(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from meshnet.model import TopologyStatus
+    from tests.test_status_corpus import FORGED
+
+    schema = crd_schema(rendered["base"])
+    for name, doc, expect in FORGED:
+        assert TopologyStatus.from_api(doc["status"], "Topology default/r2").problems, name
+        problems = topology_problems(schema, _status_topology(doc["status"]))
+        assert problems, f"{name}: the CRD accepts what meshnet refuses ({expect})"
+        assert all(p.startswith("status") for p in problems), (name, problems)
+
+
+def test_status_address_pattern_agrees_with_the_model(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import ipaddress
+    import random
+
+    from meshnet.model import vtep_problem
+
+    status = crd_schema(rendered["base"])["properties"]["status"]["properties"]
+    pattern = re.compile(status["src_ip"]["pattern"].replace("$", r"\Z"))
+    rng = random.Random(51111)
+    for _ in range(300):
+        v4 = ipaddress.IPv4Address(rng.getrandbits(32))
+        v6 = ipaddress.IPv6Address(rng.getrandbits(128) & ~(0xFFFF << rng.choice([0, 32, 64])))
+        for text in (str(v4), str(v6), v6.exploded, str(v6).upper()):
+            assert vtep_problem(text) is None and pattern.search(text), text
+    for text in ["1.2.3", "01.2.3.4", "1.2.3.4/32", "1.2.3.4\n", " 1.2.3.4", "::1::", "fe80::1%eth0", "-x", ""]:
+        assert vtep_problem(text) is not None and not pattern.search(text), text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from meshnet import naming
@@ -148,3 +150,10 @@ def test_a_link_uses_the_smaller_block_its_ends_recorded() -> None:
 ])
 def test_host_port_brackets_an_ipv6_address(vtep: str, address: str) -> None:
     assert naming.host_port(vtep, 51111) == address
+
+
+@pytest.mark.parametrize("check", [naming.k8s_name_problem, naming.netns_problem, naming.ifname_problem])
+def test_a_trailing_line_break_is_refused(check: Any) -> None:
+    # `re.match(...$)` accepts "r1\n": the rules match whole values.
+    assert check("r1") is None
+    assert check("r1\n") is not None

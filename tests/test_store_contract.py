@@ -81,7 +81,7 @@ def test_apply_then_get(store: Store) -> None:
 
 def test_apply_does_not_write_status(store: Store) -> None:
     """Status belongs to the daemons (the CR's status subresource): a create starts without one."""
-    stored = store.apply(topo("r1").with_status(TopologyStatus(src_ip="10.0.0.1", net_ns="/x")))
+    stored = store.apply(topo("r1").with_status(TopologyStatus(src_ip="10.0.0.1", net_ns="/run/netns/x")))
     assert stored.status == TopologyStatus()
     got = store.get("default", "r1")
     assert got is not None and got.status == TopologyStatus()
@@ -239,7 +239,7 @@ def test_watch_reports_changes_after_it_started(store: Store) -> None:
     def changes() -> None:
         store.apply(topo("r1"))
         store.apply(topo("r9", "other", peer="r8"))
-        store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.2", net_ns="/n"))
+        store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.2", net_ns="/run/netns/n"))
         store.delete("default", "r1")
 
     events = watch_until(store, 3, changes, namespace="default")

@@ -43,16 +43,17 @@ def store(kube_api: KubeApiServer) -> Iterator[KubeStore]:
 def test_status_goes_through_the_status_subresource(kube_api: KubeApiServer, store: KubeStore) -> None:
     store.apply(topo("r1"))
     kube_api.reset_counts()
-    updated = store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/n"))
+    updated = store.update_status("default", "r1",
+                                  lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/run/netns/n"))
     assert [(r.method, r.path) for r in kube_api.requests] == [("GET", R1), ("PUT", f"{R1}/status")]
     assert updated is not None and updated.status.src_ip == "198.51.100.1"
     stored = kube_api.get_object("topologies", "default", "r1")
-    assert stored is not None and stored["status"] == {"src_ip": "198.51.100.1", "net_ns": "/n"}
+    assert stored is not None and stored["status"] == {"src_ip": "198.51.100.1", "net_ns": "/run/netns/n"}
 
 
 def test_apply_of_an_existing_topology_replaces_the_main_resource(kube_api: KubeApiServer, store: KubeStore) -> None:
     store.apply(topo("r1"))
-    store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/n"))
+    store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/run/netns/n"))
     kube_api.reset_counts()
     changed = store.apply(Topology("r1", "default", (Link(1, "r2", "eth1", "eth2"),)))
     assert [(r.method, r.path) for r in kube_api.requests] == [

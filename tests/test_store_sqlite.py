@@ -67,7 +67,8 @@ def test_reopen_keeps_data(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "store.db"  # the directory is created too
     store = SqliteStore(db)
     store.apply(topo("r1"))
-    written = store.update_status("default", "r1", lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/n"))
+    written = store.update_status("default", "r1",
+                                  lambda t: TopologyStatus(src_ip="198.51.100.1", net_ns="/run/netns/n"))
     store.close()
     again = SqliteStore(db)
     assert again.get("default", "r1") == written

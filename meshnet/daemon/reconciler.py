@@ -135,6 +135,10 @@ class Reconciler:
                 self._remove_all(old)
         else:
             old = state.see(topo)
+            if topo.status.problems and (old is None or old.status.problems != topo.status.problems):
+                # A forged or corrupt status: the pod counts as not alive (model.TopologyStatus).
+                state.log(event="status-refused", pod=f"{topo.namespace}/{topo.name}",
+                          problems=list(topo.status.problems))
         touched = pods_touched(event_type, old, topo, {t.key: t for t in state.seen()}, state.node.name)
         if touched.vtep_heard:
             address = self.peers.address(touched.vtep_heard)

@@ -63,7 +63,7 @@ class NodeState:
                 except netns.NetnsError:
                     ns_name = ""
             alive = st.alive and (st.node != self.node.name or bool(ns_name))
-            states[t.name] = PodState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block)
+            states[t.name] = PodState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block, st.problems)
         return states
 
     # --- the watch's copies --------------------------------------------------------------------

@@ -83,8 +83,19 @@ def _parsed_spec(namespace: str, name: str, spec: str) -> Topology:
     })
 
 
+def _status(namespace: str, name: str, text: str) -> TopologyStatus:
+    """A stored status: a file on disk is untrusted input, so it is parsed like any other status
+    (a malformed one makes the pod not alive, it never makes a read fail)."""
+    obj = f"{KIND} {namespace}/{name}"
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        return TopologyStatus(problems=(f"{obj}: status: not valid JSON ({e})",))
+    return TopologyStatus.from_api(raw, obj)
+
+
 def _topology(namespace: str, name: str, spec: str, status: str, resource_version: int) -> Topology:
-    return replace(_parsed_spec(namespace, name, spec), status=TopologyStatus.from_api(json.loads(status)),
+    return replace(_parsed_spec(namespace, name, spec), status=_status(namespace, name, status),
                    resource_version=str(resource_version))
 
 
@@ -289,7 +300,7 @@ class SqliteStore:
         if spec is None:
             seen = known.get((namespace, name))
             if seen is not None:
-                return replace(seen, status=TopologyStatus.from_api(json.loads(status)),
+                return replace(seen, status=_status(namespace, name, status),
                                resource_version=str(change_id))
             try:
                 row = self._db().execute("SELECT spec FROM topology WHERE namespace = ? AND name = ?",
