@@ -18,18 +18,20 @@ from typing import Any, Protocol
 from meshnet import naming
 from meshnet.cni import delegate, results, spec
 from meshnet.cni.spec import CniError, CniRequest
-from meshnet.daemon import netns
+from meshnet.daemon import netns, peer_auth
 from meshnet.executor import ExecError, Executor, LinkExists
 from meshnet.model import Link, LinkStatus, ManifestError, Skip, Topology, TopologyStatus
 from meshnet.plan import (
     Endpoint,
     LinkPlan,
+    MacvlanParentRefused,
     NodeInfo,
     PeerState,
     PodPlan,
     RemoteEnd,
     VethPlan,
     VxlanPlan,
+    check_macvlan_parents,
     plan_pod,
     plan_remote_end,
 )
@@ -267,6 +269,8 @@ class Meshnet:
             raise CniError(spec.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
         except netns.NetnsError as e:
             raise CniError(spec.INVALID_ENV, "network namespace", str(e)) from e
+        except MacvlanParentRefused as e:
+            raise CniError(spec.TOPOLOGY_INVALID, "macvlan parent refused", str(e)) from e
         finally:
             with self._inflight_lock:
                 self._inflight -= 1
@@ -327,6 +331,7 @@ class Meshnet:
         topo = self.store.get(namespace, pod) if pod else None
         if topo is None:
             return None
+        check_macvlan_parents(topo, self.node)  # before the pod is marked alive: nothing to undo
         ns_name = netns.resolve(req.netns)
         block = self._vni_block(topo)
 
@@ -661,9 +666,11 @@ class Meshnet:
             out.append((topo, items))
         return out
 
-    def peer_update(self, reqs: Sequence[PeerLink]) -> list[str]:
-        """Build or update this node's ends of a batch of vxlan links (one batch per calling node)."""
+    def peer_update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:
+        """Build or update this node's ends of a batch of vxlan links (one batch per calling node).
+        `caller`: who sent it (peers.py); None only for in-process calls."""
         groups = self._backed(reqs)
+        self._authorize("update", reqs, caller)
         work = []
         for topo, items in groups:
             st = topo.status
@@ -672,12 +679,12 @@ class Meshnet:
             callers: dict[str, PeerState] = {}
             for _, req in items:
                 if req.peer_pod not in callers:
-                    caller = self.store.get(req.namespace, req.peer_pod)
-                    if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
-                            or caller.status.node == self.node.name:
+                    far = self.store.get(req.namespace, req.peer_pod)
+                    if far is None or not far.status.alive or far.status.src_ip != req.peer_vtep \
+                            or far.status.node == self.node.name:
                         raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
-                    callers[req.peer_pod] = PeerState(caller.name, True, caller.status.node, caller.status.src_ip,
-                                                      vni_block=caller.status.vni_block)
+                    callers[req.peer_pod] = PeerState(far.name, True, far.status.node, far.status.src_ip,
+                                                      vni_block=far.status.vni_block)
                 block = naming.link_block(topo.namespace, st.vni_block, callers[req.peer_pod].vni_block)
                 if req.vni != naming.vni(topo.namespace, req.uid, block):
                     raise PeerDenied(f"link uid {req.uid} of {topo.namespace}/{topo.name}: VNI {req.vni} is not "
@@ -709,10 +716,12 @@ class Meshnet:
             self._set_link_states(topo, [LinkStatus(p.uid, "vxlan", "up", "", p.local.intf) for _, p in plans])
         return actions
 
-    def peer_remove(self, reqs: Sequence[PeerLink]) -> list[str]:
+    def peer_remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:
         """Remove this node's ends of links whose far pod (the caller's) went away."""
         actions = ["absent"] * len(reqs)
-        for topo, items in self._backed(reqs):
+        groups = self._backed(reqs)
+        self._authorize("remove", reqs, caller)
+        for topo, items in groups:
             st = topo.status
             if not st.alive or st.node != self.node.name or not netns.exists(st.net_ns):
                 continue
@@ -733,6 +742,17 @@ class Meshnet:
             self._set_link_states(topo, [LinkStatus(r.uid, "", "pending", f"peer pod {r.peer_pod} is not up yet")
                                          for r in gone])
         return actions
+
+    def _authorize(self, kind: peer_auth.Kind, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None) -> None:
+        """Refuse the batch unless `caller` is the node hosting each far pod (peer_auth)."""
+        if caller is None:
+            return
+        def far_pod(namespace: str, pod: str) -> peer_auth.FarPod | None:
+            return peer_auth.far_pod_of(self.store.get(namespace, pod))
+
+        verdict = peer_auth.authorize_batch(kind, caller, reqs, far_pod)
+        if not verdict.allowed:
+            raise PeerDenied(verdict.reason)
 
     def _veth_peers_up(self, topo: Topology, plan: PodPlan, listed: Iterable[Topology]) -> None:
         """A veth built now also gave its peer pod (on this node, added earlier) the link it waits

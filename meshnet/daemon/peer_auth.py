@@ -13,8 +13,11 @@ No I/O and no gRPC here: everything is handed in, so every rule is unit-tested.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
+
+from meshnet.model import Topology
 
 Kind = Literal["update", "remove"]
 
@@ -116,3 +119,41 @@ def authorize(kind: Kind, caller: Caller, far: FarPod | None, *, peer_vtep: str,
     if _same_ip(peer_vtep, far.src_ip) or (caller.node and caller.node == far.node):
         return Decision(False, f"pod {far.name} is alive on node {far.node}: its link is live")
     return ALLOW  # the far pod lives elsewhere now: the caller's incarnation of it is gone
+
+
+class PeerRequest(Protocol):
+    """What a rule needs of a peer request (core's PeerLink)."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def pod(self) -> str: ...
+    @property
+    def peer_pod(self) -> str: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def peer_vtep(self) -> str: ...
+
+
+def far_pod_of(topo: Topology | None) -> FarPod | None:
+    if topo is None:
+        return None
+    st = topo.status
+    return FarPod(topo.name, st.alive, st.node, st.src_ip)
+
+
+def authorize_batch(kind: Kind, caller: Caller, reqs: Iterable[PeerRequest],
+                    far_pod: Callable[[str, str], FarPod | None]) -> Decision:
+    """`authorize` for each request of a batch (the far pod looked up once each): the first refusal,
+    naming the link, refuses the whole batch — a forged request never rides along with honest ones."""
+    seen: dict[tuple[str, str], FarPod | None] = {}
+    for req in reqs:
+        key = (req.namespace, req.peer_pod)
+        if key not in seen:
+            seen[key] = far_pod(*key)
+        verdict = authorize(kind, caller, seen[key], peer_vtep=req.peer_vtep)
+        if not verdict.allowed:
+            return Decision(False, f"{kind} of link uid {req.uid} of {req.namespace}/{req.pod} from {caller}: "
+                                   f"{verdict.reason}")
+    return ALLOW
