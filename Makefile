@@ -90,7 +90,14 @@ docker: ## build the image and load it into the kind cluster
 	docker build -t $(IMAGE) -t meshnet/meshnet:latest .
 	kind load docker-image $(IMAGE) --name $(CLUSTER)
 
-install: ## install meshnet on the current kubectl context (OVERLAY=kind|kops|k3s|chained|base)
+# The peers' CA and node certificates: made here when missing, kept here (the CA key never leaves
+# this directory: protect it; docs/security.md). Re-run `make install` after adding nodes.
+PKI     ?= .pki
+NODES_JSONPATH := {range .items[*]}{.metadata.name}={.status.addresses[?(@.type=="InternalIP")].address}{" "}{end}
+
+install: venv ## install meshnet on the current kubectl context (OVERLAY=kind|kops|k3s|chained|base; certificates in PKI=.pki)
+	kubectl apply -f manifests/base/namespace.yaml
+	set -o pipefail; $(PY) -m meshnet.pki --dir $(PKI) --secret --node "$$(kubectl get nodes -o jsonpath='$(NODES_JSONPATH)')" | kubectl apply -f -
 	kubectl apply -k manifests/$(if $(filter base,$(OVERLAY)),base,overlays/$(OVERLAY))
 	kubectl -n meshnet rollout status ds/meshnet --timeout=180s
 

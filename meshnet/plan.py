@@ -18,6 +18,10 @@ VXLAN_OVERHEAD = 50
 DEFAULT_MTU = 1500
 
 
+MACVLAN_PARENTS_SETTING = "--macvlan-parents (env MACVLAN_PARENTS)"
+ANY_PARENT = "*"
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """Where node-level commands run: the node's own namespace (None: the executor's current one)."""
@@ -27,6 +31,33 @@ class NodeInfo:
     uplink: str
     netns: str | None = None
     uplink_mtu: int = DEFAULT_MTU
+    # Host interfaces macvlan links may use: the operator's allow-list ("*": any but `uplink`).
+    # None only where no operator decides (the dry-run's simulated cluster): anything goes.
+    macvlan_parents: frozenset[str] | None = None
+
+
+class MacvlanParentRefused(Exception):
+    """A Topology asks for a macvlan on a host interface the node's allow-list does not hold."""
+
+
+def macvlan_parent_problem(parent: str, node: NodeInfo) -> str | None:
+    """Why `parent` may not carry a macvlan on `node`, or None. The underlay (VTEP) interface only
+    when listed by name: a pod on it could reach every node's VXLAN traffic."""
+    allowed = node.macvlan_parents
+    if allowed is None or parent in allowed or (ANY_PARENT in allowed and parent != node.uplink):
+        return None
+    listed = ",".join(sorted(allowed)) or "none"
+    underlay = " (the node's underlay interface: it must be listed by name)" if parent == node.uplink else ""
+    return (f"host interface {parent}{underlay} is not an allowed macvlan parent on node {node.name}; "
+            f"{MACVLAN_PARENTS_SETTING} allows: {listed}")
+
+
+def check_macvlan_parents(topo: Topology, node: NodeInfo) -> None:
+    """Raise MacvlanParentRefused for the first macvlan link of `topo` whose parent is refused."""
+    for link in topo.links:
+        why = macvlan_parent_problem(link.peer_intf, node) if link.is_macvlan else None
+        if why:
+            raise MacvlanParentRefused(f"{topo.namespace}/{topo.name} link uid {link.uid}: {why}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +180,11 @@ def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
     mac = naming.mac_address(topo.namespace, topo.name, link.local_intf)
     local = Endpoint(netns, link.local_intf, link.local_ip, mac)
     if link.is_macvlan:
+        # A refused parent fails the pod's ADD (check_macvlan_parents); a spec changed later while
+        # the pod runs leaves the link pending with the reason, never built.
+        why = macvlan_parent_problem(link.peer_intf, node)
+        if why:
+            return Pending(link.uid, link.peer_pod, why)
         return MacvlanPlan(link.uid, local, link.peer_intf, node.netns, link.mtu)
     if peer is not None and peer.problems:
         # A refused status (forged or corrupt) never reaches a command; the link says why it waits.

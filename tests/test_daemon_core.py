@@ -18,6 +18,7 @@ from meshnet.cni import spec
 from meshnet.cni.spec import CniError
 from meshnet.daemon import netns
 from meshnet.daemon.node import NodeDaemon
+from meshnet.daemon.peer_auth import Caller
 from meshnet.daemon.peer_client import PeerError, PeerLink
 from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import ExecError, Executor
@@ -476,6 +477,62 @@ def test_peer_update_refuses_when_the_local_netns_is_gone(a_and_c_alive: Node, p
     with pytest.raises(PeerDenied, match="gone"):
         a_and_c_alive.core.peer_update([valid_update()])
     assert a_and_c_alive.executor.recorded == []
+
+
+def test_add_with_a_refused_macvlan_parent_fails_before_anything_is_done(store: SqliteStore, paper: PaperNetns,
+                                                                         kernel: FakeProcess) -> None:
+    """a's uid 3 is a macvlan on eth0, this node's underlay: refused unless the operator lists it."""
+    executor = Executor(dry_run=True)
+    node = replace(NODE0, macvlan_parents=frozenset({"*"}))
+    core = NodeDaemon(node, store, executor, FakePeers(), grpc_port=GRPC_PORT)
+    try:
+        with pytest.raises(CniError) as err:
+            cni(core, "ADD", "a", paper.make("pa"), "cid-a")
+        assert err.value.code == spec.TOPOLOGY_INVALID
+        assert "host interface eth0" in str(err.value) and "--macvlan-parents (env MACVLAN_PARENTS)" in str(err.value)
+        assert executor.recorded == [] and get(store, "a").status == TopologyStatus()
+    finally:
+        core.close()
+
+
+# --- who is asking (peer_auth, wired into peer_update / peer_remove) ----------------------------
+
+@pytest.mark.parametrize("caller", [Caller(node="node1"), Caller(address=VTEP1), Caller(node="node1", address=VTEP2)],
+                         ids=["c-node-certificate", "c-vtep-address", "certificate-wins-over-address"])
+def test_peer_update_from_the_far_pods_node_builds(a_and_c_alive: Node, caller: Caller) -> None:
+    assert a_and_c_alive.core.peer_update([valid_update()], caller) == ["created"]
+
+
+@pytest.mark.parametrize(("caller", "reason"), [
+    (Caller(node="node2", address=VTEP1), "caller is node node2, but pod c is on node node1"),
+    (Caller(address=VTEP2), f"caller address {VTEP2} is not VTEP {VTEP1} of pod c"),
+    (Caller(), "neither a certificate nor an address"),
+], ids=["other-node", "other-address", "anonymous"])
+def test_peer_update_from_another_node_is_refused(a_and_c_alive: Node, store: SqliteStore, caller: Caller,
+                                                  reason: str) -> None:
+    before = {t.name: t.status for t in store.list(NS)}
+    with pytest.raises(PeerDenied, match=f"update of link uid 2 of default/a from .*{reason}"):
+        a_and_c_alive.core.peer_update([valid_update()], caller)
+    assert a_and_c_alive.executor.recorded == []
+    assert {t.name: t.status for t in store.list(NS)} == before
+
+
+@pytest.mark.parametrize("caller", [Caller(node="node1"), Caller(address=VTEP1), Caller(node="node2")],
+                         ids=["its-node", "its-address", "another-node"])
+def test_peer_remove_of_a_live_link_is_refused(a_and_c_alive: Node, caller: Caller) -> None:
+    """c is alive on node1 behind VTEP1: its link stays, whoever asks (the flap of issue 12)."""
+    with pytest.raises(PeerDenied, match="pod c is alive on node node1: its link is live"):
+        a_and_c_alive.core.peer_remove([valid_update()], caller)
+    assert a_and_c_alive.executor.recorded == []
+
+
+def test_peer_remove_once_the_far_pod_is_gone(a_and_c_alive: Node, store: SqliteStore) -> None:
+    store.update_status(NS, "c", lambda _cur: TopologyStatus())  # what c's DEL writes first
+    with pytest.raises(PeerDenied, match=f"caller address {VTEP2} cannot remove ends towards VTEP {VTEP1}"):
+        a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP2))
+    # The kernel (the fixture's) has no such end: absent, but the request was let through.
+    assert a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP1)) == ["absent"]
+    assert a_and_c_alive.core.peer_remove([valid_update()], Caller(node="node1")) == ["absent"]
 
 
 # --- DEL ---------------------------------------------------------------------------------------

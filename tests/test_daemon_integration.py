@@ -260,16 +260,18 @@ from meshnet.daemon.peer_client import PeerError, PeerLink
 from meshnet.daemon.peers import GrpcPeerClient
 client = GrpcPeerClient(timeout=10)
 try:
-    print(json.dumps({"action": client.update(sys.argv[1], PeerLink(**json.loads(sys.argv[2])))}))
+    method = getattr(client, sys.argv[3])
+    print(json.dumps({"action": method(sys.argv[1], PeerLink(**json.loads(sys.argv[2])))}))
 except PeerError as e:
     print(json.dumps({"error": str(e)}))
 """
 
 
-def peer_update_from(lab: Lab, node: int, to_node: int, link: dict[str, Any]) -> dict[str, str]:
-    """A peer Update sent from inside node `node`'s namespace to node `to_node`'s daemon."""
+def peer_update_from(lab: Lab, node: int, to_node: int, link: dict[str, Any],
+                     method: str = "update") -> dict[str, str]:
+    """A peer Update (or Remove) sent from inside node `node`'s namespace to node `to_node`'s daemon."""
     argv = ["ip", "netns", "exec", lab.node_netns(node), sys.executable, "-c", FORGE,
-            f"{lab.node_info(to_node).vtep_ip}:{GRPC_PORT}", json.dumps(link)]
+            f"{lab.node_info(to_node).vtep_ip}:{GRPC_PORT}", json.dumps(link), method]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True, timeout=60)
     return dict(json.loads(proc.stdout))
 
@@ -298,6 +300,33 @@ def test_forged_peer_update_is_refused_and_creates_nothing(lab: Lab, forgery: di
     # The honest request passes the same way: the refusal was about the forgery, not the path.
     assert peer_update_from(lab, 0, 1, honest_update(lab)) == {"action": "unchanged"}
     assert link_ping(lab, 2)
+
+
+def test_peer_requests_from_the_wrong_node_are_refused(lab: Lab) -> None:
+    """a is node0's pod: node1 itself (its own address) may not ask node1 for a's link, nor may node0
+    remove the live link; the end stays and the link works (no flap)."""
+    before = lab.kernel_links(pod_ns(lab, "c"))
+    wrong_caller = peer_update_from(lab, 1, 1, honest_update(lab))
+    assert "PERMISSION_DENIED" in wrong_caller.get("error", "") and "is not VTEP" in wrong_caller["error"], wrong_caller
+    live = peer_update_from(lab, 0, 1, honest_update(lab), "remove")
+    assert "PERMISSION_DENIED" in live.get("error", "") and "its link is live" in live["error"], live
+    after = lab.kernel_links(pod_ns(lab, "c"))
+    assert [after["eth3"][k] for k in ("ifindex", "linkinfo")] == [before["eth3"][k] for k in ("ifindex", "linkinfo")]
+    assert link_ping(lab, 2)
+
+
+def listening(netns: str, port: int) -> set[str]:
+    """Addresses a TCP socket listens on `port` in `netns` (`ss` run inside it)."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0].strip("[]") for line in out.splitlines() if line.strip()}
+
+
+def test_the_peer_port_listens_on_the_vtep_only(lab: Lab) -> None:
+    """No TLS in the lab: each daemon's gRPC port is on its VTEP address, never every address."""
+    for i in range(2):
+        got = listening(lab.node_netns(i), GRPC_PORT)
+        assert got and got <= {lab.node_info(i).vtep_ip, f"::ffff:{lab.node_info(i).vtep_ip}"}, got
 
 
 # --- 20 concurrent ADDs on one node -----------------------------------------------------------------

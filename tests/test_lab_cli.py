@@ -94,13 +94,15 @@ def test_up_status_exec_ping_restart(cli: Cli) -> None:
 
 
 def test_failing_add_is_reported(cli: Cli, tmp_path: Path) -> None:
-    """A macvlan whose parent does not exist on the node: `lab up` fails loudly, naming the CNI error."""
+    """A macvlan on a parent the node does not allow (the lab allows only eth0): `lab up` fails
+    loudly, naming the CNI error, the interface and the setting."""
     manifest = tmp_path / "bad-parent.yml"
     manifest.write_text((TESTS / "macvlan.yml").read_text().replace("peer_intf: eth0", "peer_intf: nosuchif0"))
     up = cli("up", str(manifest), "--nodes", "1")
     assert up.returncode != 0
-    assert "FAILED r2: CNI error 101" in up.stdout
-    assert "nosuchif0" in up.stdout
+    assert "FAILED r2: CNI error 100" in up.stdout
+    assert "host interface nosuchif0 is not an allowed macvlan parent" in up.stdout
+    assert "--macvlan-parents (env MACVLAN_PARENTS) allows: eth0" in up.stdout
     doc = json.loads(cli("status", "--json").stdout)
     pods = {p["name"]: p for p in doc["pods"]}
     assert pods["r2"]["state"] == "failed" and "nosuchif0" in pods["r2"]["error"]

@@ -334,9 +334,11 @@ def test_daemonset(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert init["command"] == ["meshnetctl", "install-cni"]
     (daemon,) = pod["containers"]
     assert daemon["name"] == "meshnetd" and daemon["securityContext"]["privileged"] is True
-    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in daemon["env"]}
+    env = {e["name"]: e["value"] if "value" in e else e["valueFrom"]["fieldRef"]["fieldPath"] for e in daemon["env"]}
     assert env == {"HOST_IP": "status.hostIP", "NODE_NAME": "spec.nodeName", "GRPC_PORT": "51111",
-                   "MESHNET_STORE": "kube"}
+                   "MESHNET_STORE": "kube", "MESHNET_TLS_CA": "/etc/meshnet/tls/ca.crt",
+                   "MESHNET_TLS_CERT": "/etc/meshnet/tls/{node}.crt", "MESHNET_TLS_KEY": "/etc/meshnet/tls/{node}.key",
+                   "MACVLAN_PARENTS": ""}  # no macvlan unless the operator (or an overlay) says
     assert daemon["ports"] == [{"name": "grpc", "containerPort": 51111, "hostPort": 51111, "protocol": "TCP"}]
     assert daemon["livenessProbe"]["tcpSocket"]["port"] == 51111
     assert daemon["readinessProbe"]["exec"]["command"][:2] == ["meshnetctl", "health"]
@@ -346,6 +348,38 @@ def test_daemonset(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert mounts["/var/run/netns"]["mountPropagation"] == "Bidirectional"
     assert "--socket=/run/meshnet/meshnet.sock" in daemon["readinessProbe"]["exec"]["command"]
     assert all(c["image"] == "meshnet/meshnet:latest" for c in [init, daemon])
+
+
+def test_peers_use_the_mounted_certificates(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The Secret `python -m meshnet.pki --secret` makes, mounted read-only where the env points,
+    and parsed by meshnetd as its TLS configuration (so the names match in both places)."""
+    from meshnet import pki
+    from meshnet.daemon.config import TlsPaths, parse_args
+
+    for target in TARGETS:
+        pod = only(rendered[target], "DaemonSet")["spec"]["template"]["spec"]
+        (daemon,) = pod["containers"]
+        mount = next(m for m in daemon["volumeMounts"] if m["name"] == "tls")
+        volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == pki.SECRET_NAME and mount["readOnly"] is True
+        assert volume["secret"]["defaultMode"] == 0o400
+        env = {e["name"]: e["value"] for e in daemon["env"] if "value" in e}
+        cfg = parse_args([], env={**env, "NODE_NAME": "kind-worker"})
+        assert cfg.tls == TlsPaths(f"{mount['mountPath']}/{pki.CA_CERT}", f"{mount['mountPath']}/kind-worker.crt",
+                                   f"{mount['mountPath']}/kind-worker.key")
+        assert cfg.grpc_bind == ""  # the VTEP (HOST_IP): where the liveness probe and the peers connect
+
+
+@pytest.mark.parametrize(("target", "parents"), [("base", ()), ("overlays/kind", ("eth0",))])
+def test_macvlan_parents_per_distribution(rendered: dict[str, list[dict[str, Any]]], target: str,
+                                          parents: tuple[str, ...]) -> None:
+    """kind's only interface is its underlay: the overlay names it so tests/macvlan.yml works there."""
+    from meshnet.daemon.config import parse_args
+
+    (daemon,) = only(rendered[target], "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in daemon["env"] if "value" in e}
+    assert [e["name"] for e in daemon["env"]].count("MACVLAN_PARENTS") == 1
+    assert parse_args([], env=env).macvlan_parents == parents
 
 
 def install_cni_args(ds: dict[str, Any]) -> dict[str, str]:
@@ -361,9 +395,11 @@ def test_cni_directories_are_the_hosts_at_the_same_path(rendered: dict[str, list
     its own path, and install-cni writes where the volumes are."""
     ds = only(rendered[target], "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     for container in [*pod["initContainers"], *pod["containers"]]:
         for mount in container["volumeMounts"]:
+            if mount["name"] == "tls":
+                continue  # the TLS Secret: not a host directory
             assert mount["mountPath"] == host_paths[mount["name"]], f"{container['name']}: {mount['name']}"
     args = install_cni_args(ds)
     assert args["conf-dir"] == host_paths["cni-conf"]
@@ -374,7 +410,7 @@ def test_cni_directories_are_the_hosts_at_the_same_path(rendered: dict[str, list
 def test_overlays(rendered: dict[str, list[dict[str, Any]]]) -> None:
     def host_paths(target: str) -> dict[str, str]:
         pod = only(rendered[target], "DaemonSet")["spec"]["template"]["spec"]
-        return {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+        return {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
 
     assert host_paths("overlays/kops")["cni-bin"] == "/home/kubernetes/bin"
     k3s = host_paths("overlays/k3s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from meshnet.dryrun import layout_for
 from meshnet.model import Manifest, Topology, load_manifest, parse_manifest
 from meshnet.plan import (
     VXLAN_OVERHEAD,
+    MacvlanParentRefused,
     MacvlanPlan,
     NodeInfo,
     Pending,
@@ -21,6 +23,7 @@ from meshnet.plan import (
     RemoteEnd,
     VethPlan,
     VxlanPlan,
+    check_macvlan_parents,
     every_link_plan,
     place_pods,
     plan_link,
@@ -55,6 +58,34 @@ def test_macvlan_needs_no_peer() -> None:
     assert isinstance(p, MacvlanPlan)
     assert p == MacvlanPlan(2, p.local, "eth0", "mnt-n1", 1400)
     assert (p.local.netns, p.local.intf, p.local.ip) == ("pod-r1", "eth5", None)
+
+
+@pytest.mark.parametrize(("parents", "allowed"), [
+    (None, True),  # no operator in the picture (the dry-run's simulated cluster)
+    (frozenset({"eth0"}), True),  # the underlay, listed by name
+    (frozenset(), False),  # the daemon's default: no macvlan at all
+    (frozenset({"*"}), False),  # any interface, but never the underlay unless named
+    (frozenset({"*", "eth0"}), True),
+    (frozenset({"eth1"}), False),
+])
+def test_macvlan_parent_is_an_operator_decision(parents: frozenset[str] | None, allowed: bool) -> None:
+    node = replace(N1, macvlan_parents=parents)
+    p = plan_link(R1, R1.links[1], "pod-r1", node, None)
+    if allowed:
+        assert isinstance(p, MacvlanPlan)
+        check_macvlan_parents(R1, node)
+        return
+    # A running pod whose spec gains such a link: pending with the reason, never built.
+    assert isinstance(p, Pending) and "host interface eth0" in p.reason and "--macvlan-parents" in p.reason
+    with pytest.raises(MacvlanParentRefused, match=r"lab/r1 link uid 2: host interface eth0 .*MACVLAN_PARENTS"):
+        check_macvlan_parents(R1, node)
+
+
+def test_any_parent_but_the_underlay() -> None:
+    node = replace(N1, uplink="bond0", macvlan_parents=frozenset({"*"}))
+    assert isinstance(plan_link(R1, R1.links[1], "pod-r1", node, None), MacvlanPlan)
+    with pytest.raises(MacvlanParentRefused, match="underlay"):
+        check_macvlan_parents(R1, replace(node, uplink="eth0"))
 
 
 @pytest.mark.parametrize("peer", [None, PodState("r2", False, "n1")])

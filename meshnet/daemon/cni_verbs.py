@@ -22,7 +22,7 @@ from meshnet.daemon.peer_client import PeerNotifier
 from meshnet.daemon.state import NodeState, PodKey
 from meshnet.executor import ExecError, LinkExists
 from meshnet.model import Topology, TopologyStatus
-from meshnet.plan import LinkPlan, VethPlan, plan_pod
+from meshnet.plan import LinkPlan, MacvlanParentRefused, VethPlan, check_macvlan_parents, plan_pod
 from meshnet.render import Command, render
 from meshnet.store.base import StoreError
 
@@ -58,6 +58,8 @@ class CniVerbs:
             raise CniError(spec.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
         except netns.NetnsError as e:
             raise CniError(spec.INVALID_ENV, "network namespace", str(e)) from e
+        except MacvlanParentRefused as e:
+            raise CniError(spec.TOPOLOGY_INVALID, "macvlan parent refused", str(e)) from e
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -157,6 +159,7 @@ class CniVerbs:
         topo = store.get(namespace, pod) if pod else None
         if topo is None:
             return None
+        check_macvlan_parents(topo, state.node)  # before the pod is marked alive: nothing to undo
         ns_name = netns.resolve(req.netns)
         block = self.blocks.choose(topo)
 

@@ -8,9 +8,22 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from meshnet import naming
 from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
+from meshnet.plan import ANY_PARENT
 
 DEFAULT_GRPC_PORT = 51111
+# Binding one of these would open the peer port on every interface of the node.
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::", "[::]", "*"})
+
+
+@dataclass(frozen=True)
+class TlsPaths:
+    """The daemon's mutual-TLS material (the DaemonSet mounts the Secret `meshnet.pki` makes)."""
+
+    ca: str
+    cert: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,8 @@ class DaemonConfig:
     journal: str  # file to append executed commands to ("" = memory only)
     resync_seconds: float
     single_node: bool = False  # all pods on this host (podman): veth only, no VTEP, gRPC on loopback
+    tls: TlsPaths | None = None  # None: plain gRPC, bound to the VTEP address or loopback only
+    macvlan_parents: tuple[str, ...] = ()  # host interfaces macvlan links may use ("*": any but the underlay)
 
 
 def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
@@ -36,7 +51,17 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
     p.add_argument("--host-intf", default=env.get("HOST_INTF", ""), help="VTEP interface (env HOST_INTF)")
     p.add_argument("--grpc-port", type=int, default=int(env.get("GRPC_PORT") or DEFAULT_GRPC_PORT))
     p.add_argument("--grpc-bind", default=env.get("GRPC_BIND", ""),
-                   help="env GRPC_BIND; default 0.0.0.0, 127.0.0.1 with --single-node")
+                   help="env GRPC_BIND; default the VTEP address (127.0.0.1 with --single-node); "
+                        "every address (0.0.0.0, ::) only with TLS")
+    p.add_argument("--tls-ca", default=env.get("MESHNET_TLS_CA", ""),
+                   help="CA certificate peers' certificates must chain to (env MESHNET_TLS_CA)")
+    p.add_argument("--tls-cert", default=env.get("MESHNET_TLS_CERT", ""),
+                   help="this node's certificate; {node} stands for the node name (env MESHNET_TLS_CERT)")
+    p.add_argument("--tls-key", default=env.get("MESHNET_TLS_KEY", ""),
+                   help="this node's key; {node} stands for the node name (env MESHNET_TLS_KEY)")
+    p.add_argument("--macvlan-parents", default=env.get("MACVLAN_PARENTS", ""),
+                   help="host interfaces macvlan links may use, comma-separated; '*' = any but the "
+                        "node's underlay, which must be listed by name (env MACVLAN_PARENTS; default none)")
     p.add_argument("--socket", default=env.get("MESHNET_SOCKET", DEFAULT_DAEMON_SOCKET))
     p.add_argument("--store", default=env.get("MESHNET_STORE", "kube"),
                    help="kube | kube:?kubeconfig=PATH | sqlite:///path.db (env MESHNET_STORE)")
@@ -49,7 +74,23 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
     a = p.parse_args(argv)
     if not 0 < a.grpc_port < 65536:
         p.error(f"--grpc-port: {a.grpc_port} is not a TCP port")
-    # A single node has no peers: its gRPC port need not be reachable from anywhere but itself.
-    grpc_bind = a.grpc_bind or ("127.0.0.1" if a.single_node else "0.0.0.0")
-    return DaemonConfig(a.node_name, a.host_ip, a.host_intf, a.grpc_port, grpc_bind, a.socket, a.store,
-                        a.cni_path, a.journal, a.resync, a.single_node)
+    tls_files = (a.tls_ca, a.tls_cert, a.tls_key)
+    if any(tls_files) and not all(tls_files):
+        p.error("--tls-ca, --tls-cert and --tls-key go together (all three, or none for plain gRPC)")
+    node_why = naming.k8s_name_problem(a.node_name)
+    if all(tls_files) and node_why:  # it becomes part of file paths and is the certificate's identity
+        p.error(f"--node-name (env NODE_NAME): {node_why}")
+    tls = TlsPaths(a.tls_ca, a.tls_cert.replace("{node}", a.node_name),
+                   a.tls_key.replace("{node}", a.node_name)) if all(tls_files) else None
+    # Without TLS anyone who reaches the port is a peer: it must not be reachable on every address.
+    # "" is resolved by the daemon once it knows its VTEP (loopback with --single-node).
+    if tls is None and a.grpc_bind.strip() in WILDCARD_BINDS:
+        p.error(f"--grpc-bind {a.grpc_bind}: every address only with TLS (--tls-ca/--tls-cert/--tls-key); "
+                "leave it unset to listen on the VTEP address")
+    parents = tuple(dict.fromkeys(x for x in a.macvlan_parents.replace(",", " ").split()))
+    for name in parents:
+        why = naming.ifname_problem(name) if name != ANY_PARENT else None
+        if why:
+            p.error(f"--macvlan-parents (env MACVLAN_PARENTS): {why}")
+    return DaemonConfig(a.node_name, a.host_ip, a.host_intf, a.grpc_port, a.grpc_bind.strip(), a.socket, a.store,
+                        a.cni_path, a.journal, a.resync, a.single_node, tls, parents)

@@ -36,7 +36,7 @@ def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
     if cfg.single_node:
         # Every peer is on this host, so every link is a veth: the VTEP is never used and nothing
         # has to be created on the host to stand in for one.
-        return NodeInfo(cfg.node_name, "127.0.0.1", "lo")
+        return NodeInfo(cfg.node_name, "127.0.0.1", "lo", macvlan_parents=frozenset(cfg.macvlan_parents))
     entries = executor.show(None)
     for entry in entries:
         addrs = [a.get("local") for a in entry.get("addr_info", ())]
@@ -44,7 +44,8 @@ def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
             ip = cfg.host_ip or next((a for a in addrs if a and ":" not in a), "")
             if not ip:
                 break
-            return NodeInfo(cfg.node_name, ip, str(entry["ifname"]), None, int(entry.get("mtu") or DEFAULT_MTU))
+            return NodeInfo(cfg.node_name, ip, str(entry["ifname"]), None, int(entry.get("mtu") or DEFAULT_MTU),
+                            frozenset(cfg.macvlan_parents))
     raise SystemExit(f"meshnetd: no interface carries HOST_IP={cfg.host_ip!r} / HOST_INTF={cfg.host_intf!r}; "
                      "set one of them to the node's underlay address or interface")
 
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     executor = Executor(journal=journal, log=log)
     node = discover_node(cfg, executor)
     store = open_store(cfg.store_url)
-    peers = GrpcPeerClient()
+    peers = GrpcPeerClient(tls=cfg.tls)
     core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log)
     stopping = threading.Event()
     ready = threading.Event()
@@ -136,11 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def health() -> dict[str, Any]:
         return {"node": node.name, "vtep": node.vtep_ip, "ready": ready.is_set()}
 
-    grpc_server = serve(core, cfg.grpc_bind, cfg.grpc_port, log)
+    # Unset: the VTEP address, the one address peers dial (loopback with --single-node).
+    grpc_bind = cfg.grpc_bind or node.vtep_ip
+    grpc_server = serve(core, grpc_bind, cfg.grpc_port, log, cfg.tls)
     api = ApiServer(cfg.socket_path, core.handle, health, log)
     api.start()
     log(event="started", node=node.name, vtep=node.vtep_ip, uplink=node.uplink, socket=cfg.socket_path,
-        grpc=naming.host_port(cfg.grpc_bind, cfg.grpc_port), store=cfg.store_url.split("?")[0])
+        grpc=naming.host_port(grpc_bind, cfg.grpc_port), tls=cfg.tls is not None,
+        macvlan_parents=",".join(cfg.macvlan_parents) or "none", store=cfg.store_url.split("?")[0])
 
     def on_signal(signum: int, _frame: object) -> None:
         log(event="stopping", signal=signal.Signals(signum).name)

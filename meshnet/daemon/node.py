@@ -12,6 +12,7 @@ from typing import Any
 
 from meshnet.daemon.cni_verbs import CniVerbs
 from meshnet.daemon.link_status import LinkStatusWriter
+from meshnet.daemon.peer_auth import Caller
 from meshnet.daemon.peer_client import PeerClient, PeerLink, PeerNotifier
 from meshnet.daemon.peer_service import PeerService
 from meshnet.daemon.reconciler import Reconciler
@@ -44,11 +45,11 @@ class NodeDaemon:
         return self.cni.busy
 
     # peer daemons (peers.py)
-    def peer_update(self, reqs: Sequence[PeerLink]) -> list[str]:
-        return self.peer_service.update(reqs)
+    def peer_update(self, reqs: Sequence[PeerLink], caller: Caller | None = None) -> list[str]:
+        return self.peer_service.update(reqs, caller)
 
-    def peer_remove(self, reqs: Sequence[PeerLink]) -> list[str]:
-        return self.peer_service.remove(reqs)
+    def peer_remove(self, reqs: Sequence[PeerLink], caller: Caller | None = None) -> list[str]:
+        return self.peer_service.remove(reqs, caller)
 
     # the reconcile loop (main.py)
     def on_store_event(self, event_type: str, topo: Topology) -> set[PodKey]:

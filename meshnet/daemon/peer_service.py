@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from meshnet import naming
-from meshnet.daemon import kernel, netns
+from meshnet.daemon import kernel, netns, peer_auth
 from meshnet.daemon.link_status import LinkStatusWriter
 from meshnet.daemon.peer_client import PeerLink
 from meshnet.daemon.state import NodeState, PodKey
@@ -60,10 +60,12 @@ class PeerService:
             out.append((topo, items))
         return out
 
-    def update(self, reqs: Sequence[PeerLink]) -> list[str]:
-        """Build or update this node's ends of a batch of vxlan links (one batch per calling node)."""
+    def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:
+        """Build or update this node's ends of a batch of vxlan links (one batch per calling node).
+        `caller`: who sent it (peers.py); None only for in-process calls."""
         state = self.state
         groups = self._group_backed_by_store(reqs)
+        self._authorize("update", reqs, caller)
         work = []
         for topo, items in groups:
             st = topo.status
@@ -72,12 +74,12 @@ class PeerService:
             callers: dict[str, PodState] = {}
             for _, req in items:
                 if req.peer_pod not in callers:
-                    caller = state.store.get(req.namespace, req.peer_pod)
-                    if caller is None or not caller.status.alive or caller.status.src_ip != req.peer_vtep \
-                            or caller.status.node == state.node.name:
+                    far = state.store.get(req.namespace, req.peer_pod)
+                    if far is None or not far.status.alive or far.status.src_ip != req.peer_vtep \
+                            or far.status.node == state.node.name:
                         raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
-                    callers[req.peer_pod] = PodState(caller.name, True, caller.status.node, caller.status.src_ip,
-                                                     vni_block=caller.status.vni_block)
+                    callers[req.peer_pod] = PodState(far.name, True, far.status.node, far.status.src_ip,
+                                                     vni_block=far.status.vni_block)
                 block = naming.link_block(topo.namespace, st.vni_block, callers[req.peer_pod].vni_block)
                 if req.vni != naming.vni(topo.namespace, req.uid, block):
                     raise PeerDenied(f"link uid {req.uid} of {topo.namespace}/{topo.name}: VNI {req.vni} is not "
@@ -110,11 +112,13 @@ class PeerService:
             self.link_status.write(topo, [LinkStatus(p.uid, "vxlan", "up", "", p.local.intf) for _, p in plans])
         return actions
 
-    def remove(self, reqs: Sequence[PeerLink]) -> list[str]:
+    def remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:
         """Remove this node's ends of links whose far pod (the caller's) went away."""
         state = self.state
         actions = ["absent"] * len(reqs)
-        for topo, items in self._group_backed_by_store(reqs):
+        groups = self._group_backed_by_store(reqs)
+        self._authorize("remove", reqs, caller)
+        for topo, items in groups:
             st = topo.status
             if not state.alive_here(st) or not netns.exists(st.net_ns):
                 continue
@@ -133,3 +137,15 @@ class PeerService:
             # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
+
+    def _authorize(self, kind: peer_auth.Kind, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None) -> None:
+        """Refuse the batch unless `caller` is the node hosting each far pod (peer_auth)."""
+        if caller is None:
+            return
+
+        def far_pod(namespace: str, pod: str) -> peer_auth.FarPod | None:
+            return peer_auth.far_pod_of(self.state.store.get(namespace, pod))
+
+        verdict = peer_auth.authorize_batch(kind, caller, reqs, far_pod)
+        if not verdict.allowed:
+            raise PeerDenied(verdict.reason)

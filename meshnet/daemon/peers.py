@@ -1,4 +1,8 @@
-"""The gRPC edge between daemons: the Peer servicer (refuses what the store does not back) and client."""
+"""The gRPC edge between daemons: the Peer servicer (refuses what the store does not back) and client.
+
+With TLS configured both ends present a certificate of the cluster's CA (meshnet.pki) and the
+servicer hands the core the caller's node name from it; without TLS, only the caller's address.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from concurrent import futures
 import grpc
 
 from meshnet import naming
+from meshnet.daemon.config import TlsPaths
 from meshnet.daemon.node import NodeDaemon
+from meshnet.daemon.peer_auth import Caller, parse_peer
 from meshnet.daemon.peer_client import PeerError, PeerLink
 from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import ExecError
@@ -28,24 +34,57 @@ def from_message(msg: meshnet_pb2.LinkRequest) -> PeerLink:
                     msg.peer_intf, msg.local_ip, msg.peer_ip, msg.peer_vtep)
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise PeerError(f"TLS {what} {path}: {e.strerror or e}") from e
+
+
+def server_credentials(tls: TlsPaths) -> grpc.ServerCredentials:
+    """Clients must present a certificate of our CA: an unauthenticated one never reaches a handler."""
+    return grpc.ssl_server_credentials([(_read(tls.key, "key"), _read(tls.cert, "certificate"))],
+                                       root_certificates=_read(tls.ca, "CA"), require_client_auth=True)
+
+
+def channel_credentials(tls: TlsPaths) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(_read(tls.ca, "CA"), _read(tls.key, "key"), _read(tls.cert, "certificate"))
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller:
+    """Who sent the request: the node named by its verified certificate (exactly one DNS
+    subjectAltName, a valid node name: anything else names nobody), and the address it came from."""
+    address = parse_peer(context.peer())
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return Caller(address=address)
+    names = auth.get("peer_dns") or []
+    node = names[0].decode(errors="replace") if len(names) == 1 else ""
+    if not node or naming.k8s_name_problem(node):
+        return Caller()  # TLS without a usable identity: refused by every rule
+    return Caller(node=node, address=address)
+
+
 class PeerServicer(meshnet_pb2_grpc.PeerServicer):
     def __init__(self, core: NodeDaemon, log: Callable[..., None]) -> None:
         self.core = core
         self.log = log
 
-    def _serve(self, fn: Callable[[Sequence[PeerLink]], list[str]], request: meshnet_pb2.LinkBatch,
+    def _serve(self, fn: Callable[[Sequence[PeerLink], Caller], list[str]], request: meshnet_pb2.LinkBatch,
                context: grpc.ServicerContext, what: str) -> meshnet_pb2.BatchReply:
         links = [from_message(m) for m in request.links]
         pods = sorted({f"{lk.namespace}/{lk.pod}" for lk in links})
+        caller = caller_of(context)
         try:
-            actions = fn(links)
+            actions = fn(links, caller)
         except PeerDenied as e:
-            self.log(event=f"peer-{what}-denied", caller=context.peer(), pods=pods, reason=str(e))
+            self.log(event=f"peer-{what}-denied", caller=str(caller), pods=pods, reason=str(e))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ExecError as e:
             self.log(event=f"peer-{what}-failed", pods=pods, error=str(e))
             context.abort(grpc.StatusCode.INTERNAL, str(e))
-        self.log(event=f"peer-{what}", caller=context.peer(), pods=pods, links=len(links),
+        self.log(event=f"peer-{what}", caller=str(caller), pods=pods, links=len(links),
                  changed=sum(a not in ("unchanged", "absent") for a in actions))
         return meshnet_pb2.BatchReply(replies=[meshnet_pb2.LinkReply(action=a) for a in actions])
 
@@ -56,10 +95,21 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
         return self._serve(self.core.peer_remove, request, context, "remove")
 
 
-def serve(core: NodeDaemon, bind: str, port: int, log: Callable[..., None]) -> grpc.Server:
+def serve(core: NodeDaemon, bind: str, port: int, log: Callable[..., None], tls: TlsPaths | None = None) -> grpc.Server:
+    """Serve on `bind` (an address, never every address without TLS: see config.WILDCARD_BINDS)."""
+    credentials = server_credentials(tls) if tls is not None else None  # unreadable files: no server at all
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
     meshnet_pb2_grpc.add_PeerServicer_to_server(PeerServicer(core, log), server)
-    server.add_insecure_port(naming.host_port(bind, port))
+    address = naming.host_port(bind, port)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as e:  # grpcio raises where older versions returned 0
+        raise PeerError(f"gRPC cannot listen on {address}: {e}") from e
+    if not bound:
+        raise PeerError(f"gRPC cannot listen on {address}")
     server.start()
     return server
 
@@ -76,8 +126,10 @@ class GrpcPeerClient:
 
     # Short: a peer daemon that is down builds its own end from the store when it is back (its
     # start-up pass), so waiting long only holds up the caller's ADD.
-    def __init__(self, timeout: float = 5.0) -> None:
+    def __init__(self, timeout: float = 5.0, tls: TlsPaths | None = None) -> None:
         self.timeout = timeout
+        # Read once: a rotated certificate is picked up by restarting the daemon (docs/security.md).
+        self._credentials = channel_credentials(tls) if tls is not None else None
         self._stubs: dict[str, meshnet_pb2_grpc.PeerStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
@@ -89,7 +141,10 @@ class GrpcPeerClient:
                 # gRPC's default reconnect back-off (1 s growing ×1.6 to 120 s) kept a restarted
                 # peer daemon unreachable for seconds after it was back; peers are on the node
                 # network, so reconnecting fast and often costs next to nothing.
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                # With TLS the peer is dialled by its VTEP address, which its certificate names
+                # (an IP subjectAltName): reaching another node's daemon there fails the handshake.
+                channel = (grpc.insecure_channel(address, options=CHANNEL_OPTIONS) if self._credentials is None
+                           else grpc.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS))
                 self._channels.append(channel)
                 stub = self._stubs[address] = meshnet_pb2_grpc.PeerStub(channel)
             return stub

@@ -309,7 +309,10 @@ class Lab:
         argv = ["ip", "netns", "exec", self.node_netns(i), sys.executable, "-m", "meshnet.daemon.main",
                 "--node-name", node, "--host-ip", info.vtep_ip, "--socket", str(sock),
                 "--store", self.state.store_url, "--grpc-port", str(GRPC_PORT),
-                "--journal", str(self.dir / f"{node}.journal"), "--resync", "30"]
+                "--journal", str(self.dir / f"{node}.journal"), "--resync", "30",
+                # No TLS in the lab: peers are reached on the VTEP address only. macvlan links use the
+                # node's eth0 (the lab's only way out to its external namespace), so it is listed.
+                "--grpc-bind", info.vtep_ip, "--macvlan-parents", info.uplink]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
