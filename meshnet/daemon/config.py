@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from meshnet.cni.offline import DEFAULT_INDEX
 from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
 
 DEFAULT_GRPC_PORT = 51111
@@ -26,6 +27,7 @@ class DaemonConfig:
     journal: str  # file to append executed commands to ("" = memory only)
     resync_seconds: float
     single_node: bool = False  # all pods on this host (podman): veth only, no VTEP, gRPC on loopback
+    topology_index: str = ""  # the file the shim reads while the daemon is down ("" = none)
 
 
 def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
@@ -46,10 +48,14 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
                    help="seconds between full reconciliations")
     p.add_argument("--single-node", action="store_true",
                    help="every pod runs on this host (podman, no Kubernetes): no VTEP needed, veth links only")
+    p.add_argument("--topology-index", default=env.get("MESHNET_TOPOLOGY_INDEX", ""),
+                   help="keep the Topology index the CNI shim reads while meshnetd is down in this file: the "
+                        f"network config's 'topology_index' (default {DEFAULT_INDEX}) names the same one "
+                        "(env MESHNET_TOPOLOGY_INDEX; default none)")
     a = p.parse_args(argv)
     if not 0 < a.grpc_port < 65536:
         p.error(f"--grpc-port: {a.grpc_port} is not a TCP port")
     # A single node has no peers: its gRPC port need not be reachable from anywhere but itself.
     grpc_bind = a.grpc_bind or ("127.0.0.1" if a.single_node else "0.0.0.0")
     return DaemonConfig(a.node_name, a.host_ip, a.host_intf, a.grpc_port, grpc_bind, a.socket, a.store,
-                        a.cni_path, a.journal, a.resync, a.single_node)
+                        a.cni_path, a.journal, a.resync, a.single_node, a.topology_index)

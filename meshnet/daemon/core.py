@@ -180,7 +180,6 @@ class Meshnet:
         self._log: Log = log or (lambda **_: None)
         self._locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._eth0_cache: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="peer")
         # eth0 delegates run beside the link work of their ADD (own pool: they never wait on peers)
         self._delegates = ThreadPoolExecutor(max_workers=16, thread_name_prefix="delegate")
@@ -217,11 +216,15 @@ class Meshnet:
                 raise CniError(spec.INVALID_ENV, f"CNI_ARGS {what} is invalid", why)
         return namespace, name
 
-    def _eth0(self, req: CniRequest, command: str) -> dict[str, Any] | None:
+    def _eth0(self, req: CniRequest, command: str, prev: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """eth0 through the delegate (or chained, the prevResult). DEL and CHECK hand the delegate its
+        part of the prevResult the runtime sent (`prev` instead: a rollback's fresh ADD result):
+        the runtime keeps it across daemon restarts, an in-memory copy would not."""
         conf = req.conf
         if conf.delegate is not None:
             env = self._delegate_env(req, command)
-            prev = self._eth0_cache.get(req.container_id) if command in ("DEL", "CHECK") else None
+            if prev is None and command in ("DEL", "CHECK"):
+                prev = delegate.delegate_part(conf.prev_result, *self._pod(req))
             runtime = conf.raw.get("runtimeConfig")
             return delegate.run_delegate(conf.delegate, command, env, conf.cni_version, conf.name,
                                          prev_result=prev, valid_attachments=conf.valid_attachments or (),
@@ -292,8 +295,6 @@ class Meshnet:
             if links is not None:
                 self._undo_links(req)
             raise
-        if eth0 is not None:
-            self._eth0_cache[req.container_id] = eth0
         base = results.Result.from_dict(eth0) if eth0 else results.Result()
         ifaces = list(base.interfaces)
         ips = list(base.ips)
@@ -306,12 +307,12 @@ class Meshnet:
 
     def _undo_eth0(self, req: CniRequest, eth0_future: Future[dict[str, Any] | None]) -> None:
         try:
-            eth0_future.result()
+            eth0 = eth0_future.result()
         except Exception:  # eth0 failed as well: nothing of it to undo
             return
         if req.conf.delegate is not None:
             try:
-                self._eth0(req, "DEL")
+                self._eth0(req, "DEL", eth0)
             except CniError as e:
                 self._log(event="rollback-eth0-failed", error=str(e))
 
@@ -527,7 +528,6 @@ class Meshnet:
             else:
                 self._delete_links(topo, req)
         self._eth0(req, "DEL")
-        self._eth0_cache.pop(req.container_id, None)
         return None
 
     def _delete_links(self, topo: Topology, req: CniRequest) -> None:

@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meshnet.daemon.api import ApiServer
     from meshnet.daemon.core import Meshnet
     from meshnet.daemon.peers import GrpcPeerClient, serve
+    from meshnet.daemon.topo_index import TopologyIndex
     from meshnet.store import open_store
 
     journal: Journal = open_journal(cfg.journal or None)
@@ -136,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"node": node.name, "vtep": node.vtep_ip, "ready": ready.is_set()}
 
     grpc_server = serve(core, cfg.grpc_bind, cfg.grpc_port, log)
-    api = ApiServer(cfg.socket_path, core.handle, health, log)
+    # The shim's answer while this daemon is down (issue 13): kept current by its own watch.
+    index = TopologyIndex(cfg.topology_index, core.handle, log) if cfg.topology_index else None
+    api = ApiServer(cfg.socket_path, index.wrap(core.handle) if index else core.handle, health, log)
     api.start()
     log(event="started", node=node.name, vtep=node.vtep_ip, uplink=node.uplink, socket=cfg.socket_path,
         grpc=f"{cfg.grpc_bind}:{cfg.grpc_port}", store=cfg.store_url.split("?")[0])
@@ -151,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     reconciler = Reconciler(core, cfg.resync_seconds, stopping, ready)
     threading.Thread(target=reconciler.run, name="reconcile", daemon=True).start()
     threading.Thread(target=reconciler.watch, args=(store,), name="watch", daemon=True).start()
+    if index is not None:
+        threading.Thread(target=index.run, args=(store, stopping, cfg.resync_seconds), name="topology-index",
+                         daemon=True).start()
     stopping.wait()
     api.stop()
     grpc_server.stop(grace=2).wait()

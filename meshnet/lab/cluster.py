@@ -137,6 +137,10 @@ class Lab:
     def socket(self, node: str) -> Path:
         return self.dir / f"{node}.sock"
 
+    def topology_index(self, node: str) -> Path:
+        """The node's index of Topologies, kept by its meshnetd, read by the shim while it is down."""
+        return self.dir / f"{node}.topologies.json"
+
     @property
     def state_path(self) -> Path:
         return self.dir / "state.json"
@@ -309,7 +313,8 @@ class Lab:
         argv = ["ip", "netns", "exec", self.node_netns(i), sys.executable, "-m", "meshnet.daemon.main",
                 "--node-name", node, "--host-ip", info.vtep_ip, "--socket", str(sock),
                 "--store", self.state.store_url, "--grpc-port", str(GRPC_PORT),
-                "--journal", str(self.dir / f"{node}.journal"), "--resync", "30"]
+                "--journal", str(self.dir / f"{node}.journal"), "--resync", "30",
+                "--topology-index", str(self.topology_index(node))]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
@@ -367,6 +372,7 @@ class Lab:
             "type": "meshnet",
             "daemon_socket": str(self.socket(node)),
             "log_file": str(self.dir / "cni.log"),
+            "topology_index": str(self.topology_index(node)),
             "delegate": {
                 "cniVersion": "1.0.0",
                 "name": f"{self.name}-eth0",
