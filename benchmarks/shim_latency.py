@@ -33,7 +33,9 @@ def _dead_socket(directory: str) -> str:
 def measure(runs: int = 20) -> dict[str, Any]:
     """Median/min/max wall-clock ms of ``runs`` shim calls against a dead daemon socket."""
     with tempfile.TemporaryDirectory(prefix="mnb-shim-") as tmp:
-        conf = {"cniVersion": "1.0.0", "name": "meshnet", "type": "meshnet", "daemon_socket": _dead_socket(tmp)}
+        # No topology index: the shim must answer 11 (its fallback only reads the missing file).
+        conf = {"cniVersion": "1.0.0", "name": "meshnet", "type": "meshnet", "daemon_socket": _dead_socket(tmp),
+                "topology_index": os.path.join(tmp, "topologies.json")}
         env = {
             "CNI_COMMAND": "ADD",
             "CNI_CONTAINERID": "bench",

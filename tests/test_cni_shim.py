@@ -173,7 +173,7 @@ def test_invalid_daemon_answer_is_internal_error(daemon: FakeDaemon, status: int
 
 def test_missing_socket_is_try_again_later_naming_it(tmp_path: Path) -> None:
     sock = str(tmp_path / "nowhere.sock")
-    code, out, _ = _run(_env("ADD"), _conf(sock))
+    code, out, _ = _run(_env("ADD"), _conf(sock, topology_index=str(tmp_path / "no-index.json")))
     answer = json.loads(out)
     assert code == 1
     assert answer["code"] == spec.TRY_AGAIN_LATER
@@ -190,7 +190,7 @@ def _dead_socket(path: Path) -> str:
 
 def test_refused_socket_is_try_again_later_naming_it(tmp_path: Path) -> None:
     sock = _dead_socket(tmp_path / "dead.sock")
-    code, out, _ = _run(_env("DEL"), _conf(sock))
+    code, out, _ = _run(_env("CHECK"), _conf(sock))
     answer = json.loads(out)
     assert (code, answer["code"]) == (1, 11)
     assert sock in answer["details"]
@@ -251,7 +251,8 @@ def test_accept_queue_full_until_the_timeout_is_try_again_later(tmp_path: Path) 
     path = tmp_path / "stuck.sock"
     listener, fillers = _full_listener(path)
     try:
-        code, out, _ = _run(_env("ADD"), _conf(str(path), daemon_timeout=0.3))
+        code, out, _ = _run(_env("ADD"), _conf(str(path), daemon_timeout=0.3,
+                                               topology_index=str(tmp_path / "no-index.json")))
     finally:
         for c in fillers:
             c.close()
@@ -354,7 +355,7 @@ def test_subprocess_add_like_a_runtime(daemon: FakeDaemon) -> None:
 
 def test_subprocess_dead_daemon_and_version(tmp_path: Path) -> None:
     sock = _dead_socket(tmp_path / "dead.sock")
-    proc = _subprocess_shim(_env("ADD"), _conf(sock))
+    proc = _subprocess_shim(_env("ADD"), _conf(sock, topology_index=str(tmp_path / "no-index.json")))
     assert proc.returncode == 1
     answer = json.loads(proc.stdout)
     assert answer["code"] == 11

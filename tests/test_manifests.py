@@ -27,6 +27,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from meshnet.cni.offline import DEFAULT_INDEX
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
@@ -335,10 +337,11 @@ def test_daemonset(rendered: dict[str, list[dict[str, Any]]]) -> None:
     (daemon,) = pod["containers"]
     assert daemon["name"] == "meshnetd" and daemon["securityContext"]["privileged"] is True
     env = {e["name"]: e["value"] if "value" in e else e["valueFrom"]["fieldRef"]["fieldPath"] for e in daemon["env"]}
+    # MACVLAN_PARENTS empty: no macvlan unless the operator (or an overlay) says.
     assert env == {"HOST_IP": "status.hostIP", "NODE_NAME": "spec.nodeName", "GRPC_PORT": "51111",
                    "MESHNET_STORE": "kube", "MESHNET_TLS_CA": "/etc/meshnet/tls/ca.crt",
                    "MESHNET_TLS_CERT": "/etc/meshnet/tls/{node}.crt", "MESHNET_TLS_KEY": "/etc/meshnet/tls/{node}.key",
-                   "MACVLAN_PARENTS": ""}  # no macvlan unless the operator (or an overlay) says
+                   "MACVLAN_PARENTS": "", "MESHNET_TOPOLOGY_INDEX": DEFAULT_INDEX}
     assert daemon["ports"] == [{"name": "grpc", "containerPort": 51111, "hostPort": 51111, "protocol": "TCP"}]
     assert daemon["livenessProbe"]["tcpSocket"]["port"] == 51111
     assert daemon["readinessProbe"]["exec"]["command"][:2] == ["meshnetctl", "health"]

@@ -200,3 +200,44 @@ def chained_prev_result(conf: spec.NetConf, command: str = "ADD") -> dict[str, A
             )
         return None
     return results.convert_result(conf.prev_result, conf.cni_version)
+
+
+def delegate_part(prev_result: Mapping[str, Any] | None, namespace: str, pod: str) -> dict[str, Any] | None:
+    """The delegate's own part of the result the runtime keeps for meshnet (its DEL/CHECK prevResult).
+
+    meshnet appends its links to the delegate's result; the delegate must not see them (bridge's
+    CHECK would look for their addresses on eth0). meshnet's interfaces are known by the stable MAC
+    it gives each (naming.mac_address), so this needs no daemon and no cache that a restart loses.
+    """
+    if not isinstance(prev_result, Mapping):
+        return None
+    from meshnet import naming  # hashlib and re: only DEL/CHECK with a prevResult pay for them
+
+    interfaces = prev_result.get("interfaces")
+    if not pod or not isinstance(interfaces, list):
+        return dict(prev_result)
+
+    def ours(iface: object) -> bool:
+        if not isinstance(iface, Mapping) or not iface.get("sandbox") or not isinstance(iface.get("name"), str):
+            return False
+        mac = iface.get("mac")
+        return isinstance(mac, str) and mac.lower() == naming.mac_address(namespace, pod, iface["name"])
+
+    keep = [i for i, iface in enumerate(interfaces) if not ours(iface)]
+    if len(keep) == len(interfaces):
+        return dict(prev_result)
+    new_index = {old: new for new, old in enumerate(keep)}
+    out = dict(prev_result)
+    out["interfaces"] = [interfaces[i] for i in keep]
+    ips = prev_result.get("ips")
+    if isinstance(ips, list):
+        kept_ips = []
+        for ip in ips:
+            at = ip.get("interface") if isinstance(ip, Mapping) else None
+            if isinstance(at, int) and not isinstance(at, bool):
+                if at not in new_index:
+                    continue  # an address of one of meshnet's links
+                ip = {**ip, "interface": new_index[at]}
+            kept_ips.append(ip)
+        out["ips"] = kept_ips
+    return out

@@ -25,6 +25,14 @@ if TYPE_CHECKING:
 API_PATH = "/v1/cni"
 
 
+class DaemonUnreachable(spec.CniError):
+    """meshnetd could not be reached (error 11). ``connected``: the request may have reached it."""
+
+    def __init__(self, msg: str, details: str, connected: bool = False) -> None:
+        super().__init__(spec.TRY_AGAIN_LATER, msg, details)
+        self.connected = connected
+
+
 def _connect(path: str, timeout: float) -> _socket.socket:
     """Connect to meshnetd, waiting up to ``timeout`` while its accept queue is full.
 
@@ -44,18 +52,15 @@ def _connect(path: str, timeout: float) -> _socket.socket:
             sock.close()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise spec.CniError(
-                    spec.TRY_AGAIN_LATER, "meshnetd is not reachable",
-                    f"cannot connect to {path}: busy (accept queue full) for {timeout:g} s",
+                raise DaemonUnreachable(
+                    "meshnetd is not reachable", f"cannot connect to {path}: busy (accept queue full) for {timeout:g} s"
                 ) from exc
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.1)
         except OSError as exc:
             sock.close()
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            raise spec.CniError(
-                spec.TRY_AGAIN_LATER, "meshnetd is not reachable", f"cannot connect to {path}: {reason}"
-            ) from exc
+            raise DaemonUnreachable("meshnetd is not reachable", f"cannot connect to {path}: {reason}") from exc
 
 
 def _post(sock: _socket.socket, path: str, body: bytes) -> tuple[int, bytes]:
@@ -72,16 +77,15 @@ def _post(sock: _socket.socket, path: str, body: bytes) -> tuple[int, bytes]:
             chunks.append(chunk)
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-        raise spec.CniError(
-            spec.TRY_AGAIN_LATER, "meshnetd did not answer", f"request to {path} failed: {reason}"
-        ) from exc
+        raise DaemonUnreachable("meshnetd did not answer", f"request to {path} failed: {reason}",
+                                connected=True) from exc
     finally:
         sock.close()
     raw = b"".join(chunks)
     header, _, payload = raw.partition(b"\r\n\r\n")
     status_line = header.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
-        raise spec.CniError(spec.TRY_AGAIN_LATER, "meshnetd did not answer", f"{path}: no HTTP answer: {raw[:80]!r}")
+        raise DaemonUnreachable("meshnetd did not answer", f"{path}: no HTTP answer: {raw[:80]!r}", connected=True)
     return int(status_line[1]), payload
 
 
@@ -158,7 +162,16 @@ def dispatch(env: Mapping[str, str], stdin: bytes | str, stdout: TextIO, stderr:
             return 0
         request = spec.parse_request(env, text)
         log.log_file = request.conf.log_file
-        result = call_daemon(request.conf, command, env, text)
+        try:
+            result = call_daemon(request.conf, command, env, text)
+        except DaemonUnreachable as exc:
+            # DEL must complete whatever the daemon did with it; an ADD it may have begun is not
+            # done twice: the runtime's DEL and retry sort that out.
+            if command != "DEL" and not (command == "ADD" and not exc.connected):
+                raise
+            from meshnet.cni import offline  # only without the daemon: the happy path never pays
+
+            result = offline.serve(request, env, exc, log.write)
         if result is not None:
             stdout.write(json.dumps(result) + "\n")
     except Exception as exc:

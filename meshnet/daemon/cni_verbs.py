@@ -35,8 +35,6 @@ class CniVerbs:
         self.peers = peers
         self.link_status = link_status
         self.cni_path = cni_path
-        # eth0 results by container, for the delegate's DEL and CHECK (guarded by `_lock`).
-        self._eth0_results: dict[str, dict[str, Any]] = {}
         self._inflight = 0  # CNI calls being served (guarded by `_lock`)
         self._lock = threading.Lock()
         # eth0 delegates run beside the link work of their ADD (own pool: they never wait on peers)
@@ -82,12 +80,16 @@ class CniVerbs:
 
     # --- eth0: the delegate plugin, or the result of the plugin chained before meshnet ------------
 
-    def run_eth0_delegate(self, req: CniRequest, command: str) -> dict[str, Any] | None:
+    def run_eth0_delegate(self, req: CniRequest, command: str,
+                          prev: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """eth0 through the delegate (or chained, the prevResult). DEL and CHECK hand the delegate its
+        part of the prevResult the runtime sent (`prev` instead: a rollback's fresh ADD result):
+        the runtime keeps it across daemon restarts, an in-memory copy would not."""
         conf = req.conf
         if conf.delegate is not None:
             env = self._delegate_env(req, command)
-            with self._lock:
-                prev = self._eth0_results.get(req.container_id) if command in ("DEL", "CHECK") else None
+            if prev is None and command in ("DEL", "CHECK"):
+                prev = delegate.delegate_part(conf.prev_result, *self._pod(req))
             runtime = conf.raw.get("runtimeConfig")
             return delegate.run_delegate(conf.delegate, command, env, conf.cni_version, conf.name,
                                          prev_result=prev, valid_attachments=conf.valid_attachments or (),
@@ -120,9 +122,6 @@ class CniVerbs:
             if links is not None:
                 self._undo_links(req)
             raise
-        if eth0 is not None:
-            with self._lock:
-                self._eth0_results[req.container_id] = eth0
         base = results.Result.from_dict(eth0) if eth0 else results.Result()
         ifaces = list(base.interfaces)
         ips = list(base.ips)
@@ -136,12 +135,12 @@ class CniVerbs:
 
     def _undo_eth0(self, req: CniRequest, eth0_future: Future[dict[str, Any] | None]) -> None:
         try:
-            eth0_future.result()
+            eth0 = eth0_future.result()
         except Exception:  # eth0 failed as well: nothing of it to undo
             return
         if req.conf.delegate is not None:
             try:
-                self.run_eth0_delegate(req, "DEL")
+                self.run_eth0_delegate(req, "DEL", eth0)
             except CniError as e:
                 self.state.log(event="rollback-eth0-failed", error=str(e))
 
@@ -235,8 +234,6 @@ class CniVerbs:
             else:
                 self.delete_links(topo, req)
         self.run_eth0_delegate(req, "DEL")
-        with self._lock:
-            self._eth0_results.pop(req.container_id, None)
         return None
 
     def delete_links(self, topo: Topology, req: CniRequest) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshnet import naming
+from meshnet.cni.offline import DEFAULT_INDEX
 from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
 from meshnet.plan import ANY_PARENT
 
@@ -41,6 +42,7 @@ class DaemonConfig:
     single_node: bool = False  # all pods on this host (podman): veth only, no VTEP, gRPC on loopback
     tls: TlsPaths | None = None  # None: plain gRPC, bound to the VTEP address or loopback only
     macvlan_parents: tuple[str, ...] = ()  # host interfaces macvlan links may use ("*": any but the underlay)
+    topology_index: str = ""  # the file the shim reads while the daemon is down ("" = none)
 
 
 def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
@@ -71,6 +73,10 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
                    help="seconds between full reconciliations")
     p.add_argument("--single-node", action="store_true",
                    help="every pod runs on this host (podman, no Kubernetes): no VTEP needed, veth links only")
+    p.add_argument("--topology-index", default=env.get("MESHNET_TOPOLOGY_INDEX", ""),
+                   help="keep the Topology index the CNI shim reads while meshnetd is down in this file: the "
+                        f"network config's 'topology_index' (default {DEFAULT_INDEX}) names the same one "
+                        "(env MESHNET_TOPOLOGY_INDEX; default none)")
     a = p.parse_args(argv)
     if not 0 < a.grpc_port < 65536:
         p.error(f"--grpc-port: {a.grpc_port} is not a TCP port")
@@ -93,4 +99,5 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
         if why:
             p.error(f"--macvlan-parents (env MACVLAN_PARENTS): {why}")
     return DaemonConfig(a.node_name, a.host_ip, a.host_intf, a.grpc_port, a.grpc_bind.strip(), a.socket, a.store,
-                        a.cni_path, a.journal, a.resync, a.single_node, tls, parents)
+                        a.cni_path, a.journal, a.resync, a.single_node, tls, parents,
+                        a.topology_index)

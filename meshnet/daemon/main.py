@@ -123,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meshnet.daemon.api import ApiServer
     from meshnet.daemon.node import NodeDaemon
     from meshnet.daemon.peers import GrpcPeerClient, serve
+    from meshnet.daemon.topo_index import TopologyIndex
     from meshnet.store import open_store
 
     journal: Journal = open_journal(cfg.journal or None)
@@ -140,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Unset: the VTEP address, the one address peers dial (loopback with --single-node).
     grpc_bind = cfg.grpc_bind or node.vtep_ip
     grpc_server = serve(core, grpc_bind, cfg.grpc_port, log, cfg.tls)
-    api = ApiServer(cfg.socket_path, core.handle, health, log)
+    # The shim's answer while this daemon is down (issue 13): kept current by its own watch.
+    index = TopologyIndex(cfg.topology_index, core.handle, log) if cfg.topology_index else None
+    api = ApiServer(cfg.socket_path, index.wrap(core.handle) if index else core.handle, health, log)
     api.start()
     log(event="started", node=node.name, vtep=node.vtep_ip, uplink=node.uplink, socket=cfg.socket_path,
         grpc=naming.host_port(grpc_bind, cfg.grpc_port), tls=cfg.tls is not None,
@@ -156,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     reconciler = ReconcileLoop(core, cfg.resync_seconds, stopping, ready)
     threading.Thread(target=reconciler.run, name="reconcile", daemon=True).start()
     threading.Thread(target=reconciler.watch, args=(store,), name="watch", daemon=True).start()
+    if index is not None:
+        threading.Thread(target=index.run, args=(store, stopping, cfg.resync_seconds), name="topology-index",
+                         daemon=True).start()
     stopping.wait()
     api.stop()
     grpc_server.stop(grace=2).wait()

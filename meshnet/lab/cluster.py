@@ -68,6 +68,8 @@ class PodRecord:
     error: str = ""
     links: int = 0
     seconds: float = 0.0
+    # The ADD result, kept as a runtime keeps it (libcni's cache): DEL and CHECK get it as prevResult.
+    result: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +138,10 @@ class Lab:
 
     def socket(self, node: str) -> Path:
         return self.dir / f"{node}.sock"
+
+    def topology_index(self, node: str) -> Path:
+        """The node's index of Topologies, kept by its meshnetd, read by the shim while it is down."""
+        return self.dir / f"{node}.topologies.json"
 
     @property
     def state_path(self) -> Path:
@@ -312,7 +318,9 @@ class Lab:
                 "--journal", str(self.dir / f"{node}.journal"), "--resync", "30",
                 # No TLS in the lab: peers are reached on the VTEP address only. macvlan links use the
                 # node's eth0 (the lab's only way out to its external namespace), so it is listed.
-                "--grpc-bind", info.vtep_ip, "--macvlan-parents", info.uplink]
+                "--grpc-bind", info.vtep_ip, "--macvlan-parents", info.uplink,
+                "--topology-index", str(self.topology_index(node))]
+
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
@@ -370,6 +378,7 @@ class Lab:
             "type": "meshnet",
             "daemon_socket": str(self.socket(node)),
             "log_file": str(self.dir / "cni.log"),
+            "topology_index": str(self.topology_index(node)),
             "delegate": {
                 "cniVersion": "1.0.0",
                 "name": f"{self.name}-eth0",
@@ -393,7 +402,10 @@ class Lab:
                         f"K8S_POD_INFRA_CONTAINER_ID={rec.container_id}",
             "PATH": self.state.cni_env_path or os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         }
-        proc = subprocess.run(self.state.cni_bin, input=json.dumps(self.cni_config(rec.node)).encode(),
+        conf = self.cni_config(rec.node)
+        if command in ("DEL", "CHECK") and rec.result:
+            conf["prevResult"] = rec.result
+        proc = subprocess.run(self.state.cni_bin, input=json.dumps(conf).encode(),
                               env=env, capture_output=True, timeout=600, check=False)
         try:
             answer = json.loads(proc.stdout or b"{}")
@@ -407,11 +419,11 @@ class Lab:
         if not (NETNS_DIR / rec.netns).exists():
             self.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
                                         Command(rec.netns, ("link", "set", "lo", "up"))])
-        rec.container_id = secrets.token_hex(32)
+        rec.container_id, rec.result = secrets.token_hex(32), {}
         rc, answer = self.cni("ADD", rec)
         rec.seconds = round(time.monotonic() - started, 3)
         if rc == 0:
-            rec.state, rec.error = "up", ""
+            rec.state, rec.error, rec.result = "up", "", answer
             rec.links = sum(1 for i in answer.get("interfaces", []) if i.get("sandbox") and i.get("name") != "eth0")
         else:
             rec.state = "failed"
@@ -442,7 +454,7 @@ class Lab:
                 raise LabError(f"CNI DEL of {pod} failed: {answer.get('msg')}: {answer.get('details', '')}")
         if remove_netns:
             self.executor.remove([Command(None, ("netns", "del", rec.netns))])
-        rec.state, rec.container_id, rec.links = "down", "", 0
+        rec.state, rec.container_id, rec.links, rec.result = "down", "", 0, {}
         self.save()
         return rec
 

@@ -1,0 +1,175 @@
+"""The node-local topology index the CNI shim reads while meshnetd is down, and the pods it left.
+
+meshnetd keeps a file listing every Topology of the cluster (``namespace/name``, with a generation
+and a timestamp; format in ``meshnet.cni.offline``) current from its own watch of the store, always
+written whole (tmp file + rename). With the daemon unreachable, the shim gives a pod the index does
+not list its eth0 at once and leaves a record of the sandbox; once the daemon is back, this module
+"adopts" recorded sandboxes whose pod has a Topology by then: the same ADD meshnetd would have done
+for the links (chained, eth0 as it is), after which the reconciler keeps them like any other pod.
+Records are untrusted input (files on disk) and are validated before anything is done with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from meshnet.cni import offline, spec
+from meshnet.model import Topology
+from meshnet.store.base import Store
+
+Handle = Callable[[str, Mapping[str, str], str], Any]
+Log = Callable[..., None]
+Key = tuple[str, str]
+
+# A chained ADD with an empty eth0 result: the pod's eth0 exists already, only the links are built.
+_ADOPT_CONF = json.dumps({"cniVersion": spec.LATEST_VERSION, "name": "meshnet-adopt", "type": "meshnet",
+                          "prevResult": {"cniVersion": spec.LATEST_VERSION, "interfaces": [], "ips": []}})
+
+
+class TopologyIndex:
+    def __init__(self, path: str, handle: Handle, log: Log, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._handle = handle
+        self._log = log
+        self._clock = clock
+        self._lock = threading.Lock()  # the keys and the file: the watch thread and refreshes
+        self._keys: set[Key] | None = None  # None until the first full list: never write a partial index
+        self._generation = 0
+        self._records: dict[str, offline.Record] = {}  # container id -> record, as last read from disk
+
+    # --- the index ---------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        assert self._keys is not None
+        self._generation += 1
+        data = offline.format_index(self._keys, self._generation, self._clock())
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # a reader sees the old file or the new one, never a mix
+
+    def refresh(self, store: Store) -> None:
+        """Everything from a full list of the store; then the recorded sandboxes are looked at."""
+        topologies = store.list(None)
+        with self._lock:
+            self._keys = {t.key for t in topologies}
+            self._write()
+        self.load_records()
+        self.adopt(topologies)
+
+    def event(self, event_type: str, topo: Topology) -> None:
+        with self._lock:
+            if self._keys is not None:
+                before = len(self._keys)
+                if event_type == "DELETED":
+                    self._keys.discard(topo.key)
+                else:
+                    self._keys.add(topo.key)
+                if len(self._keys) != before:  # status writes (most events) change nothing here
+                    self._write()
+        if event_type != "DELETED":
+            self.adopt([topo])
+
+    # --- sandboxes the shim set up without the daemon ------------------------------------------------
+
+    def load_records(self) -> None:
+        good, bad = offline.read_records(self.path)
+        for name, why in bad:
+            self._log(event="pending-record-damaged", file=name, error=why)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(offline.pending_dir(self.path), name))
+        with self._lock:
+            self._records = {r.container_id: r for r in good}
+
+    def _drop(self, container_id: str) -> None:
+        with self._lock:
+            self._records.pop(container_id, None)
+        try:
+            offline.remove_record(self.path, container_id)
+        except OSError as e:
+            self._log(event="pending-record-left", container=container_id[:12], error=str(e))
+
+    def adopt(self, topologies: Iterable[Topology]) -> None:
+        """Build the links of recorded sandboxes whose pod has a Topology now."""
+        with self._lock:
+            by_key: dict[Key, list[offline.Record]] = {}
+            for rec in self._records.values():
+                by_key.setdefault((rec.namespace, rec.pod), []).append(rec)
+        if not by_key:
+            return
+        for topo in topologies:
+            for rec in by_key.get(topo.key, ()):
+                self._adopt(topo, rec)
+
+    def _adopt(self, topo: Topology, rec: offline.Record) -> None:
+        st = topo.status
+        if not os.path.exists(rec.netns):
+            self._log(event="pending-dropped", pod=topo.name, container=rec.container_id[:12], why="netns gone")
+            self._drop(rec.container_id)
+            return
+        if st.container_id == rec.container_id and st.alive:
+            self._drop(rec.container_id)  # done already
+            return
+        if st.container_id and st.container_id != rec.container_id and st.alive and os.path.exists(st.net_ns):
+            # Another live sandbox of the pod owns it: ours is the older one, or not the pod's any more.
+            self._log(event="pending-dropped", pod=topo.name, container=rec.container_id[:12],
+                      why=f"owned by {st.container_id[:12]}")
+            self._drop(rec.container_id)
+            return
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": rec.container_id, "CNI_NETNS": rec.netns,
+               "CNI_IFNAME": rec.ifname, "CNI_ARGS": f"K8S_POD_NAMESPACE={rec.namespace};K8S_POD_NAME={rec.pod}"}
+        try:
+            self._handle("ADD", env, _ADOPT_CONF)
+        except Exception as e:  # kept: the next refresh tries again
+            self._log(event="adopt-failed", pod=topo.name, container=rec.container_id[:12], error=str(e))
+            return
+        self._log(event="adopted", pod=topo.name, namespace=topo.namespace, container=rec.container_id[:12])
+        self._drop(rec.container_id)
+
+    def wrap(self, handle: Handle) -> Handle:
+        """meshnetd's CNI handler, forgetting records the runtime's own calls make stale: a DEL of
+        the sandbox, or an ADD of it or of a newer sandbox of the same pod."""
+
+        def handled(command: str, env: Mapping[str, str], stdin: str) -> Any:
+            if command in ("ADD", "DEL") and self._records:
+                cid = env.get("CNI_CONTAINERID", "")
+                args = dict(p.partition("=")[::2] for p in env.get("CNI_ARGS", "").split(";") if p)
+                key = (args.get("K8S_POD_NAMESPACE") or "default", args.get("K8S_POD_NAME", ""))
+                with self._lock:
+                    stale = [c for c, r in self._records.items()
+                             if c == cid or (command == "ADD" and (r.namespace, r.pod) == key)]
+                for c in stale:
+                    self._drop(c)
+            return handle(command, env, stdin)
+
+        return handled
+
+    # --- the thread -------------------------------------------------------------------------------------
+
+    def run(self, store: Store, stopping: threading.Event, resync: float) -> None:
+        """Follow the store: a full list (after the watch is opened, so nothing falls in between),
+        then its events; again every `resync` seconds and after any failure."""
+        while not stopping.is_set():
+            until = time.monotonic() + resync
+
+            def stop(until: float = until) -> bool:
+                return stopping.is_set() or time.monotonic() > until
+
+            try:
+                events = store.watch(None, stop=stop, timeout=1.0)
+                self.refresh(store)
+                for ev in events:
+                    self.event(ev.type, ev.topology)
+            except Exception as e:
+                self._log(event="topology-index-error", error=f"{type(e).__name__}: {e}")
+                stopping.wait(1.0)
