@@ -328,6 +328,7 @@ class Meshnet:
         if topo is None:
             return None
         ns_name = netns.resolve(req.netns)
+        self._release_replaced_sandbox(topo, req, ns_name)
         block = self._vni_block(topo)
 
         def mark_alive(cur: Topology) -> TopologyStatus:
@@ -374,6 +375,27 @@ class Meshnet:
             out.append((results.Interface(end.intf, mac=end.mac, sandbox=req.netns),
                         str(end.ip) if end.ip is not None else None))
         return out
+
+    def _release_replaced_sandbox(self, topo: Topology, req: CniRequest, ns_name: str) -> None:
+        """A kubelet that finds a sandbox dead runs the pod's new sandbox first and stops and removes
+        the old one afterwards. The old namespace still holds this pod's links then, and its
+        vxlans keep their VNIs taken on this node ("A VXLAN device with the specified VNI already
+        exists"): the newer ADD takes the pod over, so its links leave the old namespace now (the
+        old sandbox's DELs are then skipped as older). Far ends stay: the new links replace them."""
+        st = topo.status
+        if st.node != self.node.name or not st.container_id or st.container_id == req.container_id:
+            return
+        try:
+            old = netns.resolve(st.net_ns) if netns.exists(st.net_ns) else ""
+        except netns.NetnsError:
+            return  # gone meanwhile: nothing of the pod is left there
+        if not old or old == ns_name:
+            return
+        self._log(event="replaced-sandbox", pod=topo.name, container=st.container_id[:12], net_ns=old)
+        with self._link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+            problems = self.executor.remove([Command(old, ("link", "del", "group", str(naming.LINK_GROUP)))])
+        for p in problems:
+            self._log(event="replaced-sandbox-problem", pod=topo.name, error=p)
 
     def _record(self, topo: Topology, container_id: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
         """Per-link state in the pod's status (only when it changed: every write wakes every watcher)."""
