@@ -487,3 +487,54 @@ def cri_cluster(manifest: str | Path, nodes: int = 3) -> Iterator[CriCluster]:
                     left.append(f"directory {root}")
     assert not left, f"CRI cluster {lab.name} left behind: {left}"
     assert not problems, f"CRI cluster {lab.name}: tearing down failed: {problems}"
+
+
+class Pods:
+    """The sandboxes one test runs; `cleanup` stops and removes the rest as a kubelet would."""
+
+    def __init__(self, cluster: CriCluster) -> None:
+        self.cluster = cluster
+        self.all: list[Sandbox] = []
+
+    def run(self, name: str, node: str, namespace: str = "default", uid: str = "", attempt: int = 0) -> Sandbox:
+        sb = self.cluster.run_pod(name, node, namespace=namespace, uid=uid, attempt=attempt)
+        self.all.append(sb)
+        return sb
+
+    def remove(self, sb: Sandbox) -> None:
+        self.cluster.stop_and_remove(sb)
+        self.all.remove(sb)
+
+    def cleanup(self) -> None:
+        """Stop and remove what the test ran, then, as a kubelet's garbage collection does, any
+        other sandbox containerd still lists (e.g. one whose failed ADD it could not clean up)."""
+        for sb in list(self.all):
+            self.remove(sb)
+        for node in self.cluster.runtimes:
+            for item in self.cluster.list(node):
+                meta = item.metadata
+                self.cluster.stop_and_remove(Sandbox(item.id, meta.name, meta.namespace, meta.uid, meta.attempt, node))
+
+
+@contextmanager
+def tracked_pods(cluster: CriCluster) -> Iterator[Pods]:
+    """A test's sandboxes, stopped and removed afterwards; then no sandbox, lease or namespace is left."""
+    p = Pods(cluster)
+    try:
+        yield p
+    finally:
+        p.cleanup()
+    for node in cluster.runtimes:
+        assert cluster.list(node) == [], f"{node}: sandboxes left"
+        assert cluster.leases(node) == [], f"{node}: host-local leases left"
+    left = sorted(ns for ns in cluster.seen_netns if (NETNS_DIR / ns).exists())
+    assert left == [], f"sandbox namespaces left: {left}"
+
+
+def addresses(cluster: CriCluster, sb: Sandbox) -> dict[str, str]:
+    """{interface: first IPv4 address} inside the sandbox."""
+    out = {}
+    for name, entry in cluster.links(sb).items():
+        v4 = [a["local"] for a in entry.get("addr_info", []) if a.get("family") == "inet"]
+        out[name] = v4[0] if v4 else ""
+    return out

@@ -14,13 +14,12 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from meshnet.lab.cluster import POD_SUBNET
 from tests.cri import api_pb2 as cri
-from tests.crikit import CriCluster, Sandbox, cri_cluster
+from tests.crikit import CriCluster, Pods, Sandbox, addresses, cri_cluster, tracked_pods
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -37,48 +36,10 @@ def cluster() -> Iterator[CriCluster]:
         yield c
 
 
-class Pods:
-    """The sandboxes one test runs; `cleanup` stops and removes the rest as a kubelet would."""
-
-    def __init__(self, cluster: CriCluster) -> None:
-        self.cluster = cluster
-        self.all: list[Sandbox] = []
-
-    def run(self, name: str, node: str, **kw: object) -> Sandbox:
-        sb = self.cluster.run_pod(name, node, **kw)  # type: ignore[arg-type]
-        self.all.append(sb)
-        return sb
-
-    def remove(self, sb: Sandbox) -> None:
-        self.cluster.stop_and_remove(sb)
-        self.all.remove(sb)
-
-    def cleanup(self) -> None:
-        for sb in list(self.all):
-            self.remove(sb)
-
-
 @pytest.fixture
 def pods(cluster: CriCluster) -> Iterator[Pods]:
-    p = Pods(cluster)
-    try:
+    with tracked_pods(cluster) as p:
         yield p
-    finally:
-        p.cleanup()
-    for node in cluster.runtimes:
-        assert cluster.list(node) == [], f"{node}: sandboxes left"
-        assert cluster.leases(node) == [], f"{node}: host-local leases left"
-    left = sorted(ns for ns in cluster.seen_netns if (Path("/var/run/netns") / ns).exists())
-    assert left == [], f"sandbox namespaces left: {left}"
-
-
-def addresses(cluster: CriCluster, sb: Sandbox) -> dict[str, str]:
-    """{interface: first IPv4 address} inside the sandbox."""
-    out = {}
-    for name, entry in cluster.links(sb).items():
-        v4 = [a["local"] for a in entry.get("addr_info", []) if a.get("family") == "inet"]
-        out[name] = v4[0] if v4 else ""
-    return out
 
 
 def assert_triangle(cluster: CriCluster, sbs: dict[str, Sandbox]) -> None:
