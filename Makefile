@@ -6,9 +6,10 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 # The lab (make demo) needs only the first line; the suite also drives podman, Chromium (graph
-# rendering) and Nuitka's toolchain (standalone binary), which are heavy on a fresh machine.
+# rendering), Nuitka's toolchain (standalone binary) and containerd (its CRI plugin as a kubelet
+# would drive it), which are heavy on a fresh machine.
 LAB_PKGS  := iproute2 iputils-ping containernetworking-plugins sqlite3 kmod
-TEST_PKGS := $(LAB_PKGS) chromium patchelf gcc podman runc busybox-static
+TEST_PKGS := $(LAB_PKGS) chromium patchelf gcc podman runc busybox-static containerd
 STAMP   := $(VENV)/.installed
 LAB     ?= demo
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -16,7 +17,7 @@ IMAGE   ?= meshnet/meshnet:$(VERSION)
 CLUSTER ?= meshnet
 OVERLAY ?= kind
 
-.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto demo demo-down bench clean-netns cni-binary up docker install e2e-kind down
+.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto cri-proto demo demo-down bench clean-netns cni-binary up docker install e2e-kind down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -64,6 +65,10 @@ golden: setup ## regenerate tests/golden from the templates (review with git dif
 proto: setup ## regenerate meshnet/proto/*_pb2*.py from meshnet.proto
 	$(PY) -m grpc_tools.protoc -I meshnet/proto --python_out=meshnet/proto --grpc_python_out=meshnet/proto --pyi_out=meshnet/proto meshnet/proto/meshnet.proto
 	sed -i 's/^import meshnet_pb2 as/from meshnet.proto import meshnet_pb2 as/' meshnet/proto/meshnet_pb2_grpc.py
+
+cri-proto: setup ## regenerate tests/cri/api_pb2*.py (the suite's CRI client) from tests/cri/api.proto
+	$(PY) -m grpc_tools.protoc -I tests/cri --python_out=tests/cri --grpc_python_out=tests/cri --pyi_out=tests/cri tests/cri/api.proto
+	sed -i 's/^import api_pb2 as/from tests.cri import api_pb2 as/' tests/cri/api_pb2_grpc.py
 
 demo: deps-lab venv ## run tests/3node.yml on 3 emulated nodes (every link a VXLAN) and print connectivity
 	@$(VENV)/bin/meshnetctl lab down --name $(LAB) >/dev/null 2>&1 || true

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = {"iproute2", "iputils-ping", "containernetworking-plugins", "sqlite3", "kmod"}
-HEAVY = {"chromium", "podman", "runc", "busybox-static", "gcc", "patchelf"}
+HEAVY = {"chromium", "podman", "runc", "busybox-static", "gcc", "patchelf", "containerd"}
 
 
 def _packages(target: str) -> set[str]:

@@ -150,6 +150,28 @@ class CniVerbs:
         if topo is not None:
             self.delete_links(topo, req)
 
+    def _release_replaced_sandbox(self, topo: Topology, req: CniRequest, ns_name: str) -> None:
+        """A kubelet that finds a sandbox dead runs the pod's new sandbox first and stops and removes
+        the old one afterwards. The old namespace still holds this pod's links then, and its
+        vxlans keep their VNIs taken on this node ("A VXLAN device with the specified VNI already
+        exists"): the newer ADD takes the pod over, so its links leave the old namespace now (the
+        old sandbox's DELs are then skipped as older). Far ends stay: the new links replace them."""
+        state = self.state
+        st = topo.status
+        if not state.alive_here(st) or st.container_id == req.container_id:
+            return
+        try:
+            old = netns.resolve(st.net_ns) if netns.exists(st.net_ns) else ""
+        except netns.NetnsError:
+            return  # gone meanwhile: nothing of the pod is left there
+        if not old or old == ns_name:
+            return
+        state.log(event="replaced-sandbox", pod=topo.name, container=st.container_id[:12], net_ns=old)
+        with state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
+            problems = state.executor.run_best_effort([Command(old, ("link", "del", "group", str(naming.LINK_GROUP)))])
+        for p in problems:
+            state.log(event="replaced-sandbox-problem", pod=topo.name, error=p)
+
     def _add_links(self, req: CniRequest) -> list[tuple[results.Interface, str | None]] | None:
         """Mark the pod alive and build its links; None when the pod has no Topology."""
         state = self.state
@@ -160,6 +182,7 @@ class CniVerbs:
             return None
         check_macvlan_parents(topo, state.node)  # before the pod is marked alive: nothing to undo
         ns_name = netns.resolve(req.netns)
+        self._release_replaced_sandbox(topo, req, ns_name)
         block = self.blocks.choose(topo)
 
         def mark_alive(cur: Topology) -> TopologyStatus:
