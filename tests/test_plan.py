@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from meshnet import naming
-from meshnet.dryrun import layout_for
+from meshnet.dryrun import every_link_plan, layout_for, place_pods, simulate_adds
 from meshnet.model import Manifest, Topology, load_manifest, parse_manifest
 from meshnet.plan import (
     VXLAN_OVERHEAD,
@@ -21,12 +21,9 @@ from meshnet.plan import (
     RemoteEnd,
     VethPlan,
     VxlanPlan,
-    every_link_plan,
-    place_pods,
     plan_link,
     plan_pod,
     plan_remote_end,
-    simulate_adds,
 )
 
 MANIFESTS = sorted(Path(__file__).parent.glob("*.yml"))
