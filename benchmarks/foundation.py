@@ -20,10 +20,9 @@ from typing import Any
 
 import yaml
 
-from meshnet.dryrun import DryRunLab, layout_for
+from meshnet.dryrun import DryRunLab, every_link_plan, layout_for, simulate_adds
 from meshnet.executor import Executor
 from meshnet.model import Manifest, parse_manifest
-from meshnet.plan import every_link_plan, simulate_adds
 from meshnet.render import Command, phases, render
 
 LINKS = 1500

@@ -3,31 +3,104 @@
 Nodes are namespaces `<P>node<i>` joined by an underlay bridge in `<P>ul` (198.51.100.0/24), pods
 are namespaces `<P><pod>`, and every link is rendered by the same templates the daemons use,
 decided by the same planner, in the order a sequence of ADDs would take.
+
+The placement of pods on nodes and that sequence of ADDs (`place_pods`, `simulate_adds`) live here
+and serve `meshnetctl lab` as well, so the lab builds what the dry run prints.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshnet import naming
 from meshnet.model import Manifest
-from meshnet.plan import (
-    LabLayout,
-    LinkPlan,
-    MacvlanPlan,
-    NodeInfo,
-    every_link_plan,
-    place_pods,
-    pod_names,
-    simulate_adds,
-)
+from meshnet.plan import LinkPlan, MacvlanPlan, NodeInfo, PodPlan, PodState, VxlanPlan, plan_pod, plan_remote_end
 from meshnet.render import Command, render, script
 
 UNDERLAY = ipaddress.ip_network("198.51.100.0/24")
 EXTERNAL_HOST = 254  # the external namespace's address on the underlay
 
+
+# --- placement: which pod on which node, and the ADDs in order (also `meshnetctl lab`'s) ----------
+
+@dataclass(frozen=True)
+class LabLayout:
+    """Where each pod of a manifest lives in an emulated cluster of namespaces."""
+
+    nodes: tuple[NodeInfo, ...]
+    pod_node: Mapping[str, str]  # "namespace/pod" -> node name
+    pod_netns: Mapping[str, str]  # "namespace/pod" -> netns name
+
+
+def pod_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def place_pods(manifest: Manifest, node_count: int) -> dict[str, int]:
+    """Pods round-robin over nodes, unless a pod names `node<i>` in spec.nodeName."""
+    placement: dict[str, int] = {}
+    names = pod_names(manifest)
+    explicit = {pod_key(p.namespace, p.name): p.node_name for p in manifest.pods if p.node_name}
+    rr = 0
+    for key in names:
+        wanted = explicit.get(key, "")
+        if wanted.startswith("node") and wanted[4:].isdigit() and int(wanted[4:]) < node_count:
+            placement[key] = int(wanted[4:])
+        else:
+            placement[key] = rr % node_count
+            rr += 1
+    return placement
+
+
+def pod_names(manifest: Manifest) -> list[str]:
+    """Every pod of the manifest, as `namespace/name`, in manifest order."""
+    return [pod_key(p.namespace, p.name) for p in manifest.pods]
+
+
+def simulate_adds(manifest: Manifest, layout: LabLayout) -> list[tuple[str, PodPlan, list[VxlanPlan]]]:
+    """Plan the ADD of every pod in order, as if each came up after the previous one.
+
+    Returns per pod its plan and the remote vxlan ends its ADD makes peers build, so that every
+    link is built exactly once — the same decisions the daemons make.
+    """
+    nodes = {n.name: n for n in layout.nodes}
+    alive: dict[str, PodState] = {}
+    out: list[tuple[str, PodPlan, list[VxlanPlan]]] = []
+    for key in pod_names(manifest):
+        ns, name = key.split("/", 1)
+        node = nodes[layout.pod_node[key]]
+        me = PodState(name, True, node.name, node.vtep_ip, layout.pod_netns[key])
+        topo = manifest.topology(ns, name)
+        if topo is None:
+            alive[key] = me
+            continue
+        peers = {lnk.peer_pod: alive[pod_key(ns, lnk.peer_pod)] for lnk in topo.links
+                 if pod_key(ns, lnk.peer_pod) in alive}
+        plan = plan_pod(topo, me.netns, node, peers)
+        remote_plans: list[VxlanPlan] = []
+        for r in plan.remote:
+            peer_topo = manifest.topology(ns, r.peer_pod)
+            peer_key = pod_key(ns, r.peer_pod)
+            if peer_topo is None:
+                continue
+            remote_plans.append(plan_remote_end(peer_topo, r.uid, layout.pod_netns[peer_key],
+                                                nodes[layout.pod_node[peer_key]], me))
+        alive[key] = me
+        out.append((key, plan, remote_plans))
+    return out
+
+
+def every_link_plan(steps: Iterable[tuple[str, PodPlan, list[VxlanPlan]]]) -> list[LinkPlan]:
+    result: list[LinkPlan] = []
+    for _, plan, remote in steps:
+        result.extend(plan.links)
+        result.extend(remote)
+    return result
+
+
+# --- the dry-run lab ------------------------------------------------------------------------------
 
 class PlanError(ValueError):
     pass
@@ -84,10 +157,6 @@ def _external_address(plan: MacvlanPlan) -> str | None:
     hosts = [net.broadcast_address - 1, net.broadcast_address - 2]
     pick = next(h for h in hosts if h != plan.local.ip.ip)
     return f"{pick}/{net.prefixlen}"
-
-
-def link_commands(lab: DryRunLab) -> list[Command]:
-    return render(every_link_plan(simulate_adds(lab.manifest, lab.layout)), "add")
 
 
 def infra_commands(prefix: str, nodes: Sequence[NodeInfo], external_addrs: Iterable[str] = ()) -> list[Command]:

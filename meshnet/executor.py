@@ -274,9 +274,6 @@ class Executor:
                         problems.append(line.strip())
         return problems
 
-    # The old name, kept only until meshnet/lab calls run_best_effort (the lab split is on another
-    # branch); remove it then.
-    remove = run_best_effort
 
     def rollback(self, created: Sequence[tuple[str | None, str]]) -> None:
         if not created:

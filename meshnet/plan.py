@@ -1,17 +1,18 @@
 """Pure link planning: (pod, its Topology, peer states, node) → what to build, and where.
 
 No I/O. The daemon feeds it the store's view; `meshnetctl plan` feeds it a simulated sequence of
-ADDs. Both get the same decisions, so the dry-run script is exactly what the daemons execute.
+ADDs (`meshnet.dryrun.simulate_adds`). Both get the same decisions, so the dry-run script is
+exactly what the daemons execute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from meshnet import naming
-from meshnet.model import IPInterface, Link, Manifest, Topology
+from meshnet.model import IPInterface, Link, Topology
 
 # The kernel's VXLAN over IPv4 header overhead: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 VXLAN_OVERHEAD = 50
@@ -227,80 +228,3 @@ def plan_remote_end(topo: Topology, uid: int, netns: str, node: NodeInfo, caller
     if not isinstance(decision, tuple):
         raise ValueError(f"link uid {uid} of {topo.name} is not a vxlan towards {caller.name}")
     return decision[0]
-
-
-# --- the emulated cluster of `meshnetctl plan` -----------------------------------------------------
-
-@dataclass(frozen=True)
-class LabLayout:
-    """Where each pod of a manifest lives in an emulated cluster of namespaces."""
-
-    nodes: tuple[NodeInfo, ...]
-    pod_node: Mapping[str, str]  # "namespace/pod" -> node name
-    pod_netns: Mapping[str, str]  # "namespace/pod" -> netns name
-
-
-def pod_key(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
-
-
-def place_pods(manifest: Manifest, node_count: int) -> dict[str, int]:
-    """Pods round-robin over nodes, unless a pod names `node<i>` in spec.nodeName."""
-    placement: dict[str, int] = {}
-    names = pod_names(manifest)
-    explicit = {pod_key(p.namespace, p.name): p.node_name for p in manifest.pods if p.node_name}
-    rr = 0
-    for key in names:
-        wanted = explicit.get(key, "")
-        if wanted.startswith("node") and wanted[4:].isdigit() and int(wanted[4:]) < node_count:
-            placement[key] = int(wanted[4:])
-        else:
-            placement[key] = rr % node_count
-            rr += 1
-    return placement
-
-
-def pod_names(manifest: Manifest) -> list[str]:
-    """Every pod of the manifest, as `namespace/name`, in manifest order."""
-    return [pod_key(p.namespace, p.name) for p in manifest.pods]
-
-
-def simulate_adds(manifest: Manifest, layout: LabLayout) -> list[tuple[str, PodPlan, list[VxlanPlan]]]:
-    """Plan the ADD of every pod in order, as if each came up after the previous one.
-
-    Returns per pod its plan and the remote vxlan ends its ADD makes peers build, so that every
-    link is built exactly once — the same decisions the daemons make.
-    """
-    nodes = {n.name: n for n in layout.nodes}
-    alive: dict[str, PodState] = {}
-    out: list[tuple[str, PodPlan, list[VxlanPlan]]] = []
-    for key in pod_names(manifest):
-        ns, name = key.split("/", 1)
-        node = nodes[layout.pod_node[key]]
-        me = PodState(name, True, node.name, node.vtep_ip, layout.pod_netns[key])
-        topo = manifest.topology(ns, name)
-        if topo is None:
-            alive[key] = me
-            continue
-        peers = {lnk.peer_pod: alive[pod_key(ns, lnk.peer_pod)] for lnk in topo.links
-                 if pod_key(ns, lnk.peer_pod) in alive}
-        plan = plan_pod(topo, me.netns, node, peers)
-        remote_plans: list[VxlanPlan] = []
-        for r in plan.remote:
-            peer_topo = manifest.topology(ns, r.peer_pod)
-            peer_key = pod_key(ns, r.peer_pod)
-            if peer_topo is None:
-                continue
-            remote_plans.append(plan_remote_end(peer_topo, r.uid, layout.pod_netns[peer_key],
-                                                nodes[layout.pod_node[peer_key]], me))
-        alive[key] = me
-        out.append((key, plan, remote_plans))
-    return out
-
-
-def every_link_plan(steps: Iterable[tuple[str, PodPlan, list[VxlanPlan]]]) -> list[LinkPlan]:
-    result: list[LinkPlan] = []
-    for _, plan, remote in steps:
-        result.extend(plan.links)
-        result.extend(remote)
-    return result

@@ -11,11 +11,9 @@ namespace `default`. How-to: docs/podman.md.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,8 +21,8 @@ from urllib.parse import urlsplit
 from meshnet import naming
 from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
 from meshnet.install import write_atomic
-from meshnet.model import Manifest, ManifestError, Topology, load_manifest
-from meshnet.store.base import Store, StoreError
+from meshnet.model import Manifest, Topology, load_manifest
+from meshnet.store.base import Store
 
 DEFAULT_STORE = "sqlite:///var/lib/meshnet/store.db"
 PODMAN_NETWORK = "meshnet"
@@ -123,64 +121,3 @@ def write_podman_network(conf_dir: str | Path, config: dict[str, Any]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, (json.dumps(config, indent=2) + "\n").encode(), mode=0o644)
     return target
-
-
-# --- meshnetctl -----------------------------------------------------------------------------------
-
-def _cmd_topology(args: argparse.Namespace) -> int:
-    url = store_url(args.store)
-    try:
-        if args.topology_command == "apply":
-            for t in apply_topologies(args.file, url):
-                print(f"topology {t.namespace}/{t.name} applied ({len(t.links)} links)")
-        else:
-            for t, existed in delete_topologies(args.file, url):
-                print(f"topology {t.namespace}/{t.name} {'deleted' if existed else 'not found'}")
-    except ManifestError as e:
-        print(f"meshnetctl topology {args.topology_command}: {args.file}: invalid", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return 1
-    except (StandaloneError, StoreError, OSError) as e:
-        print(f"meshnetctl topology {args.topology_command}: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _cmd_podman_network(args: argparse.Namespace) -> int:
-    try:
-        config = podman_network(args.name, bridge=args.bridge, subnet=args.subnet, socket=args.socket,
-                                ipam_dir=args.ipam_dir or None, log_file=args.log_file or None)
-    except StandaloneError as e:
-        print(f"meshnetctl podman-network: {e}", file=sys.stderr)
-        return 1
-    if args.print:
-        print(json.dumps(config, indent=2))
-        return 0
-    print(write_podman_network(args.conf_dir, config))
-    return 0
-
-
-def add_parsers(sub: Any) -> None:
-    """Register `topology apply|delete` and `podman-network` on meshnetctl's subparsers."""
-    topo = sub.add_parser("topology", help="load Topologies into a local store (no Kubernetes)")
-    tsub = topo.add_subparsers(dest="topology_command", required=True, metavar="TOPOLOGY_COMMAND")
-    for cmd, text in (("apply", "create or replace every Topology of a manifest"),
-                      ("delete", "remove every Topology of a manifest")):
-        p = tsub.add_parser(cmd, help=text)
-        p.add_argument("file")
-        p.add_argument("--store", default="",
-                       help=f"store URL (default: env MESHNET_STORE, else {DEFAULT_STORE})")
-        p.set_defaults(func=_cmd_topology)
-
-    p = sub.add_parser("podman-network", help="write a podman (CNI backend) network that runs meshnet")
-    p.add_argument("--name", default=PODMAN_NETWORK, help=f"network name; default {PODMAN_NETWORK}")
-    p.add_argument("--conf-dir", default=PODMAN_CONF_DIR,
-                   help=f"podman's network_config_dir; default {PODMAN_CONF_DIR}")
-    p.add_argument("--bridge", default=PODMAN_BRIDGE, help=f"host bridge for eth0; default {PODMAN_BRIDGE}")
-    p.add_argument("--subnet", default=PODMAN_SUBNET, help=f"eth0 subnet; default {PODMAN_SUBNET}")
-    p.add_argument("--socket", default=DEFAULT_DAEMON_SOCKET, help="meshnetd's socket")
-    p.add_argument("--ipam-dir", default="", help="host-local's dataDir (default: /var/lib/cni/networks)")
-    p.add_argument("--log-file", default="", help="the CNI shim's log file")
-    p.add_argument("--print", action="store_true", help="print the conflist instead of writing it")
-    p.set_defaults(func=_cmd_podman_network)

@@ -44,8 +44,11 @@ from typing import Any
 
 import grpc
 
+from meshnet.daemon.netns import RUN_NETNS as NETNS_DIR
 from meshnet.install import render_config
-from meshnet.lab.cluster import CNI_PLUGIN_DIRS, NETNS_DIR, POD_SUBNET, Lab, PodRecord, default_cni_bin
+from meshnet.lab.cluster import Lab
+from meshnet.lab.kubelet import CNI_PLUGIN_DIRS, POD_SUBNET, default_cni_bin
+from meshnet.lab.state import PodRecord
 from tests.cri import api_pb2 as cri
 from tests.cri import api_pb2_grpc as cri_grpc
 from tests.labkit import lab_leftovers

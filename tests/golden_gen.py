@@ -11,9 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from meshnet.dryrun import layout_for
+from meshnet.dryrun import every_link_plan, layout_for, simulate_adds
 from meshnet.model import load_manifest
-from meshnet.plan import every_link_plan, simulate_adds
 from meshnet.render import ACTIONS, render
 
 TESTS = Path(__file__).resolve().parent

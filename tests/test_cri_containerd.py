@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from meshnet.lab.cluster import POD_SUBNET
+from meshnet.lab.kubelet import POD_SUBNET
 from tests.cri import api_pb2 as cri
 from tests.crikit import CriCluster, Pods, Sandbox, addresses, cri_cluster, tracked_pods
 

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from meshnet import naming
-from meshnet.lab.cluster import GRPC_PORT, NETNS_DIR, Lab
+from meshnet.daemon.config import DEFAULT_GRPC_PORT
+from meshnet.daemon.netns import RUN_NETNS
+from meshnet.lab.cluster import Lab
 from meshnet.model import Topology
 from meshnet.render import Command
 from meshnet.store import open_store
@@ -115,7 +117,7 @@ def topology(lab: Lab, pod: str) -> Topology:
 def add(lab: Lab, pod: str) -> tuple[int, dict[str, Any]]:
     """A kubelet's ADD of a new sandbox for `pod`; returns the plugin's exit code and output."""
     rec = lab.state.pods[pod]
-    if not (NETNS_DIR / rec.netns).exists():
+    if not (RUN_NETNS / rec.netns).exists():
         lab.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
                                    Command(rec.netns, ("link", "set", "lo", "up"))])
     rec.container_id = secrets.token_hex(32)
@@ -238,13 +240,13 @@ def test_check_passes_then_names_a_deleted_link(lab: Lab) -> None:
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
 def test_add_result_per_version(lab: Lab, monkeypatch: pytest.MonkeyPatch, version: str) -> None:
-    config = lab.cni_config
-    monkeypatch.setattr(lab, "cni_config", lambda node: {**config(node), "cniVersion": version})
+    config = lab.kubelet.cni_config
+    monkeypatch.setattr(lab.kubelet, "cni_config", lambda node: {**config(node), "cniVersion": version})
     lab.del_pod("y")
     rc, answer = add(lab, "y")
     assert rc == 0, answer
     assert answer["cniVersion"] == version
-    path = str(NETNS_DIR / pod_ns(lab, "y"))
+    path = str(RUN_NETNS / pod_ns(lab, "y"))
     assert [(i["name"], i["sandbox"]) for i in answer["interfaces"] if i.get("sandbox")] == [
         ("eth0", path), ("eth1", path)]
     by_addr = {ip["address"]: ip for ip in answer["ips"]}
@@ -271,7 +273,7 @@ def peer_update_from(lab: Lab, node: int, to_node: int, link: dict[str, Any],
                      method: str = "update") -> dict[str, str]:
     """A peer Update (or Remove) sent from inside node `node`'s namespace to node `to_node`'s daemon."""
     argv = ["ip", "netns", "exec", lab.node_netns(node), sys.executable, "-c", FORGE,
-            f"{lab.node_info(to_node).vtep_ip}:{GRPC_PORT}", json.dumps(link), method]
+            f"{lab.node_info(to_node).vtep_ip}:{DEFAULT_GRPC_PORT}", json.dumps(link), method]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True, timeout=60)
     return dict(json.loads(proc.stdout))
 
@@ -325,7 +327,7 @@ def listening(netns: str, port: int) -> set[str]:
 def test_the_peer_port_listens_on_the_vtep_only(lab: Lab) -> None:
     """No TLS in the lab: each daemon's gRPC port is on its VTEP address, never every address."""
     for i in range(2):
-        got = listening(lab.node_netns(i), GRPC_PORT)
+        got = listening(lab.node_netns(i), DEFAULT_GRPC_PORT)
         assert got and got <= {lab.node_info(i).vtep_ip, f"::ffff:{lab.node_info(i).vtep_ip}"}, got
 
 

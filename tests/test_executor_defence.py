@@ -93,7 +93,7 @@ def test_every_template_uses_parameters_and_all_are_covered() -> None:
 
 def _run(executor: Executor, action: str, commands: list[Command]) -> None:
     if action == "del":
-        executor.remove(commands)
+        executor.run_best_effort(commands)
     else:
         executor.apply(commands)
 
@@ -130,7 +130,7 @@ def test_a_command_not_from_a_template_is_refused(fp: FakeProcess, command: Comm
     with pytest.raises(UnsafeCommand, match="does not come from a template"):
         Executor().apply([command])
     with pytest.raises(UnsafeCommand, match="does not come from a template"):
-        Executor(dry_run=True).remove([command])
+        Executor(dry_run=True).run_best_effort([command])
     assert not fp.calls
 
 
@@ -151,11 +151,11 @@ def test_lab_set_up_may_build_links_by_hand_but_its_arguments_are_checked(fp: Fa
 
 def test_a_hostile_hand_built_argument_is_refused_naming_it(fp: FakeProcess) -> None:
     with pytest.raises(UnsafeCommand, match=r"'eth1\\n"):
-        Executor().remove([Command("mnt-a", ("link", "del", "eth1\nnetns exec x touch y"))])
+        Executor().run_best_effort([Command("mnt-a", ("link", "del", "eth1\nnetns exec x touch y"))])
     with pytest.raises(UnsafeCommand, match="is empty"):
-        Executor().remove([Command("mnt-a", ("link", "del", ""))])
+        Executor().run_best_effort([Command("mnt-a", ("link", "del", ""))])
     with pytest.raises(UnsafeCommand, match="namespace 'mnt a'"):
-        Executor().remove([Command("mnt a", ("link", "del", "eth1"))])
+        Executor().run_best_effort([Command("mnt a", ("link", "del", "eth1"))])
     assert not fp.calls
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from meshnet import naming
-from meshnet.dryrun import layout_for
+from meshnet.dryrun import every_link_plan, layout_for, place_pods, simulate_adds
 from meshnet.model import Manifest, Topology, load_manifest, parse_manifest
 from meshnet.plan import (
     VXLAN_OVERHEAD,
@@ -24,12 +24,9 @@ from meshnet.plan import (
     VethPlan,
     VxlanPlan,
     check_macvlan_parents,
-    every_link_plan,
-    place_pods,
     plan_link,
     plan_pod,
     plan_remote_end,
-    simulate_adds,
 )
 
 MANIFESTS = sorted(Path(__file__).parent.glob("*.yml"))

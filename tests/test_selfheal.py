@@ -29,7 +29,9 @@ import yaml
 
 from meshnet import naming
 from meshnet.cni import spec
-from meshnet.lab.cluster import CNI_PLUGIN_DIRS, NETNS_DIR, Lab
+from meshnet.daemon.netns import RUN_NETNS
+from meshnet.lab.cluster import Lab
+from meshnet.lab.kubelet import CNI_PLUGIN_DIRS
 from meshnet.model import Topology
 from meshnet.store import open_store
 from tests.labkit import failed_pings, lab_up
@@ -205,7 +207,7 @@ def _node_problems(lab: Lab) -> list[str]:
     allowed = {lab.node_netns(i) for i in range(len(lab.state.nodes))}
     allowed |= {f"{lab.prefix}ul", lab.external_netns}
     allowed |= {r.netns for r in lab.state.pods.values() if r.name in alive}
-    present = {p.name for p in NETNS_DIR.glob(f"{lab.prefix}*")}
+    present = {p.name for p in RUN_NETNS.glob(f"{lab.prefix}*")}
     if present - allowed:
         problems.append(f"namespaces left over: {sorted(present - allowed)}")
     return problems

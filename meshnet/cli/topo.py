@@ -1,4 +1,4 @@
-"""`meshnetctl topo ...` and `meshnetctl init-wait`: registered by `add_topo_parsers(sub)`."""
+"""`meshnetctl topo ...` and `meshnetctl init-wait`: the topology tools of meshnet.topo."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshnet.cli import output
 from meshnet.model import ManifestError
-
-
-def _err(cmd: str, e: BaseException) -> int:
-    print(f"meshnetctl {cmd}: {e}", file=sys.stderr)
-    return 1
-
-
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -25,7 +17,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     try:
         topo = build(args.n, args.links, seed=args.seed, prefix=args.prefix, namespace=args.namespace)
     except BuildError as e:
-        return _err("topo build", e)
+        return output.fail("topo build", e)
     text = render(topo, args.image, seed=args.seed)
     if args.output == "-":
         sys.stdout.write(text)
@@ -43,14 +35,14 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     try:
         plan = compute_routes(load_manifest(args.file).topologies, read_loopbacks(args.file))
     except ManifestError as e:
-        return _err("topo routes", e)
+        return output.fail("topo routes", e)
     for pod in sorted(plan.routes):
         lo = plan.loopbacks.get(pod)
         print(f"# {pod}" + (f" (loopback {lo})" if lo else ""))
         for r in plan.routes[pod]:
             print(f"{r.destination} via {r.via} dev {r.dev}")
     for pod, missing in sorted(plan.unreachable.items()):
-        print(f"warning: {pod} has no path to {', '.join(missing)}", file=sys.stderr)
+        output.to_stderr(f"warning: {pod} has no path to {', '.join(missing)}")
     return 0
 
 
@@ -63,15 +55,16 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.file)
         loopbacks = read_loopbacks(args.file)
     except ManifestError as e:
-        return _err("topo graph", e)
+        return output.fail("topo graph", e)
     states: list[dict[str, Any]] | None = None
     if args.lab:
-        from meshnet.lab.cluster import Lab, LabError
+        from meshnet.lab.cluster import Lab
+        from meshnet.lab.state import LabError
 
         try:
             states = Lab(args.lab).status()["links"]
         except LabError as e:
-            return _err("topo graph", e)
+            return output.fail("topo graph", e)
     data = graph_data(manifest, loopbacks, states)
     title = f"{Path(args.file).name}" + (f" in lab {args.lab}" if args.lab else "")
     Path(args.output).write_text(render_html(data, title, live=states is not None))
@@ -86,11 +79,11 @@ def _cmd_create(args: argparse.Namespace) -> int:
         objects = kube.load(args.file, namespace=args.namespace, init_image=args.init_image)
         client = kube.api_client(args.kubeconfig)
     except (ManifestError, kube.TopoKubeError) as e:
-        return _err("topo create", e)
+        return output.fail("topo create", e)
     try:
-        summary = kube.create(objects, client, timeout=args.timeout, progress=_progress)
+        summary = kube.create(objects, client, timeout=args.timeout, progress=output.to_stderr)
     except kube.TopoKubeError as e:
-        return _err("topo create", e)
+        return output.fail("topo create", e)
     finally:
         client.close()
     print(f"{summary['pods']} pods Running, {summary['topologies']} Topologies, in {summary['seconds']:.1f}s")
@@ -104,11 +97,11 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
         objects = kube.load(args.file, namespace=args.namespace)
         client = kube.api_client(args.kubeconfig)
     except (ManifestError, kube.TopoKubeError) as e:
-        return _err("topo destroy", e)
+        return output.fail("topo destroy", e)
     try:
-        summary = kube.destroy(objects, client, timeout=args.timeout, progress=_progress)
+        summary = kube.destroy(objects, client, timeout=args.timeout, progress=output.to_stderr)
     except kube.TopoKubeError as e:
-        return _err("topo destroy", e)
+        return output.fail("topo destroy", e)
     finally:
         client.close()
     print(f"deleted {summary['pods deleted']} pods and {summary['topologies deleted']} Topologies "
@@ -130,7 +123,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
 
 
-def add_topo_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     from meshnet.topo.builder import DEFAULT_IMAGE
     from meshnet.topo.kube import DEFAULT_INIT_IMAGE
 
