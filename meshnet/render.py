@@ -1,4 +1,4 @@
-"""The one Jinja environment: link plans → `ip` commands (argv tuples, grouped by namespace).
+"""The one Jinja environment: link plans → `ip` and `tc` commands (argv tuples, grouped by namespace).
 
 Templates (`templates/<kind>/<action>.j2`) hold the whole link logic; this module only feeds them
 validated, frozen plans and turns their lines into `Command`s. Everything is rendered before
@@ -18,12 +18,14 @@ from pathlib import Path
 import jinja2
 
 from meshnet import naming
-from meshnet.plan import LinkPlan
+from meshnet.model import IPInterface, format_percent, format_rate, format_time
+from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan
 
 _UNSAFE = re.compile(r"['\"\\#;]")
 HERE = "."  # the namespace the executor runs in (the node's)
 ACTIONS = ("add", "del", "update")
 KINDS = ("veth", "vxlan", "macvlan")
+TOOLS = ("ip", "tc")
 
 
 def templates_dir() -> Path:
@@ -39,29 +41,31 @@ class RenderError(Exception):
 
 @dataclass(frozen=True)
 class Command:
-    """One `ip` command: `ip -n netns ARGV...` (netns None: the executor's own namespace)."""
+    """One command: `ip -n netns ARGV...` (netns None: the executor's own namespace), or the same
+    with `tc` for a link end's impairments."""
 
     netns: str | None
     argv: tuple[str, ...]
     uid: int = -1  # the link it belongs to, for journals and rollback
+    tool: str = "ip"
 
     @property
     def creates(self) -> tuple[str | None, str] | None:
         """(namespace, interface) this command creates, if it is a `link add`."""
-        if self.argv[:2] != ("link", "add"):
+        if self.tool != "ip" or self.argv[:2] != ("link", "add"):
             return None
         head = self.argv[: self.argv.index("type")] if "type" in self.argv else self.argv
         where = head[head.index("netns") + 1] if "netns" in head else self.netns
         return where, self.argv[2]
 
     def shell(self) -> str:
-        prefix = ["ip"] if self.netns is None else ["ip", "-n", self.netns]
+        prefix = [self.tool] if self.netns is None else [self.tool, "-n", self.netns]
         return shlex.join([*prefix, *self.argv])
 
 
 @lru_cache(maxsize=4)
 def environment(root: str) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(root),
         undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly, never renders ""
         trim_blocks=True,
@@ -70,9 +74,12 @@ def environment(root: str) -> jinja2.Environment:
         keep_trailing_newline=True,
         auto_reload=False,  # templates are read once per process: no stat() per rendered link
     )
+    # Numbers back into tc's own spelling (20ms, 1%, 10mbit): what the user wrote, readable in `plan`.
+    env.filters.update(tc_time=format_time, tc_percent=format_percent, tc_rate=format_rate)
+    return env
 
 
-def _parse(text: str, uid: int, where: str) -> list[Command]:
+def _parse(text: str, uid: int, where: str, tool: str = "ip") -> list[Command]:
     commands: list[Command] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -86,14 +93,17 @@ def _parse(text: str, uid: int, where: str) -> list[Command]:
         argv = tuple(rest.split())
         if not argv or _UNSAFE.search(rest) or not ns or " " in ns:
             raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {line!r}")
-        commands.append(Command(None if ns == HERE else ns, argv, uid))
+        commands.append(Command(None if ns == HERE else ns, argv, uid, tool))
     return commands
 
 
 def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
-    name = f"{kind}/{action}.j2"
+    return _load(f"{kind}/{action}.j2")
+
+
+def _load(name: str) -> tuple[jinja2.Template, str]:
     try:
         return environment(str(templates_dir())).get_template(name), name
     except jinja2.TemplateSyntaxError as e:
@@ -110,34 +120,68 @@ def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Co
     return _parse(text, plan.uid, name)
 
 
-def render_link(plan: LinkPlan, action: str) -> list[Command]:
-    return _render_one(*_template(action, plan.kind), plan)
+def _render_text(name: str, uid: int, tool: str, **values: object) -> list[Command]:
+    template, name = _load(name)
+    try:
+        text = template.render(**values)
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{name}: {e}") from e
+    return _parse(text, uid, name, tool)
 
 
-def render(plans: Iterable[LinkPlan], action: str) -> list[Command]:
+def render_impairments(end: Endpoint, uid: int, action: str,
+                       caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:
+    """`tc` lines for one end: action "add" (new interface), "update" (replace in place) or
+    "clear" (remove the tree). Nothing for an end without impairments, except "clear"."""
+    if action not in ("add", "update", "clear"):
+        raise ValueError(f"unknown tc action {action!r}")
+    if action != "clear" and end.impairments is None:
+        return []
+    return _render_text(f"tc/{action}.j2", uid, "tc", end=end, caps=caps)
+
+
+def render_end_change(end: Endpoint, uid: int, *, added: Sequence[IPInterface] = (),
+                      removed: Sequence[IPInterface] = (), state: str = "") -> list[Command]:
+    """`ip` lines that change a live end in place: addresses and administrative state."""
+    return _render_text("end/change.j2", uid, "ip", end=end, added=list(added), removed=list(removed),
+                        state=state)
+
+
+def render_link(plan: LinkPlan, action: str, caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:
+    return render([plan], action, caps)
+
+
+def render(plans: Iterable[LinkPlan], action: str, caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:
+    """Every command of `action` for `plans`. On "add" and "update", ends with impairments get
+    their `tc` lines too (what `caps` says this node can do; `meshnetctl plan` shows them all)."""
     commands: list[Command] = []
     templates: dict[str, tuple[jinja2.Template, str]] = {}
     for plan in plans:
         if plan.kind not in templates:
             templates[plan.kind] = _template(action, plan.kind)
         commands.extend(_render_one(*templates[plan.kind], plan))
+        if action != "del":
+            for end in plan.ends:
+                commands.extend(render_impairments(end, plan.uid, action, caps))
     return commands
 
 
 def _phase(c: Command) -> int:
+    if c.tool == "tc":
+        return 3  # qdiscs hang off interfaces: after every `ip` phase made and configured them
     verb = c.argv[:2]
     return 0 if verb == ("link", "del") else 1 if verb == ("link", "add") else 2
 
 
 def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
-    """Group commands into batches: deletions, then creations, then the rest (addresses, up).
-
-    One batch per namespace in each phase. Creations run in the node's namespace before
-    addressing runs in the pods, and an update's deletion before its re-creation, whatever order
-    the links came in; inside a batch the template order is kept.
+    """Group commands into batches: deletions, then creations, then the rest (addresses, up), then
+    `tc` (impairments). One batch per namespace in each phase (a phase holds one tool only).
+    Creations run in the node's namespace before addressing runs in the pods, and an update's
+    deletion before its re-creation, whatever order the links came in; inside a batch the
+    template order is kept.
     """
     out: list[list[tuple[str | None, list[Command]]]] = []
-    for phase in (0, 1, 2):
+    for phase in (0, 1, 2, 3):
         groups: dict[str | None, list[Command]] = {}
         for c in commands:
             if _phase(c) == phase:
@@ -148,13 +192,14 @@ def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Comm
 
 
 def script(commands: Sequence[Command], *, header: str = "") -> str:
-    """A replayable shell script: one `ip -batch` here-document per namespace and phase."""
+    """A replayable shell script: one `ip -batch` (or `tc -batch`) here-document per namespace and phase."""
     lines = ["#!/bin/sh", "set -e"]
     if header:
         lines.extend(f"# {h}" if h else "#" for h in header.splitlines())
     for phase in phases(commands):
         for ns, batch in phase:
-            prefix = "ip -batch -" if ns is None else f"ip -n {ns} -batch -"
+            tool = batch[0].tool
+            prefix = f"{tool} -batch -" if ns is None else f"{tool} -n {ns} -batch -"
             lines.append(f"{prefix} <<'EOF'")
             lines.extend(" ".join(c.argv) for c in batch)
             lines.append("EOF")
