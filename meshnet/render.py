@@ -167,27 +167,29 @@ def render(plans: Iterable[LinkPlan], action: str, caps: Capabilities = ALL_CAPA
 
 
 def _phase(c: Command) -> int:
-    if c.tool == "tc":
-        return 3  # qdiscs hang off interfaces: after every `ip` phase made and configured them
     verb = c.argv[:2]
-    return 0 if verb == ("link", "del") else 1 if verb == ("link", "add") else 2
+    if c.tool == "ip" and verb == ("link", "del"):
+        return 0
+    return 1 if c.tool == "ip" and verb == ("link", "add") else 2
 
 
 def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
-    """Group commands into batches: deletions, then creations, then the rest (addresses, up), then
-    `tc` (impairments). One batch per namespace in each phase (a phase holds one tool only).
+    """Group commands into batches: deletions, then creations, then the rest (addresses, up, and
+    the `tc` lines of impairments). One batch per namespace and tool in each phase.
+
     Creations run in the node's namespace before addressing runs in the pods, and an update's
     deletion before its re-creation, whatever order the links came in; inside a batch the
-    template order is kept.
+    template order is kept. A pod's `tc` batch runs beside its `ip` batch, not after it: a qdisc
+    needs the interface to exist, not to be up, so impairments add no phase (no wait) to an ADD.
     """
     out: list[list[tuple[str | None, list[Command]]]] = []
-    for phase in (0, 1, 2, 3):
-        groups: dict[str | None, list[Command]] = {}
+    for phase in (0, 1, 2):
+        groups: dict[tuple[str | None, str], list[Command]] = {}
         for c in commands:
             if _phase(c) == phase:
-                groups.setdefault(c.netns, []).append(c)
+                groups.setdefault((c.netns, c.tool), []).append(c)
         if groups:
-            out.append(list(groups.items()))
+            out.append([(ns, batch) for (ns, _), batch in groups.items()])
     return out
 
 

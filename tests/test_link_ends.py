@@ -126,11 +126,11 @@ def test_tc_lines_per_shape_of_the_qdisc_tree(imp: Impairments, caps: Capabiliti
     assert all(c.tool == "tc" and c.uid == 4 for c in render_impairments(replace(END, impairments=imp), 4, "add"))
 
 
-def test_an_add_gets_one_tc_batch_per_namespace_last_and_a_del_none() -> None:
+def test_an_add_gets_one_tc_batch_per_namespace_beside_its_ip_batch_and_a_del_none() -> None:
     plan = VethPlan(4, replace(END, impairments=FULL), Endpoint("pb", "eth1", None, impairments=FULL), "node", 1500)
     groups = phases(render([plan], "add"))
     assert [[(ns, b[0].tool) for ns, b in p] for p in groups] == [
-        [("node", "ip")], [("pa", "ip"), ("pb", "ip")], [("pa", "tc"), ("pb", "tc")]]
+        [("node", "ip")], [("pa", "ip"), ("pb", "ip"), ("pa", "tc"), ("pb", "tc")]]
     assert not any(c.tool == "tc" for c in render([plan], "del"))
     assert "tc -n pa -force -batch - <<'EOF' || echo" in script(render([plan], "add"))
     assert {c.argv[1] for c in render([plan], "update") if c.tool == "tc"} == {"replace"}
