@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from plumbum import local
-from plumbum.commands.processes import ProcessTimedOut
+from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
 from meshnet.plan import Capabilities
 from meshnet.render import Command, phases
@@ -133,6 +133,9 @@ class Executor:
             rc, _, stderr = (program[args] << stdin).run(retcode=None, timeout=self.timeout)
         except ProcessTimedOut:
             rc, stderr = -1, f"timed out after {self.timeout}s"
+        except CommandNotFound:
+            # A node without `tc` (iproute2 without it): the batch fails as a typed CommandFailed.
+            rc, stderr = -1, f"{self._tools[tool]}: command not found"
         elapsed = time.monotonic() - started
         entry = self.journal.record(netns, batch, rc, elapsed, stderr if rc else "")
         if self._log is not None:
@@ -242,12 +245,12 @@ class Executor:
             return self._caps
 
     def _probe_netem(self) -> bool:
-        probe = local[self._tools["unshare"]]["-n", self._tools["tc"], "qdisc", "add", "dev", "lo", "root",
-                                              "netem", "delay", "1ms"]
         try:
+            probe = local[self._tools["unshare"]]["-n", self._tools["tc"], "qdisc", "add", "dev", "lo", "root",
+                                                  "netem", "delay", "1ms"]
             rc, _, _ = probe.run(retcode=None, timeout=self.timeout)
-        except (ProcessTimedOut, OSError):
-            return False
+        except (CommandNotFound, ProcessTimedOut, OSError):
+            return False  # cannot tell: report netem fields unavailable rather than fail ADDs
         return rc == 0
 
     def show(self, netns: str | None) -> list[dict[str, Any]]:

@@ -293,3 +293,10 @@ def test_netem_capability_is_probed_once_in_a_throw_away_namespace(fp: FakeProce
     assert ex.capabilities().netem is netem  # no second probe: only one process was registered
     assert len(fp.calls) == 1
     assert logged == [{"event": "capabilities", "netem": netem}]
+
+
+def test_a_missing_tc_is_a_typed_failure(fp: FakeProcess) -> None:
+    ex = Executor(tc="mnt-no-such-tc")
+    with pytest.raises(CommandFailed, match="mnt-no-such-tc: command not found"):
+        ex.apply([Command("pa", ("qdisc", "add", "dev", "eth1", "root", "tbf"), 1, "tc")])
+    assert Executor(unshare="mnt-no-such-unshare").capabilities().netem is False
