@@ -565,6 +565,7 @@ def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
             links.append(lnk)
     seen_uid: set[int] = set()
     seen_if: dict[str, int] = {}
+    seen_mac: dict[str, int] = {}
     for lnk in links:
         where = _where(source, obj, lnk.uid)
         if lnk.uid in seen_uid:
@@ -574,6 +575,11 @@ def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
             problems.append(f"{where}: local_intf: {lnk.local_intf} is already used by link uid "
                             f"{seen_if[lnk.local_intf]} of this pod")
         seen_if.setdefault(lnk.local_intf, lnk.uid)
+        if lnk.local_mac is not None:
+            if lnk.local_mac in seen_mac:
+                problems.append(f"{where}: local_mac: {lnk.local_mac} is already used by link uid "
+                                f"{seen_mac[lnk.local_mac]} of this pod")
+            seen_mac.setdefault(lnk.local_mac, lnk.uid)
         if lnk.peer_pod == name:
             problems.append(f"{where}: peer_pod: a link from {name} to itself (self-loop) is not allowed")
     if problems:

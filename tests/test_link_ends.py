@@ -164,3 +164,13 @@ def test_live_changes_touch_only_what_differs() -> None:
     assert change_end(slow, replace(slow, impairments=Impairments(delay=9000, rate=1_000_000)), 4, NO_NETEM) == []
     with pytest.raises(ValueError, match="keeps the interface"):
         change_end(END, replace(END, intf="eth2"), 4)
+
+
+def test_one_chosen_mac_on_two_ends_of_a_pod_is_refused() -> None:
+    t = topo(local_mac="02:00:00:00:00:01")
+    t["spec"]["links"].append({"uid": 5, "peer_pod": "r3", "local_intf": "eth2", "peer_intf": "eth1",
+                               "local_mac": "02:00:00:00:00:01"})
+    with pytest.raises(ManifestError) as e:
+        parse_topology(t, "wan.yml")
+    assert e.value.problems == ["wan.yml: Topology default/r1: link uid 5: local_mac: 02:00:00:00:00:01 is "
+                                "already used by link uid 4 of this pod"]
