@@ -71,8 +71,9 @@ def simulate_adds(manifest: Manifest, layout: LabLayout) -> list[tuple[str, PodP
     for key in pod_names(manifest):
         ns, name = key.split("/", 1)
         node = nodes[layout.pod_node[key]]
-        me = PodState(name, True, node.name, node.vtep_ip, layout.pod_netns[key])
         topo = manifest.topology(ns, name)
+        me = PodState(name, True, node.name, node.vtep_ip, layout.pod_netns[key],
+                      links=topo.links if topo is not None else ())
         if topo is None:
             alive[key] = me
             continue

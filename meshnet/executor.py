@@ -1,4 +1,5 @@
-"""The only place that runs `ip`: one `ip -batch -` process per namespace and phase.
+"""The only place that runs `ip` and `tc`: one `ip -batch -` (or `tc -batch -`) process per
+namespace and phase.
 
 Supports dry-run (record, run nothing), journals every command, maps `ip` failures onto typed
 errors, and on a failed creation removes exactly what this run created before re-raising.
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from plumbum import local
-from plumbum.commands.processes import ProcessTimedOut
+from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
+from meshnet.plan import Capabilities
 from meshnet.render import Command, phases
 
 _FAILED_LINE = re.compile(r"Command failed -:(\d+)")
@@ -107,7 +109,9 @@ def check_commands(commands: Sequence[Command], *, set_up: bool = False) -> None
 
 # Messages that mean "already gone": a deletion tolerates them.
 _GONE = ("Cannot find device", "does not exist", "Cannot open network namespace", "No such device",
-         "Cannot assign requested address")
+         "Cannot assign requested address",
+         # tc: removing the impairments of an end that has none (the kernel's default qdisc)
+         "Cannot delete qdisc with handle of zero", "Cannot find specified qdisc")
 
 
 def _classify(stderr: str) -> type[CommandFailed]:
@@ -133,6 +137,8 @@ class Journal:
                error: str = "") -> dict[str, Any]:
         entry: dict[str, Any] = {"ts": round(time.time(), 3), "netns": netns, "rc": rc, "ms": round(seconds * 1000, 2),
                  "commands": [" ".join(c.argv) for c in batch]}
+        if batch and batch[0].tool != "ip":
+            entry["tool"] = batch[0].tool
         if error:
             entry["error"] = error.strip()
         with self._lock:
@@ -162,8 +168,12 @@ class BatchOutcome:
 
 class Executor:
     def __init__(self, ip: str = "ip", *, dry_run: bool = False, journal: Journal | None = None,
-                 timeout: float = 120.0, log: Callable[..., None] | None = None) -> None:
+                 timeout: float = 120.0, log: Callable[..., None] | None = None, tc: str = "tc",
+                 unshare: str = "unshare") -> None:
         self._ip = local[ip]
+        self._tools = {"ip": ip, "tc": tc, "unshare": unshare}  # tc is looked up when first used
+        self._caps: Capabilities | None = None
+        self._caps_lock = threading.Lock()
         self.dry_run = dry_run
         self.journal = journal if journal is not None else Journal()
         self.timeout = timeout
@@ -173,16 +183,21 @@ class Executor:
     def _batch(self, netns: str | None, batch: list[Command], *, force: bool) -> BatchOutcome:
         args = (["-n", netns] if netns else []) + (["-force"] if force else []) + ["-batch", "-"]
         stdin = "".join(" ".join(c.argv) + "\n" for c in batch)
+        tool = batch[0].tool if batch else "ip"
         started = time.monotonic()
         try:
-            rc, _, stderr = (self._ip[args] << stdin).run(retcode=None, timeout=self.timeout)
+            program = self._ip if tool == "ip" else local[self._tools[tool]]
+            rc, _, stderr = (program[args] << stdin).run(retcode=None, timeout=self.timeout)
         except ProcessTimedOut:
             rc, stderr = -1, f"timed out after {self.timeout}s"
+        except CommandNotFound:
+            # A node without `tc` (iproute2 without it): the batch fails as a typed CommandFailed.
+            rc, stderr = -1, f"{self._tools[tool]}: command not found"
         elapsed = time.monotonic() - started
         entry = self.journal.record(netns, batch, rc, elapsed, stderr if rc else "")
         if self._log is not None:
             # Every executed command reaches the log, so `kubectl logs` alone tells what meshnet did.
-            self._log(event="ip-batch", netns=netns or ".", commands=len(batch), rc=rc,
+            self._log(event=f"{tool}-batch", netns=netns or ".", commands=len(batch), rc=rc,
                       ms=round(elapsed * 1000, 2), lines=entry["commands"],
                       **({"stderr": stderr.strip()} if rc else {}))
         return BatchOutcome(netns, batch, rc, stderr)
@@ -280,6 +295,27 @@ class Executor:
             return
         undo = [Command(ns, ("link", "del", name)) for ns, name in reversed(created)]
         self.run_best_effort(undo)
+
+    def capabilities(self) -> Capabilities:
+        """What this node's kernel offers link ends, probed once and cached: whether a netem qdisc
+        can be made (the module may be missing, as on the project's own machines). The probe runs
+        in a throw-away namespace of its own (`unshare -n`), which vanishes with the process:
+        nothing to clean up, no interface of the node touched."""
+        with self._caps_lock:
+            if self._caps is None:
+                self._caps = Capabilities(netem=self._probe_netem()) if not self.dry_run else Capabilities()
+                if self._log is not None:
+                    self._log(event="capabilities", netem=self._caps.netem)
+            return self._caps
+
+    def _probe_netem(self) -> bool:
+        try:
+            probe = local[self._tools["unshare"]]["-n", self._tools["tc"], "qdisc", "add", "dev", "lo", "root",
+                                                  "netem", "delay", "1ms"]
+            rc, _, _ = probe.run(retcode=None, timeout=self.timeout)
+        except (CommandNotFound, ProcessTimedOut, OSError):
+            return False  # cannot tell: report netem fields unavailable rather than fail ADDs
+        return rc == 0
 
     def show(self, netns: str | None) -> list[dict[str, Any]]:
         """`ip -j -d addr show` in a namespace: links with their details and addresses in one call

@@ -28,7 +28,12 @@ LOCALHOST = "localhost"  # peer_pod value meaning "a macvlan on the node's inter
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
-_LINK_FIELDS = {"uid", "peer_pod", "local_intf", "peer_intf", "local_ip", "peer_ip", "mtu"}
+# Ours, not in the original: what leaves this end (each end's Topology describes its own end, so
+# an asymmetric link is two different ends): `state`, `impairments`, `local_ips`, `local_mac`.
+_LINK_FIELDS = {"uid", "peer_pod", "local_intf", "peer_intf", "local_ip", "peer_ip", "mtu",
+                "state", "impairments", "local_ips", "local_mac"}
+ADMIN_STATES = ("up", "down")  # a link end as declared: cable plugged or pulled
+MAX_EXTRA_IPS = 64
 _REQUIRED_LINK_FIELDS = ("uid", "peer_pod", "local_intf", "peer_intf")
 
 
@@ -49,6 +54,207 @@ def _where(source: str, obj: str, uid: object = None, fld: str | None = None) ->
     return ": ".join(parts)
 
 
+# --- impairments: units as `tc` spells them, parsed once into numbers -------------------------------
+
+_TIME = re.compile(r"^(\d+(?:\.\d+)?)(us|usec|ms|msec|s|sec)$")
+_TIME_US = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000, "sec": 1_000_000}
+_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps)$")
+# tc's units: `bit` suffixes are bits per second, `bps` suffixes BYTES per second (tc's own spelling).
+_RATE_BPS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12,
+             "bps": 8, "kbps": 8 * 10**3, "mbps": 8 * 10**6, "gbps": 8 * 10**9}
+MAX_DELAY_US = 60_000_000  # a minute: beyond that a "link" is a black hole, use `state: down`
+MIN_RATE_BPS = 8_000  # 8kbit: below that tbf cannot hold even one full-size frame per second
+MAX_RATE_BPS = 10**12  # 1tbit; tbf takes 64-bit rates
+DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")  # netem's built-in delay tables
+
+# field -> unit kind. Everything but `rate` needs netem; a correlation only means something next to its value.
+IMPAIRMENT_FIELDS: dict[str, str] = {
+    "delay": "time", "jitter": "time", "delay_correlation": "percent", "distribution": "enum",
+    "loss": "percent", "loss_correlation": "percent",
+    "rate": "rate",
+    "corrupt": "percent", "corrupt_correlation": "percent",
+    "duplicate": "percent", "duplicate_correlation": "percent",
+    "reorder": "percent", "reorder_correlation": "percent",
+}
+
+
+def format_time(us: int) -> str:
+    return f"{us // 1000}ms" if us % 1000 == 0 else f"{us}us"
+
+
+def format_percent(value: float) -> str:
+    # Never an exponent ("1e-05%"), which tc would not parse.
+    return f"{value:.6f}".rstrip("0").rstrip(".") + "%"
+
+
+def format_rate(bps: int) -> str:
+    for unit, factor in (("tbit", 10**12), ("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
+        if bps % factor == 0:
+            return f"{bps // factor}{unit}"
+    return f"{bps}bit"
+
+
+@dataclass(frozen=True)
+class Impairments:
+    """What `tc` does to traffic leaving one link end. Times in microseconds, rates in bit/s,
+    percents as floats 0..100; 0 (or "") means "not set"."""
+
+    delay: int = 0
+    jitter: int = 0
+    delay_correlation: float = 0.0
+    distribution: str = ""
+    loss: float = 0.0
+    loss_correlation: float = 0.0
+    rate: int = 0
+    corrupt: float = 0.0
+    corrupt_correlation: float = 0.0
+    duplicate: float = 0.0
+    duplicate_correlation: float = 0.0
+    reorder: float = 0.0
+    reorder_correlation: float = 0.0
+
+    @property
+    def netem_fields(self) -> tuple[str, ...]:
+        """The fields set that only netem implements (everything but the rate)."""
+        return tuple(f for f in IMPAIRMENT_FIELDS if f != "rate" and getattr(self, f))
+
+    @property
+    def needs_netem(self) -> bool:
+        return bool(self.netem_fields)
+
+    def to_api(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, kind in IMPAIRMENT_FIELDS.items():
+            value = getattr(self, name)
+            if not value:
+                continue
+            out[name] = (format_time(value) if kind == "time" else format_rate(value) if kind == "rate"
+                         else value if kind == "enum" else format_percent(value))
+        return out
+
+
+def _parse_impairments(raw: object, here: str, problems: list[str]) -> Impairments | None:
+    where = f"{here}: impairments"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: must be a mapping such as {{delay: 20ms, loss: 1%}}, not {raw!r}")
+        return None
+    before = len(problems)
+    unknown = sorted(map(str, set(raw) - set(IMPAIRMENT_FIELDS)))
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(IMPAIRMENT_FIELDS)})")
+    values: dict[str, Any] = {}
+    for name, kind in IMPAIRMENT_FIELDS.items():
+        if name not in raw:
+            continue
+        value, fld = raw[name], f"{where}.{name}"
+        text = value.strip() if isinstance(value, str) else None
+        if kind == "enum":
+            if value not in DISTRIBUTIONS:
+                problems.append(f"{fld}: {value!r} is not one of {', '.join(DISTRIBUTIONS)}")
+            else:
+                values[name] = value
+            continue
+        if text is None:
+            example = {"time": "20ms", "percent": "1%", "rate": "10mbit"}[kind]
+            problems.append(f"{fld}: must be a string with a unit, such as {example}, not {value!r}")
+            continue
+        if text.startswith("-"):
+            problems.append(f"{fld}: {value!r} is negative")
+            continue
+        if kind == "time":
+            m = _TIME.match(text)
+            if not m:
+                problems.append(f"{fld}: {value!r} is not a time: a number and one of us, ms, s (e.g. 20ms)")
+                continue
+            us = round(float(m.group(1)) * _TIME_US[m.group(2)])
+            if us > MAX_DELAY_US:
+                problems.append(f"{fld}: {value!r} is more than 60s")
+                continue
+            values[name] = us
+        elif kind == "percent":
+            m = _PERCENT.match(text)
+            if not m:
+                problems.append(f"{fld}: {value!r} is not a percentage such as 1% or 0.5%")
+                continue
+            pct = float(m.group(1))
+            if pct > 100:
+                problems.append(f"{fld}: {value!r} is more than 100%")
+                continue
+            values[name] = pct
+        else:
+            m = _RATE.match(text)
+            if not m:
+                problems.append(f"{fld}: {value!r} is not a rate: a number and one of "
+                                f"{', '.join(_RATE_BPS)} (e.g. 10mbit; tc's 'bps' means bytes/s)")
+                continue
+            bps = round(float(m.group(1)) * _RATE_BPS[m.group(2)])
+            if bps == 0:
+                problems.append(f"{fld}: {value!r} is zero; to stop traffic declare `state: down`")
+            elif not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
+                problems.append(f"{fld}: {value!r} is outside 8kbit..1tbit")
+            else:
+                values[name] = bps
+    if len(problems) > before:
+        return None
+    # netem's own dependencies, refused here rather than by `tc` half-way through an ADD.
+    needs = {"jitter": "delay", "delay_correlation": "jitter", "distribution": "jitter",
+             "loss_correlation": "loss", "corrupt_correlation": "corrupt",
+             "duplicate_correlation": "duplicate", "reorder": "delay", "reorder_correlation": "reorder"}
+    for name, base in needs.items():
+        if values.get(name) and not values.get(base):
+            problems.append(f"{where}.{name}: needs {base} to be set (netem's {name} qualifies the {base})")
+    if len(problems) > before:
+        return None
+    result = Impairments(**values)
+    return result if result != Impairments() else None
+
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _parse_mac(value: object, where: str, problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _MAC.match(value.lower()):
+        problems.append(f"{where}: {value!r} is not a MAC address such as 02:00:00:00:00:01")
+        return None
+    mac = value.lower()
+    if int(mac[:2], 16) & 1:
+        problems.append(f"{where}: {value!r} is a multicast address; an interface needs a unicast one")
+        return None
+    if mac == "00:00:00:00:00:00":
+        problems.append(f"{where}: {value!r} is all zeros")
+        return None
+    return mac
+
+
+def _parse_ips(value: object, where: str, local_ip: IPInterface | None, problems: list[str]) -> tuple[IPInterface, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of CIDR strings such as [2001:db8::1/64], not {value!r}")
+        return ()
+    if len(value) > MAX_EXTRA_IPS:
+        problems.append(f"{where}: {len(value)} addresses; at most {MAX_EXTRA_IPS}")
+        return ()
+    out: list[IPInterface] = []
+    for i, item in enumerate(value):
+        if item is None or item == "":
+            problems.append(f"{where}[{i}]: must not be empty")
+            continue
+        ip = _parse_ip(item, f"{where}[{i}]", problems)
+        if ip is None:
+            continue
+        if ip == local_ip or ip in out:
+            problems.append(f"{where}[{i}]: {ip} is listed twice (local_ip and local_ips count together)")
+            continue
+        out.append(ip)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Link:
     uid: int
@@ -58,6 +264,12 @@ class Link:
     local_ip: IPInterface | None = None
     peer_ip: IPInterface | None = None
     mtu: int | None = None
+    # This end only (ours): administrative state, what `tc` does to traffic leaving it, addresses
+    # beside local_ip, and a MAC instead of the derived one. The peer's Topology says its own.
+    state: str = "up"
+    impairments: Impairments | None = None
+    local_ips: tuple[IPInterface, ...] = ()
+    local_mac: str | None = None
 
     @property
     def is_macvlan(self) -> bool:
@@ -76,10 +288,19 @@ class Link:
             out["peer_ip"] = str(self.peer_ip)
         if self.mtu is not None:
             out["mtu"] = self.mtu
+        if self.state != "up":
+            out["state"] = self.state
+        if self.impairments is not None:
+            out["impairments"] = self.impairments.to_api()
+        if self.local_ips:
+            out["local_ips"] = [str(ip) for ip in self.local_ips]
+        if self.local_mac is not None:
+            out["local_mac"] = self.local_mac
         return out
 
     def mirrored(self, pod: str) -> Link:
-        """The same link as its peer pod `pod`'s Topology must describe it."""
+        """The same link as its peer pod `pod`'s Topology must describe it (the per-end fields,
+        state to local_mac, are the peer's own choice and stay at their defaults)."""
         return Link(self.uid, pod, self.peer_intf, self.local_intf, self.peer_ip, self.local_ip, self.mtu)
 
 
@@ -473,9 +694,16 @@ def _parse_link(raw: object, source: str, obj: str, index: int, problems: list[s
     mtu = raw.get("mtu")
     if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535):
         problems.append(f"{here}: mtu: must be an integer in 68..65535, not {mtu!r}")
+    state = raw.get("state", "up")
+    if state not in ADMIN_STATES:
+        problems.append(f"{here}: state: {state!r} is not one of {', '.join(ADMIN_STATES)}")
+    impairments = _parse_impairments(raw.get("impairments"), here, problems)
+    local_ips = _parse_ips(raw.get("local_ips"), f"{here}: local_ips", local_ip, problems)
+    local_mac = _parse_mac(raw.get("local_mac"), f"{here}: local_mac", problems)
     if len(problems) > before or label is None:
         return None
-    return Link(label, str(peer_pod), str(raw["local_intf"]), str(raw["peer_intf"]), local_ip, peer_ip, mtu)
+    return Link(label, str(peer_pod), str(raw["local_intf"]), str(raw["peer_intf"]), local_ip, peer_ip, mtu,
+                str(state), impairments, local_ips, local_mac)
 
 
 def _metadata(raw: Mapping[str, Any], source: str, kind: str, problems: list[str]) -> tuple[str, str, str]:
@@ -517,6 +745,7 @@ def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
             links.append(lnk)
     seen_uid: set[int] = set()
     seen_if: dict[str, int] = {}
+    seen_mac: dict[str, int] = {}
     for lnk in links:
         where = _where(source, obj, lnk.uid)
         if lnk.uid in seen_uid:
@@ -526,6 +755,11 @@ def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
             problems.append(f"{where}: local_intf: {lnk.local_intf} is already used by link uid "
                             f"{seen_if[lnk.local_intf]} of this pod")
         seen_if.setdefault(lnk.local_intf, lnk.uid)
+        if lnk.local_mac is not None:
+            if lnk.local_mac in seen_mac:
+                problems.append(f"{where}: local_mac: {lnk.local_mac} is already used by link uid "
+                                f"{seen_mac[lnk.local_mac]} of this pod")
+            seen_mac.setdefault(lnk.local_mac, lnk.uid)
         if lnk.peer_pod == name:
             problems.append(f"{where}: peer_pod: a link from {name} to itself (self-loop) is not allowed")
     if problems:

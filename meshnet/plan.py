@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshnet import naming
-from meshnet.model import IPInterface, Link, Topology
+from meshnet.model import Impairments, IPInterface, Link, Topology
 
 # The kernel's VXLAN over IPv4 header overhead: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 VXLAN_OVERHEAD = 50
@@ -74,12 +74,28 @@ class PodState:
     vni_block: int = 0  # the VNI block it recorded (naming.link_block)
     # Why its status was refused (model.TopologyStatus.problems): such a pod is never alive.
     problems: tuple[str, ...] = ()
+    # Its Topology's links, when known: a veth is built whole by whichever ADD comes second, and
+    # the far end's own choices (state, impairments, extra addresses, MAC) are in the peer's spec.
+    links: tuple[Link, ...] = ()
+
+    def link(self, uid: int) -> Link | None:
+        return next((lnk for lnk in self.links if lnk.uid == uid), None)
 
     @classmethod
     def from_topology(cls, topo: Topology, netns: str = "") -> PodState:
         """The pod as its (validated) status describes it; `netns`: its iproute2 name, if known."""
         st = topo.status
-        return cls(topo.name, st.alive, st.node, st.src_ip, netns, st.vni_block, st.problems)
+        return cls(topo.name, st.alive, st.node, st.src_ip, netns, st.vni_block, st.problems, topo.links)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this node's kernel offers link ends (executor.Executor.capabilities detects it)."""
+
+    netem: bool = True
+
+
+ALL_CAPABILITIES = Capabilities()
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,19 @@ class Endpoint:
     intf: str
     ip: IPInterface | None
     mac: str = ""
+    ips: tuple[IPInterface, ...] = ()  # local_ips: addresses beside `ip`
+    state: str = "up"  # administrative: "down" keeps the interface, carrier off at the far end
+    impairments: Impairments | None = None  # on traffic leaving this end
+
+    @property
+    def addresses(self) -> tuple[IPInterface, ...]:
+        return ((self.ip,) if self.ip is not None else ()) + self.ips
+
+
+def endpoint(netns: str, namespace: str, pod: str, link: Link) -> Endpoint:
+    """Pod `pod`'s end of `link` as its own Topology declares it."""
+    mac = link.local_mac or naming.mac_address(namespace, pod, link.local_intf)
+    return Endpoint(netns, link.local_intf, link.local_ip, mac, link.local_ips, link.state, link.impairments)
 
 
 @dataclass(frozen=True)
@@ -178,8 +207,7 @@ def vxlan_mtu(link: Link, node: NodeInfo) -> int:
 def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
               peer: PodState | None) -> LinkPlan | Pending | tuple[VxlanPlan, RemoteEnd]:
     """Decide one link of pod `topo.name` (namespace `netns`, on `node`)."""
-    mac = naming.mac_address(topo.namespace, topo.name, link.local_intf)
-    local = Endpoint(netns, link.local_intf, link.local_ip, mac)
+    local = endpoint(netns, topo.namespace, topo.name, link)
     if link.is_macvlan:
         # A refused parent fails the pod's ADD (check_macvlan_parents); a spec changed later while
         # the pod runs leaves the link pending with the reason, never built.
@@ -193,8 +221,13 @@ def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
     if peer is None or not peer.alive:
         return Pending(link.uid, link.peer_pod, pending_reason(link.peer_pod))
     if peer.node == node.name:
-        far = Endpoint(peer.netns, link.peer_intf, link.peer_ip,
-                       naming.mac_address(topo.namespace, link.peer_pod, link.peer_intf))
+        theirs = peer.link(link.uid)
+        if theirs is not None and theirs.local_intf == link.peer_intf and theirs.peer_pod == topo.name:
+            far = endpoint(peer.netns, topo.namespace, link.peer_pod, theirs)
+        else:
+            # The peer's spec is unknown here (or not mirrored yet): its end gets the defaults.
+            far = Endpoint(peer.netns, link.peer_intf, link.peer_ip,
+                           naming.mac_address(topo.namespace, link.peer_pod, link.peer_intf))
         return VethPlan(link.uid, local, far, node.netns, link.mtu or DEFAULT_MTU)
     block = naming.link_block(topo.namespace, topo.status.vni_block, peer.vni_block)
     plan = VxlanPlan(link.uid, local, naming.vni(topo.namespace, link.uid, block), peer.src_ip, node.vtep_ip,

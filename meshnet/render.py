@@ -1,4 +1,4 @@
-"""The one Jinja environment: link plans → `ip` commands (argv tuples, grouped by namespace).
+"""The one Jinja environment: link plans → `ip` and `tc` commands (argv tuples, grouped by namespace).
 
 Templates (`templates/<kind>/<action>.j2`) hold the whole link logic; this module only feeds them
 validated, frozen plans and turns their lines into `Command`s. Everything is rendered before
@@ -20,12 +20,14 @@ from typing import Any
 import jinja2
 
 from meshnet import naming
-from meshnet.plan import LinkPlan
+from meshnet.model import IPInterface, format_percent, format_rate, format_time
+from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan
 
 _UNSAFE = re.compile(r"['\"\\#;]")
 HERE = "."  # the namespace the executor runs in (the node's)
 ACTIONS = ("add", "del", "update")
 KINDS = ("veth", "vxlan", "macvlan")
+TOOLS = ("ip", "tc")
 
 
 def templates_dir() -> Path:
@@ -41,7 +43,8 @@ class RenderError(Exception):
 
 @dataclass(frozen=True)
 class Command:
-    """One `ip` command: `ip -n netns ARGV...` (netns None: the executor's own namespace)."""
+    """One command: `ip -n netns ARGV...` (netns None: the executor's own namespace), or the same
+    with `tc` for a link end's impairments."""
 
     netns: str | None
     argv: tuple[str, ...]
@@ -49,33 +52,46 @@ class Command:
     # The template whose line this is ("" for the few commands code builds by hand: the executor
     # allows those only a closed set of verbs, see executor.check_command).
     template: str = field(default="", compare=False)
+    tool: str = "ip"  # which batch runs it: `ip -batch` or `tc -batch`
 
     @property
     def creates(self) -> tuple[str | None, str] | None:
         """(namespace, interface) this command creates, if it is a `link add`."""
-        if self.argv[:2] != ("link", "add"):
+        if self.tool != "ip" or self.argv[:2] != ("link", "add"):
             return None
         head = self.argv[: self.argv.index("type")] if "type" in self.argv else self.argv
         where = head[head.index("netns") + 1] if "netns" in head else self.netns
         return where, self.argv[2]
 
     def shell(self) -> str:
-        prefix = ["ip"] if self.netns is None else ["ip", "-n", self.netns]
+        prefix = [self.tool] if self.netns is None else [self.tool, "-n", self.netns]
         return shlex.join([*prefix, *self.argv])
 
 
-# Values never shape a command. A template is rendered with every value of the plan replaced by a
-# slot marker ("\0N\0": a character no template contains), so the lines and words of its output come
-# from template text alone; each slot then gets its value back inside its word. A value carrying a
-# line break or a space therefore stays one argument (which the executor refuses) instead of
-# becoming another command. Falsy values (None, "", 0) stay as they are: templates test them.
+# Values never shape a command. A template is rendered with every text value that could shape a
+# line (whitespace, control characters, quotes, `#`, `;`, brackets) replaced by a slot marker ("\0N\0":
+# a character no template contains), so the lines and words of its output come from template text
+# alone; each slot then gets its value back inside its word. Such a value therefore stays one
+# argument (which the executor refuses) instead of becoming another command. A plain word is left
+# as it is (templates compare some, e.g. `end.state == "down"`), and so are numbers and addresses
+# (ipaddress objects, whose `.version` templates use; the model refuses scope ids, their only free
+# text). Falsy values (None, "", 0) stay as they are: templates test them.
 _SLOT = re.compile("\x00([0-9]+)\x00")
+# What could shape a line or a word of the output (the executor refuses the same in an argument).
+_SHAPES_TEXT = re.compile(r"[\s\x00-\x1f\x7f-\x9f'\"\\#;\[\]]")
 _SLOT_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def _slotted(value: Any, slots: list[str]) -> Any:
     if not value:
         return value
+    if isinstance(value, str):
+        if not _SHAPES_TEXT.search(value):
+            return value  # one plain word: it cannot change a line (and templates may compare it)
+        slots.append(value)
+        return f"\x00{len(slots) - 1}\x00"
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slotted(v, slots) for v in value)
     names = _SLOT_FIELDS.get(type(value))
     if names is None:  # once per type: a plan or an endpoint has fields, a leaf value has none
         is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
@@ -84,8 +100,7 @@ def _slotted(value: Any, slots: list[str]) -> Any:
         # `kind` chooses the template and is never a value in a line.
         return type(value)(*[getattr(value, n) if n == "kind" else _slotted(getattr(value, n), slots)
                              for n in names])
-    slots.append(str(value))
-    return f"\x00{len(slots) - 1}\x00"
+    return value
 
 
 def _fill(word: str, slots: Sequence[str]) -> str:
@@ -98,7 +113,7 @@ def _fill(word: str, slots: Sequence[str]) -> str:
 
 @lru_cache(maxsize=4)
 def environment(root: str) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(root),
         undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly, never renders ""
         trim_blocks=True,
@@ -107,9 +122,12 @@ def environment(root: str) -> jinja2.Environment:
         keep_trailing_newline=True,
         auto_reload=False,  # templates are read once per process: no stat() per rendered link
     )
+    # Numbers back into tc's own spelling (20ms, 1%, 10mbit): what the user wrote, readable in `plan`.
+    env.filters.update(tc_time=format_time, tc_percent=format_percent, tc_rate=format_rate)
+    return env
 
 
-def _parse(text: str, uid: int, where: str, slots: Sequence[str] = ()) -> list[Command]:
+def _parse(text: str, uid: int, where: str, slots: Sequence[str] = (), tool: str = "ip") -> list[Command]:
     """Template output (values as slots) → commands; lines and words come from template text only."""
     commands: list[Command] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -124,14 +142,17 @@ def _parse(text: str, uid: int, where: str, slots: Sequence[str] = ()) -> list[C
             raise RenderError(f"{where}: output line {lineno} is unsafe or empty: {_fill(line, slots)!r}")
         ns = _fill(ns, slots)
         # Values are checked by the model before rendering and again by the executor before `ip`.
-        commands.append(Command(None if ns == HERE else ns, argv, uid, where))
+        commands.append(Command(None if ns == HERE else ns, argv, uid, where, tool))
     return commands
 
 
 def _template(action: str, kind: str) -> tuple[jinja2.Template, str]:
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
-    name = f"{kind}/{action}.j2"
+    return _load(f"{kind}/{action}.j2")
+
+
+def _load(name: str) -> tuple[jinja2.Template, str]:
     try:
         return environment(str(templates_dir())).get_template(name), name
     except jinja2.TemplateSyntaxError as e:
@@ -150,52 +171,96 @@ def _render_one(template: jinja2.Template, name: str, plan: LinkPlan) -> list[Co
     return _parse(text, plan.uid, name, slots)
 
 
-def render_link(plan: LinkPlan, action: str) -> list[Command]:
-    return _render_one(*_template(action, plan.kind), plan)
+def _render_text(name: str, uid: int, tool: str, **values: object) -> list[Command]:
+    template, name = _load(name)
+    slots: list[str] = []
+    try:
+        text = template.render(**{k: _slotted(v, slots) for k, v in values.items()})
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{name}: {e}") from e
+    return _parse(text, uid, name, slots, tool)
 
 
-def render(plans: Iterable[LinkPlan], action: str) -> list[Command]:
+def render_impairments(end: Endpoint, uid: int, action: str,
+                       caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:
+    """`tc` lines for one end: action "add" (new interface), "update" (replace in place) or
+    "clear" (remove the tree). Nothing for an end without impairments, except "clear"."""
+    if action not in ("add", "update", "clear"):
+        raise ValueError(f"unknown tc action {action!r}")
+    if action != "clear" and end.impairments is None:
+        return []
+    return _render_text(f"tc/{action}.j2", uid, "tc", end=end, caps=caps)
+
+
+def render_end_change(end: Endpoint, uid: int, *, added: Sequence[IPInterface] = (),
+                      removed: Sequence[IPInterface] = (), state: str = "") -> list[Command]:
+    """`ip` lines that change a live end in place: addresses and administrative state."""
+    return _render_text("end/change.j2", uid, "ip", end=end, added=list(added), removed=list(removed),
+                        state=state)
+
+
+def render_link(plan: LinkPlan, action: str, caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:
+    return render([plan], action, caps)
+
+
+def render(plans: Iterable[LinkPlan], action: str, caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:
+    """Every command of `action` for `plans`. On "add" and "update", ends with impairments get
+    their `tc` lines too (what `caps` says this node can do; `meshnetctl plan` shows them all)."""
     commands: list[Command] = []
     templates: dict[str, tuple[jinja2.Template, str]] = {}
     for plan in plans:
         if plan.kind not in templates:
             templates[plan.kind] = _template(action, plan.kind)
         commands.extend(_render_one(*templates[plan.kind], plan))
+        if action != "del":
+            for end in plan.ends:
+                commands.extend(render_impairments(end, plan.uid, action, caps))
     return commands
 
 
 def _phase(c: Command) -> int:
     verb = c.argv[:2]
-    return 0 if verb == ("link", "del") else 1 if verb == ("link", "add") else 2
+    if c.tool == "ip" and verb == ("link", "del"):
+        return 0
+    return 1 if c.tool == "ip" and verb == ("link", "add") else 2
 
 
 def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
-    """Group commands into batches: deletions, then creations, then the rest (addresses, up).
+    """Group commands into batches: deletions, then creations, then the rest (addresses, up, and
+    the `tc` lines of impairments). One batch per namespace and tool in each phase.
 
-    One batch per namespace in each phase. Creations run in the node's namespace before
-    addressing runs in the pods, and an update's deletion before its re-creation, whatever order
-    the links came in; inside a batch the template order is kept.
+    Creations run in the node's namespace before addressing runs in the pods, and an update's
+    deletion before its re-creation, whatever order the links came in; inside a batch the
+    template order is kept. A pod's `tc` batch runs beside its `ip` batch, not after it: a qdisc
+    needs the interface to exist, not to be up, so impairments add no phase (no wait) to an ADD.
     """
     out: list[list[tuple[str | None, list[Command]]]] = []
     for phase in (0, 1, 2):
-        groups: dict[str | None, list[Command]] = {}
+        groups: dict[tuple[str | None, str], list[Command]] = {}
         for c in commands:
             if _phase(c) == phase:
-                groups.setdefault(c.netns, []).append(c)
+                groups.setdefault((c.netns, c.tool), []).append(c)
         if groups:
-            out.append(list(groups.items()))
+            out.append([(ns, batch) for (ns, _), batch in groups.items()])
     return out
 
 
 def script(commands: Sequence[Command], *, header: str = "") -> str:
-    """A replayable shell script: one `ip -batch` here-document per namespace and phase."""
+    """A replayable shell script: one `ip -batch` (or `tc -batch`) here-document per namespace and phase."""
     lines = ["#!/bin/sh", "set -e"]
     if header:
         lines.extend(f"# {h}" if h else "#" for h in header.splitlines())
     for phase in phases(commands):
         for ns, batch in phase:
-            prefix = "ip -batch -" if ns is None else f"ip -n {ns} -batch -"
-            lines.append(f"{prefix} <<'EOF'")
+            tool = batch[0].tool
+            prefix = f"{tool} -batch -" if ns is None else f"{tool} -n {ns} -batch -"
+            if tool == "tc":
+                # The replaying machine may lack netem (the daemon asks its kernel; a script cannot
+                # know in advance): go on past a refused qdisc, as the daemon would, and say so.
+                lines.append(f"{tool} {'' if ns is None else f'-n {ns} '}-force -batch - <<'EOF' || "
+                             f"echo 'meshnet: some impairments are unavailable here (netem?)' >&2")
+            else:
+                lines.append(f"{prefix} <<'EOF'")
             lines.extend(" ".join(c.argv) for c in batch)
             lines.append("EOF")
     return "\n".join(lines) + "\n"

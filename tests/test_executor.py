@@ -240,3 +240,68 @@ def test_every_executed_command_reaches_the_structured_log(fp: FakeProcess) -> N
     logged = [line for e in events if e["event"] == "ip-batch" for line in e["lines"]]
     assert sorted(logged) == sorted(" ".join(c.argv) for c in cmds)
     assert all(e["rc"] == 0 and e["commands"] == len(e["lines"]) for e in events)
+
+
+# --- tc: impairments of link ends ----------------------------------------------------------------
+
+def tc_argv(fp: FakeProcess, netns: str | None, *, force: bool = False) -> list[Any]:
+    return [fp.program("tc"), *(["-n", netns] if netns else []), *(["-force"] if force else []), "-batch", "-"]
+
+
+def test_tc_runs_as_its_own_batch_per_namespace_once_the_links_exist(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    tc = [Command("pa", ("qdisc", "add", "dev", "eth1", "root", "handle", "1:", "tbf", "rate", "8mbit",
+                         "burst", "15140", "latency", "50ms"), 1, "tc/add.j2", "tc"),
+          Command("pb", ("qdisc", "add", "dev", "eth1", "root", "handle", "1:", "tbf", "rate", "8mbit",
+                         "burst", "15140", "latency", "50ms"), 1, "tc/add.j2", "tc")]
+    for ns in ("node", "pa", "pb"):
+        fp.register(ip_argv(fp, ns))
+    fp.register(tc_argv(fp, "pa"))
+    fp.register(tc_argv(fp, "pb"))
+    ex = Executor()
+    ex.apply(tc + veth(1, "pa", "pb", "eth1"))  # given first, run after the creation: qdiscs need interfaces
+    programs = [a[0].rsplit("/", 1)[-1] for a, _ in ip_calls]
+    assert programs[0] == "ip" and sorted(programs[1:]) == ["ip", "ip", "tc", "tc"]
+    tc_calls = sorted(" ".join(a[1:]) for a, _ in ip_calls if a[0].endswith("/tc"))
+    assert tc_calls == ["-n pa -batch -", "-n pb -batch -"]
+    assert sorted(e.get("tool", "ip") for e in ex.journal.entries) == ["ip", "ip", "ip", "tc", "tc"]
+
+
+def test_a_failed_tc_batch_rolls_the_links_back(fp: FakeProcess, ip_calls: list[Call]) -> None:
+    fp.register(ip_argv(fp, "node"))
+    fp.register(ip_argv(fp, "pa"))
+    fp.register(ip_argv(fp, "pb"))
+    fp.register(tc_argv(fp, "pa"), returncode=2,
+                stderr="Error: Specified qdisc kind is unknown.\nCommand failed -:1\n")
+    fp.register(ip_argv(fp, "pa", force=True))
+    bad = Command("pa", ("qdisc", "add", "dev", "eth1", "root", "handle", "2:", "netem", "delay", "20ms"), 1,
+                  "tc/add.j2", "tc")
+    with pytest.raises(CommandFailed) as e:
+        Executor().apply([*veth(1, "pa", "pb", "eth1"), bad])
+    assert "qdisc kind is unknown" in str(e.value) and e.value.command == bad
+    assert ip_calls[-1] == (("/usr/sbin/ip", "-n", "pa", "-force", "-batch", "-"), "link del eth1\n")
+
+
+def test_removing_absent_impairments_is_fine(fp: FakeProcess) -> None:
+    fp.register(tc_argv(fp, "pa", force=True), returncode=2,
+                stderr="Error: Cannot delete qdisc with handle of zero.\nCommand failed -:1\n")
+    clear = Command("pa", ("qdisc", "del", "dev", "eth1", "root"), 1, "tc/clear.j2", "tc")
+    assert Executor().run_best_effort([clear]) == []
+
+
+@pytest.mark.parametrize(("rc", "netem"), [(0, True), (2, False)])
+def test_netem_capability_is_probed_once_in_a_throw_away_namespace(fp: FakeProcess, rc: int, netem: bool) -> None:
+    fp.register([fp.program("unshare"), "-n", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+                returncode=rc, stderr="" if rc == 0 else "Error: Specified qdisc kind is unknown.\n")
+    logged: list[dict[str, Any]] = []
+    ex = Executor(log=lambda **kw: logged.append(kw))
+    assert ex.capabilities().netem is netem
+    assert ex.capabilities().netem is netem  # no second probe: only one process was registered
+    assert len(fp.calls) == 1
+    assert logged == [{"event": "capabilities", "netem": netem}]
+
+
+def test_a_missing_tc_is_a_typed_failure(fp: FakeProcess) -> None:
+    ex = Executor(tc="mnt-no-such-tc")
+    with pytest.raises(CommandFailed, match="mnt-no-such-tc: command not found"):
+        ex.apply([Command("pa", ("qdisc", "add", "dev", "eth1", "root", "tbf"), 1, "tc/add.j2", "tc")])
+    assert Executor(unshare="mnt-no-such-unshare").capabilities().netem is False

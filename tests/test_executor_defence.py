@@ -45,15 +45,17 @@ HOSTILE = [
 
 
 def _params(plan: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of every value a template can use (endpoints expanded)."""
+    """Dotted paths of every text value a template can use (endpoints expanded)."""
     out: list[str] = []
     for f in dataclasses.fields(plan):
         value = getattr(plan, f.name)
-        if f.name == "kind":
-            continue  # chooses the template; never rendered
+        if f.name in ("kind", "state"):
+            continue  # they choose the template or its words (up/down); never rendered as given
         if isinstance(value, Endpoint):
             out += _params(value, f"{prefix}{f.name}.")
-        else:
+        elif isinstance(value, str) or (value is None and "str" in str(f.type)):
+            # Text is what a forged value can carry; numbers and addresses are typed (the model
+            # builds them through int() and ipaddress), and templates use them as such (`.version`).
             out.append(f"{prefix}{f.name}")
     return out
 

@@ -249,8 +249,55 @@ BAD = {
     "v6 triple colon": {"local_ip": "2001:::1/64"},
     "mtu too small": {"mtu": 67},
     "mtu too large": {"mtu": 65536},
-    "unknown field": {"local_mac": "02:00:00:00:00:01"},
+    "unknown field": {"local_macaddr": "02:00:00:00:00:01"},
 }
+
+# Link-end fields (ours): the schema and the model must agree on each. The model refuses more (a
+# rate above 1tbit, jitter without delay): what no schema keyword says is checked in test_model.py.
+END_FIELDS = [
+    ({"state": "down"}, True),
+    ({"state": "up"}, True),
+    ({"state": "off"}, False),
+    ({"state": True}, False),
+    ({"local_mac": "02:00:00:00:00:01"}, True),
+    ({"local_mac": "02:AA:bb:00:00:01"}, True),
+    ({"local_mac": "01:00:5e:00:00:01"}, False),
+    ({"local_mac": "00:00:00:00:00:00"}, False),
+    ({"local_mac": "02-00-00-00-00-01"}, False),
+    ({"local_mac": "02:00:00:00:00"}, False),
+    ({"local_ips": ["10.1.1.1/24", "2001:db8::1/64"]}, True),
+    ({"local_ips": []}, True),
+    ({"local_ips": ["10.1.1.1"]}, False),
+    ({"local_ips": "10.1.1.1/24"}, False),
+    ({"local_ips": ["2001:::1/64"]}, False),
+    ({"impairments": {"delay": "20ms", "jitter": "2ms", "loss": "1%", "rate": "10mbit"}}, True),
+    ({"impairments": {"delay": "1.5ms", "jitter": "100us", "delay_correlation": "25%", "distribution": "normal"}},
+     True),
+    ({"impairments": {"delay": "1s"}}, True),
+    ({"impairments": {"rate": "8kbit"}}, True),
+    ({"impairments": {"rate": "1.5gbit"}}, True),
+    ({"impairments": {"rate": "125kbps"}}, True),
+    ({"impairments": {"loss": "100%", "corrupt": "0.1%", "duplicate": "0.5%"}}, True),
+    ({"impairments": {"delay": "10ms", "reorder": "25%", "reorder_correlation": "50%"}}, True),
+    ({"impairments": {"loss": "5%", "loss_correlation": "25%"}}, True),
+    ({"impairments": {}}, True),
+    ({"impairments": {"delay": "-5ms"}}, False),
+    ({"impairments": {"delay": "20"}}, False),
+    ({"impairments": {"delay": "20 ms"}}, False),
+    ({"impairments": {"delay": "20min"}}, False),
+    ({"impairments": {"delay": 20}}, False),
+    ({"impairments": {"loss": "101%"}}, False),
+    ({"impairments": {"loss": "100.5%"}}, False),
+    ({"impairments": {"loss": "1"}}, False),
+    ({"impairments": {"loss": "-1%"}}, False),
+    ({"impairments": {"rate": "0mbit"}}, False),
+    ({"impairments": {"rate": "0.0mbit"}}, False),
+    ({"impairments": {"rate": "10"}}, False),
+    ({"impairments": {"rate": "10furlongs"}}, False),
+    ({"impairments": {"delay": "10ms", "jitter": "1ms", "distribution": "gaussian"}}, False),
+    ({"impairments": {"bandwidth": "10mbit"}}, False),
+    ({"impairments": "20ms"}, False),
+]
 
 
 @pytest.mark.parametrize("link", GOOD.values(), ids=GOOD.keys())
@@ -261,6 +308,21 @@ def test_crd_accepts(rendered: dict[str, list[dict[str, Any]]], link: dict[str, 
 @pytest.mark.parametrize("link", BAD.values(), ids=BAD.keys())
 def test_crd_rejects(rendered: dict[str, list[dict[str, Any]]], link: dict[str, Any]) -> None:
     assert topology_problems(crd_schema(rendered["base"]), _topology(**link)) != []
+
+
+@pytest.mark.parametrize(("link", "valid"), END_FIELDS, ids=[str(c[0]) for c in END_FIELDS])
+def test_crd_and_model_agree_on_link_end_fields(rendered: dict[str, list[dict[str, Any]]], link: dict[str, Any],
+                                                 valid: bool) -> None:
+    from meshnet.model import ManifestError, parse_topology
+
+    topology = _topology(**link)
+    schema_ok = topology_problems(crd_schema(rendered["base"]), topology) == []
+    try:
+        parse_topology(topology, "corpus")
+        model_ok = True
+    except ManifestError:
+        model_ok = False
+    assert (schema_ok, model_ok) == (valid, valid)
 
 
 @pytest.mark.parametrize("field", ["uid", "peer_pod", "local_intf", "peer_intf"])

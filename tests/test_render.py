@@ -65,7 +65,7 @@ def test_vxlan_add_runs_in_executor_namespace_when_node_netns_is_none() -> None:
                             "id",
                             str(4096 * 3 + 8), "remote", "198.51.100.2", "local", "198.51.100.1",
                             "dstport", "4789", "dev", "eth0")
-    assert cmds[1].shell() == "ip -n pa addr add 2001:db8::1/64 dev eth3"
+    assert cmds[1].shell() == "ip -n pa addr add 2001:db8::1/64 dev eth3 nodad"  # usable at once, no DAD
 
 
 def test_macvlan_without_address_only_brings_link_up() -> None:
@@ -110,7 +110,7 @@ def test_phases_put_creations_first_one_batch_per_namespace() -> None:
     assert [ns for ns, _ in rest] == ["pa", "pb"]
     assert not any(c.argv[:2] == ("link", "add") for _, batch in rest for c in batch)
     assert [" ".join(c.argv) for c in dict(rest)["pa"]] == [
-        "addr add 10.0.0.1/30 dev eth1", "link set eth1 up", "addr add 2001:db8::1/64 dev eth3",
+        "addr add 10.0.0.1/30 dev eth1", "link set eth1 up", "addr add 2001:db8::1/64 dev eth3 nodad",
         "link set eth3 up", "link set eth4 up"]
 
 
