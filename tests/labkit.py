@@ -43,7 +43,29 @@ def lab_leftovers(lab: Lab) -> list[str]:
             left.append(f"meshnetd pid {proc.name}")
     if lab.dir.exists():
         left.append(f"directory {lab.dir}")
-    return left
+    return left + host_network_trespass()
+
+
+def host_network_trespass() -> list[str]:
+    """Anything of ours on this machine's own network namespace: an interface named like ours or an
+    address in the documentation ranges the labs use (a bridge plugin run outside a node's namespace
+    once put 203.0.113.1/24 on the host, which took the route to the package mirror with it)."""
+    import ipaddress
+    import json
+    import subprocess
+
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    ranges = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("203.0.113.0/24")]
+    found = []
+    for entry in json.loads(out or "[]"):
+        name = str(entry.get("ifname", ""))
+        if name.startswith(("mnl", "mnt", "mnb", "mnd", "mnp-")):
+            found.append(f"host interface {name}")
+        for a in entry.get("addr_info", ()):
+            ip = ipaddress.ip_address(a.get("local", "0.0.0.0"))
+            if any(ip in r for r in ranges):
+                found.append(f"host address {ip} on {name}")
+    return found
 
 
 def failed_pings(lab: Lab) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ PACKAGES = ("podman", "runc", "busybox-static")
 NETWORK = "mnt-podman"
 TMP_PREFIX = "mnpod-"
 BRIDGE = "mnpodtest0"
-SUBNET = "203.0.113.0/24"
+SUBNET = "198.51.100.0/24"  # not 203.0.113.0/24: this machine reaches its package mirror there
 CNI_CACHE = Path("/var/lib/cni/results")
 # This sandbox lacks CAP_SYS_RESOURCE: runc cannot raise rlimits above the hard limits it has, so
 # the containers get lower ones. crun fails on this machine's cgroups; runc with cgroupfs works.
@@ -383,7 +383,7 @@ def assert_links(lab: PodmanLab, name: str, want: dict[str, str]) -> None:
     have = lab.links(name)
     for intf, addr in want.items():
         assert addr in have.get(intf, []), f"{name}: {intf} should carry {addr}; has {have}"
-    assert "eth0" in have and any(a.startswith("203.0.113.") for a in have["eth0"]), have
+    assert "eth0" in have and any(a.startswith("198.51.100.") for a in have["eth0"]), have
 
 
 @pytest.mark.root

@@ -87,7 +87,12 @@ class Kubelet:
         conf = self.cni_config(rec.node)
         if command in ("DEL", "CHECK") and rec.result:
             conf["prevResult"] = rec.result
-        proc = subprocess.run(st.cni_bin, input=json.dumps(conf).encode(),
+        # On the pod's node, as its kubelet would: whatever the CNI binary does itself (a delegate it
+        # runs while meshnetd is down, e.g. the bridge plugin) stays inside the node's namespace,
+        # never on this machine's own network.
+        node_ns = RUN_NETNS / self.names.node_netns(st.nodes.index(rec.node))
+        argv = ["nsenter", f"--net={node_ns}", "--", *st.cni_bin]
+        proc = subprocess.run(argv, input=json.dumps(conf).encode(),
                               env=env, capture_output=True, timeout=600, check=False)
         try:
             answer = json.loads(proc.stdout or b"{}")
