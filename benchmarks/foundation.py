@@ -20,11 +20,12 @@ from typing import Any
 
 import yaml
 
+from meshnet.command import Command, phases
 from meshnet.dryrun import DryRunLab, layout_for
 from meshnet.executor import Executor
 from meshnet.model import Manifest, parse_manifest
 from meshnet.plan import every_link_plan, simulate_adds
-from meshnet.render import Command, phases, render
+from meshnet.render import render
 
 LINKS = 1500
 POOL = ipaddress.IPv4Network("100.64.0.0/10")

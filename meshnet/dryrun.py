@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from meshnet import naming
+from meshnet.command import Command, script
 from meshnet.model import Manifest
 from meshnet.plan import (
     LabLayout,
@@ -23,7 +24,7 @@ from meshnet.plan import (
     pod_names,
     simulate_adds,
 )
-from meshnet.render import Command, render, script
+from meshnet.render import render
 
 UNDERLAY = ipaddress.ip_network("198.51.100.0/24")
 EXTERNAL_HOST = 254  # the external namespace's address on the underlay

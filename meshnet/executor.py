@@ -18,7 +18,7 @@ from typing import Any
 from plumbum import local
 from plumbum.commands.processes import ProcessTimedOut
 
-from meshnet.render import Command, phases
+from meshnet.command import Command, phases
 
 _FAILED_LINE = re.compile(r"Command failed -:(\d+)")
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 
 from meshnet import naming
+from meshnet.command import Command
 from meshnet.plan import LinkPlan
 
 _UNSAFE = re.compile(r"['\"\\#;]")
@@ -35,28 +34,6 @@ def templates_dir() -> Path:
 
 class RenderError(Exception):
     """A template failed; names the template file and line."""
-
-
-@dataclass(frozen=True)
-class Command:
-    """One `ip` command: `ip -n netns ARGV...` (netns None: the executor's own namespace)."""
-
-    netns: str | None
-    argv: tuple[str, ...]
-    uid: int = -1  # the link it belongs to, for journals and rollback
-
-    @property
-    def creates(self) -> tuple[str | None, str] | None:
-        """(namespace, interface) this command creates, if it is a `link add`."""
-        if self.argv[:2] != ("link", "add"):
-            return None
-        head = self.argv[: self.argv.index("type")] if "type" in self.argv else self.argv
-        where = head[head.index("netns") + 1] if "netns" in head else self.netns
-        return where, self.argv[2]
-
-    def shell(self) -> str:
-        prefix = ["ip"] if self.netns is None else ["ip", "-n", self.netns]
-        return shlex.join([*prefix, *self.argv])
 
 
 @lru_cache(maxsize=4)
@@ -122,40 +99,3 @@ def render(plans: Iterable[LinkPlan], action: str) -> list[Command]:
             templates[plan.kind] = _template(action, plan.kind)
         commands.extend(_render_one(*templates[plan.kind], plan))
     return commands
-
-
-def _phase(c: Command) -> int:
-    verb = c.argv[:2]
-    return 0 if verb == ("link", "del") else 1 if verb == ("link", "add") else 2
-
-
-def phases(commands: Sequence[Command]) -> list[list[tuple[str | None, list[Command]]]]:
-    """Group commands into batches: deletions, then creations, then the rest (addresses, up).
-
-    One batch per namespace in each phase. Creations run in the node's namespace before
-    addressing runs in the pods, and an update's deletion before its re-creation, whatever order
-    the links came in; inside a batch the template order is kept.
-    """
-    out: list[list[tuple[str | None, list[Command]]]] = []
-    for phase in (0, 1, 2):
-        groups: dict[str | None, list[Command]] = {}
-        for c in commands:
-            if _phase(c) == phase:
-                groups.setdefault(c.netns, []).append(c)
-        if groups:
-            out.append(list(groups.items()))
-    return out
-
-
-def script(commands: Sequence[Command], *, header: str = "") -> str:
-    """A replayable shell script: one `ip -batch` here-document per namespace and phase."""
-    lines = ["#!/bin/sh", "set -e"]
-    if header:
-        lines.extend(f"# {h}" if h else "#" for h in header.splitlines())
-    for phase in phases(commands):
-        for ns, batch in phase:
-            prefix = "ip -batch -" if ns is None else f"ip -n {ns} -batch -"
-            lines.append(f"{prefix} <<'EOF'")
-            lines.extend(" ".join(c.argv) for c in batch)
-            lines.append("EOF")
-    return "\n".join(lines) + "\n"

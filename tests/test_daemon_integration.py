@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from meshnet import naming
+from meshnet.command import Command
 from meshnet.lab.cluster import GRPC_PORT, NETNS_DIR, Lab
 from meshnet.model import Topology
-from meshnet.render import Command
 from meshnet.store import open_store
 from tests.kubeapi.server import KubeApiServer
 from tests.labkit import failed_pings, lab_up

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from meshnet import naming, render
+from meshnet.command import Command, phases, script
 from meshnet.plan import Endpoint, MacvlanPlan, VethPlan, VxlanPlan
-from meshnet.render import Command, RenderError, phases, render_link, script
+from meshnet.render import RenderError, render_link
 from tests import golden_gen
 
 VETH = VethPlan(7, Endpoint("pa", "eth1", ipaddress.ip_interface("10.0.0.1/30")),

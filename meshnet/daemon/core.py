@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from meshnet import naming
 from meshnet.cni import delegate, results, spec
 from meshnet.cni.spec import CniError, CniRequest
+from meshnet.command import Command
 from meshnet.daemon import netns
 from meshnet.executor import ExecError, Executor, LinkExists
 from meshnet.model import Link, LinkStatus, ManifestError, Skip, Topology, TopologyStatus
@@ -33,7 +34,7 @@ from meshnet.plan import (
     plan_pod,
     plan_remote_end,
 )
-from meshnet.render import Command, render
+from meshnet.render import render
 from meshnet.store.base import Store, StoreError
 
 Log = Callable[..., None]

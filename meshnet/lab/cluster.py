@@ -26,11 +26,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshnet import naming
+from meshnet.command import Command
 from meshnet.dryrun import UNDERLAY, external_addresses, infra_commands
 from meshnet.executor import ExecError, Executor
 from meshnet.model import Manifest, ManifestError, Topology, load_manifest
 from meshnet.plan import LabLayout, NodeInfo, every_link_plan, place_pods, pod_key, pod_names, simulate_adds
-from meshnet.render import Command
 
 LAB_ROOT = Path(os.environ.get("MESHNET_LAB_ROOT", "/run/meshnet/labs"))
 NETNS_DIR = Path("/var/run/netns")
