@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshnet import naming
-from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
+from meshnet.cni.protocol import DEFAULT_DAEMON_SOCKET
 from meshnet.install import write_atomic
 from meshnet.model import Manifest, ManifestError, Topology, load_manifest
 from meshnet.store.base import Store, StoreError

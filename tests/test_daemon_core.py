@@ -14,8 +14,8 @@ import pytest
 from pytest_subprocess import FakeProcess
 
 from meshnet import naming
-from meshnet.cni import spec
-from meshnet.cni.spec import CniError
+from meshnet.cni import protocol
+from meshnet.cni.protocol import CniError
 from meshnet.daemon import netns
 from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
 from meshnet.executor import ExecError, Executor
@@ -415,7 +415,7 @@ def test_an_add_meeting_a_clash_it_cannot_settle_fails_after_waiting(
     monkeypatch.setattr("meshnet.daemon.core.VNI_CLASH_PAUSES", (0.01, 0.01))
     with pytest.raises(CniError, match="VNI already exists") as err:
         cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
-    assert err.value.code == spec.LINK_PLUMBING_FAILED and len(tries) == 3
+    assert err.value.code == protocol.LINK_PLUMBING_FAILED and len(tries) == 3
     a = store.get(NS, "a")
     assert a is not None and not a.status.alive and "VNI already exists" in a.status.plumbing_error
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from meshnet import install
-from meshnet.cni import spec
+from meshnet.cni import protocol
 from meshnet.install import InstallError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cni-configs"
@@ -48,7 +48,7 @@ def runtime_pick(conf_dir: Path) -> dict[str, Any]:
     conf = json.loads((conf_dir / name).read_text())
     assert name.endswith(".conflist")
     assert isinstance(conf["name"], str) and conf["name"]
-    assert conf["cniVersion"] in spec.SUPPORTED_VERSIONS
+    assert conf["cniVersion"] in protocol.SUPPORTED_VERSIONS
     assert conf["plugins"] and all(isinstance(p["type"], str) and p["type"] for p in conf["plugins"])
     return conf
 

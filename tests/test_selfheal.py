@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from meshnet import naming
-from meshnet.cni import spec
+from meshnet.cni import protocol
 from meshnet.lab.cluster import CNI_PLUGIN_DIRS, NETNS_DIR, Lab
 from meshnet.model import Topology
 from meshnet.store import open_store
@@ -469,7 +469,7 @@ def test_cni_gc_removes_pods_missing_from_valid_attachments(tmp_path: Path) -> N
     with lab_up(tmp_path, THREE, nodes=2) as lab:  # r1, r3 on node0, r2 on node1
         recs = lab.state.pods
         valid = [{"containerID": recs["r1"].container_id, "ifname": "eth0"}]  # r3 is missing
-        conf = {**lab.cni_config("node0"), "cniVersion": "1.1.0", spec.VALID_ATTACHMENTS_KEY: valid}
+        conf = {**lab.cni_config("node0"), "cniVersion": "1.1.0", protocol.VALID_ATTACHMENTS_KEY: valid}
         env = {"CNI_COMMAND": "GC", "CNI_PATH": ":".join(CNI_PLUGIN_DIRS), "PATH": os.environ.get("PATH", "")}
         proc = subprocess.run(lab.state.cni_bin, input=json.dumps(conf).encode(), env=env, capture_output=True,
                               timeout=60, check=False)

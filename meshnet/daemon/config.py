@@ -8,7 +8,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
+from meshnet.cni.protocol import DEFAULT_DAEMON_SOCKET
 
 DEFAULT_GRPC_PORT = 51111
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from meshnet import naming
-from meshnet.cni import delegate, results, spec
-from meshnet.cni.spec import CniError, CniRequest
+from meshnet.cni import delegate, results
+from meshnet.cni import protocol as spec
+from meshnet.cni.protocol import CniError, CniRequest
 from meshnet.command import Command
 from meshnet.daemon import netns
 from meshnet.executor import ExecError, Executor, LinkExists
