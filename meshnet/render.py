@@ -1,13 +1,12 @@
 """The one Jinja environment: link plans → `ip` commands (argv tuples, grouped by namespace).
 
-Templates (`templates/<kind>/<action>.j2`) hold the whole link logic; this module only feeds them
+Templates (`meshnet/templates/<kind>/<action>.j2`, package data) hold the whole link logic; this module only feeds them
 validated, frozen plans and turns their lines into `Command`s. Everything is rendered before
 anything runs, so a template error never leaves a half-built link behind.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -26,10 +25,9 @@ KINDS = ("veth", "vxlan", "macvlan")
 
 
 def templates_dir() -> Path:
-    override = os.environ.get("MESHNET_TEMPLATES")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "templates"
+    """The link templates, shipped inside the package (package data in pyproject.toml), so a wheel
+    installed anywhere finds them beside this module with no environment to set."""
+    return Path(__file__).resolve().parent / "templates"
 
 
 class RenderError(Exception):
