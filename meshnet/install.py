@@ -32,7 +32,8 @@ from meshnet.cni import protocol
 
 MESHNET_CONF = "00-meshnet.conflist"
 PLUGIN_TYPE = "meshnet"
-DEFAULT_SOCKET = "/run/meshnet/meshnet.sock"
+# The one default lives with the CNI protocol (the shim reads it); this name stays for meshnet/cli.py.
+DEFAULT_SOCKET = protocol.DEFAULT_DAEMON_SOCKET
 # scripts/build-cni-binary leaves this file in every standalone build it makes.
 BUNDLE_MARKER = ".build-stamp"
 # The suffixes libcni (and so containerd and CRI-O) read as network configs, in its sort order.

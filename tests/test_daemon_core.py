@@ -17,6 +17,7 @@ from meshnet import naming
 from meshnet.cni import protocol
 from meshnet.cni.protocol import CniError
 from meshnet.daemon import netns
+from meshnet.daemon.config import DEFAULT_GRPC_PORT as GRPC_PORT
 from meshnet.daemon.core import Meshnet, PeerDenied, PeerError, PeerLink
 from meshnet.executor import ExecError, Executor
 from meshnet.model import Link, Topology, TopologyStatus, parse_manifest
@@ -27,7 +28,6 @@ from tests.kubeapi.server import KubeApiServer
 
 NODE0 = NodeInfo("node0", "198.51.100.1", "eth0", None)
 VTEP1, VTEP2 = "198.51.100.2", "198.51.100.3"
-GRPC_PORT = 51111
 NS = "default"
 
 # a: veth to b (same node), vxlan to c (node1), macvlan on the node's eth0, link to d (never alive).

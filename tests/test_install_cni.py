@@ -87,7 +87,8 @@ def test_chain_mode_appends_meshnet_last(tmp_path: Path, network: str) -> None:
     conf = runtime_pick(conf_dir)
     plugins = original.get("plugins", [original])
     assert conf["plugins"][:-1] == plugins
-    assert conf["plugins"][-1] == {"type": "meshnet", "name": "meshnet", "daemon_socket": install.DEFAULT_SOCKET}
+    meshnet = {"type": "meshnet", "name": "meshnet", "daemon_socket": protocol.DEFAULT_DAEMON_SOCKET}
+    assert conf["plugins"][-1] == meshnet
     assert (conf["name"], conf["cniVersion"]) == (original["name"], original["cniVersion"])
 
 
