@@ -364,6 +364,25 @@ def test_subprocess_dead_daemon_and_version(tmp_path: Path) -> None:
     assert (proc.returncode, json.loads(proc.stdout)["cniVersion"]) == (0, "0.3.1")
 
 
+def test_shim_loads_nothing_but_the_standard_library_with_site_packages_in_reach() -> None:
+    # Under -S (above) a third-party import would fail; here site-packages are on the path, so one
+    # would load and show. Compared with what the interpreter had loaded before the import, the
+    # shim adds only standard-library modules and its own three (import-linter checks the imports
+    # it can see; this checks what really loads).
+    code = (
+        "import sys, site; sys.path[:0] = [sys.argv[1]]; sys.path.extend(site.getsitepackages()); "
+        "before = set(sys.modules); import meshnet.cni.shim; "
+        "print('\\n'.join(sorted(set(sys.modules) - before)))"
+    )
+    proc = subprocess.run([sys.executable, "-S", "-E", "-c", code, str(REPO)], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    loaded = proc.stdout.split()
+    assert "meshnet.cni.shim" in loaded
+    own = {"meshnet", "meshnet.cni", "meshnet.cni.protocol", "meshnet.cni.shim", "meshnet.cni.wirejson"}
+    foreign = [m for m in loaded if m not in own and m.split(".")[0] not in sys.stdlib_module_names]
+    assert foreign == []
+
+
 def test_shim_imports_only_the_standard_library_and_protocol() -> None:
     code = (
         "import sys, meshnet.cni.shim; "
