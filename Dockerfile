@@ -28,11 +28,8 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 COPY pyproject.toml ./
 COPY meshnet/ meshnet/
-COPY templates/ templates/
 RUN pip install --no-cache-dir --no-deps . \
  && rm -rf build meshnet.egg-info
-# The package is installed into site-packages; the link templates stay here.
-ENV MESHNET_TEMPLATES=/opt/meshnet/templates
 # The standalone build, with its entry point where install-cni (--binary) and people look for it.
 # It replaces pip's `meshnet` script, which would need this image's Python on the host.
 COPY --from=cni-binary /out/meshnet-cni /usr/local/lib/meshnet-cni

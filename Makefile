@@ -55,9 +55,10 @@ test: setup ## set everything up and run the whole suite (root tests included wh
 test-unit: setup ## only the tests that need no root
 	$(PYTEST) -q -m "not root"
 
-lint: setup ## ruff and mypy
+lint: setup ## ruff, mypy and the import contracts (the design's layers; pyproject.toml)
 	$(VENV)/bin/ruff check meshnet tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 golden: setup ## regenerate tests/golden from the templates (review with git diff)
 	$(PY) -m tests.golden_gen

@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
+from meshnet.command import Command, phases
 from meshnet.dryrun import DryRunLab, every_link_plan, layout_for, simulate_adds
 from meshnet.executor import Executor
 from meshnet.model import Manifest, parse_manifest
-from meshnet.render import Command, phases, render
+from meshnet.render import render
 
 LINKS = 1500
 POOL = ipaddress.IPv4Network("100.64.0.0/10")

@@ -33,9 +33,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from meshnet.command import Command
 from meshnet.lab.cluster import Lab
 from meshnet.model import Link, Topology
-from meshnet.render import Command
 from meshnet.store import open_store
 from tests.test_selfheal import convergence_problems, link_subnet, mesh_manifest
 

@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshnet import naming
+from meshnet.command import Command, script
 from meshnet.model import Manifest
 from meshnet.plan import LinkPlan, MacvlanPlan, NodeInfo, PodPlan, PodState, VxlanPlan, plan_pod, plan_remote_end
-from meshnet.render import Command, render, script
+from meshnet.render import render
 
 UNDERLAY = ipaddress.ip_network("198.51.100.0/24")
 EXTERNAL_HOST = 254  # the external namespace's address on the underlay

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from meshnet.command import Command
 from meshnet.model import Impairments
 from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan
-from meshnet.render import Command, render_end_change, render_impairments
+from meshnet.render import render_end_change, render_impairments
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import Any
 from plumbum import local
 from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
+from meshnet.command import Command, phases
 from meshnet.plan import Capabilities
-from meshnet.render import Command, phases
 
 _FAILED_LINE = re.compile(r"Command failed -:(\d+)")
 

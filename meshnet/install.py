@@ -12,7 +12,7 @@ network config the node already uses (the "master" plugin that gives pods `eth0`
   master plugin's result as `prevResult`.
 
 Runtimes use the first config file in sort order, so `00-` wins while the original stays in place.
-Standard library only (like meshnet.cni.spec, whose version list it shares).
+Standard library only (like meshnet.cni.protocol, whose version list it shares).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from meshnet.cni import spec
+from meshnet.cni import protocol
 
 MESHNET_CONF = "00-meshnet.conflist"
 PLUGIN_TYPE = "meshnet"
-DEFAULT_SOCKET = "/run/meshnet/meshnet.sock"
+# The one default lives with the CNI protocol (the shim reads it); this name stays for meshnet/cli.py.
+DEFAULT_SOCKET = protocol.DEFAULT_DAEMON_SOCKET
 # scripts/build-cni-binary leaves this file in every standalone build it makes.
 BUNDLE_MARKER = ".build-stamp"
 # The suffixes libcni (and so containerd and CRI-O) read as network configs, in its sort order.
@@ -107,9 +108,9 @@ def render_config(original: dict[str, Any], *, mode: Mode = "delegate", socket: 
     is_list = "plugins" in original
     plugins: list[dict[str, Any]] = original["plugins"] if is_list else [original]
     if mode == "chain":
-        if version not in spec.SUPPORTED_VERSIONS:
+        if version not in protocol.SUPPORTED_VERSIONS:
             raise InstallError(f"network {original['name']!r} is cniVersion {version}: chaining needs one of "
-                               f"{', '.join(spec.SUPPORTED_VERSIONS)} (prevResult); use delegate mode")
+                               f"{', '.join(protocol.SUPPORTED_VERSIONS)} (prevResult); use delegate mode")
         # A conflist keeps its other top-level keys (disableCheck, disableGC ...).
         head = original if is_list else {"cniVersion": version, "name": original["name"]}
         return {**head, "plugins": [*plugins, meshnet]}
@@ -122,7 +123,7 @@ def render_config(original: dict[str, Any], *, mode: Mode = "delegate", socket: 
     meshnet["delegate"] = original
     # meshnet answers in its own config's version and meshnetd converts the delegate's result
     # (any version) to it; an old delegate (0.1.0/0.2.0) therefore puts meshnet on 0.3.1.
-    own_version = version if version in spec.SUPPORTED_VERSIONS else "0.3.1"
+    own_version = version if version in protocol.SUPPORTED_VERSIONS else "0.3.1"
     return {"cniVersion": own_version, "name": original["name"], "plugins": [meshnet]}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshnet import naming
-from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
+from meshnet.cni.protocol import DEFAULT_CONF_DIR, DEFAULT_DAEMON_SOCKET
 from meshnet.install import write_atomic
 from meshnet.model import Manifest, Topology, load_manifest
 from meshnet.store.base import Store
@@ -30,7 +30,7 @@ PODMAN_BRIDGE = "mnpod0"  # meshnet's prefix: the bridge lives in the host's nam
 # eth0 addresses: a documentation range, bridged only among the containers (no masquerading and no
 # route towards the host's real interfaces, so nothing a container sends leaves this host).
 PODMAN_SUBNET = "203.0.113.0/24"
-PODMAN_CONF_DIR = "/etc/cni/net.d"
+PODMAN_CONF_DIR = DEFAULT_CONF_DIR  # podman reads CNI configs where every runtime does
 
 
 class StandaloneError(Exception):

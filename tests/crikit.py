@@ -44,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from meshnet.daemon.netns import RUN_NETNS as NETNS_DIR
+from meshnet.daemon.netns import NETNS_DIR as NETNS_DIR
 from meshnet.install import render_config
 from meshnet.lab.cluster import Lab
 from meshnet.lab.kubelet import CNI_PLUGIN_DIRS, POD_SUBNET, default_cni_bin

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from meshnet.daemon.netns import RUN_NETNS
+from meshnet.daemon.netns import NETNS_DIR
 from meshnet.lab.cluster import Lab
 
 # A unix socket path is at most 107 bytes; the lab puts `<root>/<lab>/<node>.sock` there.
@@ -29,7 +29,7 @@ _MAX_ROOT = 70
 
 def lab_leftovers(lab: Lab) -> list[str]:
     """What is left of `lab` on the machine: namespaces, daemon processes, its directory."""
-    left = sorted(f"netns {p.name}" for p in RUN_NETNS.glob(f"{lab.prefix}*")) if RUN_NETNS.exists() else []
+    left = sorted(f"netns {p.name}" for p in NETNS_DIR.glob(f"{lab.prefix}*")) if NETNS_DIR.exists() else []
     marker = str(lab.dir).encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

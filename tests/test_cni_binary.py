@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnet.cni import spec
+from meshnet.cni import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "cni-binary"
@@ -59,7 +59,7 @@ def test_build_is_cached(binary: Path) -> None:
 def test_version_without_python(binary: Path) -> None:
     out = run(binary, "VERSION", {"cniVersion": "1.0.0", "name": "n", "type": "meshnet"})
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"cniVersion": "1.0.0", "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
+    assert json.loads(out.stdout) == {"cniVersion": "1.0.0", "supportedVersions": list(protocol.SUPPORTED_VERSIONS)}
 
 
 def test_add_without_daemon_is_try_again_later_naming_the_socket(binary: Path, tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ def test_add_without_daemon_is_try_again_later_naming_the_socket(binary: Path, t
     out = run(binary, "ADD", {"cniVersion": "1.0.0", "name": "n", "type": "meshnet", "daemon_socket": socket})
     assert out.returncode == 1
     error = json.loads(out.stdout)
-    assert error["code"] == spec.TRY_AGAIN_LATER and error["cniVersion"] == "1.0.0"
+    assert error["code"] == protocol.TRY_AGAIN_LATER and error["cniVersion"] == "1.0.0"
     assert socket in error["details"]
 
 
@@ -109,7 +109,7 @@ def test_runs_on_a_host_without_python(binary: Path, tmp_path: Path) -> None:
     socket = str(tmp_path / "meshnet.sock")
     out = run(binary, "DEL", {"cniVersion": "1.0.0", "name": "n", "type": "meshnet", "daemon_socket": socket},
               preexec_fn=_hide_python)
-    assert json.loads(out.stdout)["code"] == spec.TRY_AGAIN_LATER
+    assert json.loads(out.stdout)["code"] == protocol.TRY_AGAIN_LATER
 
 
 def test_installed_bundle_runs_from_the_cni_bin_dir(binary: Path, tmp_path: Path) -> None:

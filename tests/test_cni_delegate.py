@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from meshnet.cni import delegate as dl
-from meshnet.cni import spec
-from meshnet.cni.spec import CniError
+from meshnet.cni import protocol
+from meshnet.cni.protocol import CniError
 
 # A stand-in plugin: logs how it was called, then answers as its config says.
 FAKE_PLUGIN = """#!{python}
@@ -150,12 +150,12 @@ def test_status_and_gc_need_110(fake: tuple[dict[str, str], Path], command: str,
     env, log = fake
     dl.run_delegate(CONFLIST, command, env, "1.1.0", "m")  # a 0.4.0 list knows neither verb: nothing runs
     assert _calls(log) == []
-    attached = (spec.Attachment("c1", "eth0"),)
+    attached = (protocol.Attachment("c1", "eth0"),)
     dl.run_delegate({**CONFLIST, "cniVersion": "1.1.0"}, command, env, "1.1.0", "m", valid_attachments=attached)
     logged = _calls(log)
     assert [c["plugin"] for c in logged] == calls
     if command == "GC":
-        assert logged[0]["conf"][spec.VALID_ATTACHMENTS_KEY] == [{"containerID": "c1", "ifname": "eth0"}]
+        assert logged[0]["conf"][protocol.VALID_ATTACHMENTS_KEY] == [{"containerID": "c1", "ifname": "eth0"}]
 
 
 def test_missing_binary_names_type_and_path(fake: tuple[dict[str, str], Path]) -> None:
@@ -200,9 +200,10 @@ def test_invalid_delegate_is_invalid_config(fake: tuple[dict[str, str], Path], b
 
 def test_chained_prev_result() -> None:
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "dns": {}}
-    conf = spec.parse_netconf(json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshnet", "prevResult": prev}))
+    conf = protocol.parse_netconf(
+        json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshnet", "prevResult": prev}))
     assert dl.chained_prev_result(conf) == prev
-    bare = spec.parse_netconf(json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshnet"}))
+    bare = protocol.parse_netconf(json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "meshnet"}))
     with pytest.raises(CniError) as exc_info:
         dl.chained_prev_result(bare)
     assert exc_info.value.code == 7
@@ -290,7 +291,7 @@ def test_real_plugin_error_propagates(real: tuple[dict[str, str], dict[str, Any]
     env, conflist, _, pod = real
     with pytest.raises(CniError) as exc_info:
         dl.run_delegate({**conflist, "cniVersion": "9.0.0"}, "ADD", env, "1.0.0", "meshnet")
-    assert exc_info.value.code == spec.INCOMPATIBLE_VERSION
+    assert exc_info.value.code == protocol.INCOMPATIBLE_VERSION
     assert "bridge" in exc_info.value.details
     assert "eth0" not in _ip("-n", pod, "-br", "link", "show")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import offline, spec
+from meshnet.cni import offline, protocol
 from meshnet.cni.delegate import delegate_part
 from meshnet.cni.shim import dispatch
 from meshnet.daemon.topo_index import TopologyIndex
@@ -114,7 +114,7 @@ def test_add_of_a_pod_without_topology_passes_eth0_through_and_leaves_a_record(t
 def test_add_of_a_pod_with_topology_is_try_again_later(tmp_path: Path) -> None:
     _index(tmp_path, ("lab", "r1"))
     code, out, _ = _run(_env("ADD"), _conf(tmp_path, prevResult=PREV))
-    assert (code, out["code"]) == (1, spec.TRY_AGAIN_LATER)
+    assert (code, out["code"]) == (1, protocol.TRY_AGAIN_LATER)
     assert "lab/r1 has a Topology" in out["details"] and "nowhere.sock" in out["details"]
     assert not (tmp_path / "topo.pending").exists()
 
@@ -136,7 +136,7 @@ def test_missing_or_damaged_index_is_try_again_later(tmp_path: Path, content: by
     if content is not None:
         (tmp_path / "topo.json").write_bytes(content)
     code, out, _ = _run(_env("ADD"), _conf(tmp_path, prevResult=PREV))
-    assert (code, out["code"]) == (1, spec.TRY_AGAIN_LATER)
+    assert (code, out["code"]) == (1, protocol.TRY_AGAIN_LATER)
     assert "topology index" in out["details"]
     assert not (tmp_path / "topo.pending").exists()
 
@@ -144,24 +144,24 @@ def test_missing_or_damaged_index_is_try_again_later(tmp_path: Path, content: by
 def test_check_and_gc_are_still_try_again_later(tmp_path: Path) -> None:
     _index(tmp_path)
     code, out, _ = _run(_env("CHECK"), _conf(tmp_path, prevResult=PREV))
-    assert (code, out["code"]) == (1, spec.TRY_AGAIN_LATER)
+    assert (code, out["code"]) == (1, protocol.TRY_AGAIN_LATER)
 
 
 def test_chained_add_without_prev_result_is_refused(tmp_path: Path) -> None:
     _index(tmp_path)
     code, out, _ = _run(_env("ADD"), _conf(tmp_path))
-    assert (code, out["code"]) == (1, spec.INVALID_NETWORK_CONFIG)
+    assert (code, out["code"]) == (1, protocol.INVALID_NETWORK_CONFIG)
 
 
 def test_invalid_pod_name_is_refused(tmp_path: Path) -> None:
     _index(tmp_path)
     code, out, _ = _run(_env("ADD", pod="R_1"), _conf(tmp_path, prevResult=PREV))
-    assert (code, out["code"]) == (1, spec.INVALID_ENV) and "K8S_POD_NAME" in out["msg"]
+    assert (code, out["code"]) == (1, protocol.INVALID_ENV) and "K8S_POD_NAME" in out["msg"]
 
 
 def test_bad_index_path_is_refused(tmp_path: Path) -> None:
     code, out, _ = _run(_env("ADD"), _conf(tmp_path, prevResult=PREV, topology_index="relative.json"))
-    assert (code, out["code"]) == (1, spec.INVALID_NETWORK_CONFIG) and "topology_index" in out["msg"]
+    assert (code, out["code"]) == (1, protocol.INVALID_NETWORK_CONFIG) and "topology_index" in out["msg"]
 
 
 def test_add_the_daemon_accepted_is_not_done_twice(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_add_the_daemon_accepted_is_not_done_twice(tmp_path: Path) -> None:
         code, out, _ = _run(_env("ADD"), _conf(tmp_path, prevResult=PREV, daemon_timeout=0.2))
     finally:
         listener.close()
-    assert (code, out["code"]) == (1, spec.TRY_AGAIN_LATER) and "did not answer" in out["msg"]
+    assert (code, out["code"]) == (1, protocol.TRY_AGAIN_LATER) and "did not answer" in out["msg"]
     assert not (tmp_path / "topo.pending").exists()
 
 

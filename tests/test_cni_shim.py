@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import results, spec
+from meshnet.cni import protocol, results
 from meshnet.cni.shim import dispatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,11 +106,11 @@ def _run(env: dict[str, str], stdin: str | bytes) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
+@pytest.mark.parametrize("version", protocol.SUPPORTED_VERSIONS)
 def test_version_is_answered_locally_with_daemon_down(tmp_path: Path, version: str) -> None:
     code, out, _ = _run({"CNI_COMMAND": "VERSION"}, json.dumps({"cniVersion": version}))
     assert code == 0
-    assert json.loads(out) == {"cniVersion": version, "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
+    assert json.loads(out) == {"cniVersion": version, "supportedVersions": list(protocol.SUPPORTED_VERSIONS)}
 
 
 def test_version_without_stdin_answers_latest() -> None:
@@ -119,7 +119,7 @@ def test_version_without_stdin_answers_latest() -> None:
     assert json.loads(out)["cniVersion"] == "1.1.0"
 
 
-@pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
+@pytest.mark.parametrize("version", protocol.SUPPORTED_VERSIONS)
 def test_add_prints_daemon_result_and_forwards_env_and_stdin(daemon: FakeDaemon, version: str) -> None:
     result = {**results.convert_result(RESULT_100, version)}
     daemon.answer({"ok": True, "result": result})
@@ -137,12 +137,12 @@ def test_add_prints_daemon_result_and_forwards_env_and_stdin(daemon: FakeDaemon,
 
 @pytest.mark.parametrize(
     ("command", "version"),
-    [("DEL", v) for v in spec.SUPPORTED_VERSIONS]
+    [("DEL", v) for v in protocol.SUPPORTED_VERSIONS]
     + [("CHECK", v) for v in ("0.4.0", "1.0.0", "1.1.0")]
     + [("STATUS", "1.1.0"), ("GC", "1.1.0")],
 )
 def test_commands_without_result_print_nothing(daemon: FakeDaemon, command: str, version: str) -> None:
-    extra = {spec.VALID_ATTACHMENTS_KEY: [{"containerID": "c0ffee", "ifname": "eth0"}]} if command == "GC" else {}
+    extra = {protocol.VALID_ATTACHMENTS_KEY: [{"containerID": "c0ffee", "ifname": "eth0"}]} if command == "GC" else {}
     env = {"CNI_COMMAND": command, "CNI_PATH": "/usr/lib/cni"} if command in ("STATUS", "GC") else _env(command)
     code, out, _ = _run(env, _conf(daemon.sock, version, **extra))
     assert (code, out) == (0, "")
@@ -176,7 +176,7 @@ def test_missing_socket_is_try_again_later_naming_it(tmp_path: Path) -> None:
     code, out, _ = _run(_env("ADD"), _conf(sock, topology_index=str(tmp_path / "no-index.json")))
     answer = json.loads(out)
     assert code == 1
-    assert answer["code"] == spec.TRY_AGAIN_LATER
+    assert answer["code"] == protocol.TRY_AGAIN_LATER
     assert sock in answer["details"]
     assert answer["cniVersion"] == "1.0.0"
 
@@ -258,7 +258,7 @@ def test_accept_queue_full_until_the_timeout_is_try_again_later(tmp_path: Path) 
             c.close()
         listener.close()
     answer = json.loads(out)
-    assert (code, answer["code"]) == (1, spec.TRY_AGAIN_LATER)
+    assert (code, answer["code"]) == (1, protocol.TRY_AGAIN_LATER)
     assert str(path) in answer["details"]
     assert "accept queue full" in answer["details"]
 
@@ -273,7 +273,7 @@ def test_status_with_daemon_down_is_plugin_not_available(tmp_path: Path) -> None
     sock = str(tmp_path / "nowhere.sock")
     code, out, _ = _run({"CNI_COMMAND": "STATUS"}, _conf(sock, "1.1.0"))
     answer = json.loads(out)
-    assert (code, answer["code"]) == (1, spec.PLUGIN_NOT_AVAILABLE)
+    assert (code, answer["code"]) == (1, protocol.PLUGIN_NOT_AVAILABLE)
     assert sock in answer["details"]
 
 
@@ -365,7 +365,26 @@ def test_subprocess_dead_daemon_and_version(tmp_path: Path) -> None:
     assert (proc.returncode, json.loads(proc.stdout)["cniVersion"]) == (0, "0.3.1")
 
 
-def test_shim_imports_only_the_standard_library_and_spec() -> None:
+def test_shim_loads_nothing_but_the_standard_library_with_site_packages_in_reach() -> None:
+    # Under -S (above) a third-party import would fail; here site-packages are on the path, so one
+    # would load and show. Compared with what the interpreter had loaded before the import, the
+    # shim adds only standard-library modules and its own three (import-linter checks the imports
+    # it can see; this checks what really loads).
+    code = (
+        "import sys, site; sys.path[:0] = [sys.argv[1]]; sys.path.extend(site.getsitepackages()); "
+        "before = set(sys.modules); import meshnet.cni.shim; "
+        "print('\\n'.join(sorted(set(sys.modules) - before)))"
+    )
+    proc = subprocess.run([sys.executable, "-S", "-E", "-c", code, str(REPO)], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    loaded = proc.stdout.split()
+    assert "meshnet.cni.shim" in loaded
+    own = {"meshnet", "meshnet.cni", "meshnet.cni.protocol", "meshnet.cni.shim", "meshnet.cni.wirejson"}
+    foreign = [m for m in loaded if m not in own and m.split(".")[0] not in sys.stdlib_module_names]
+    assert foreign == []
+
+
+def test_shim_imports_only_the_standard_library_and_protocol() -> None:
     code = (
         "import sys, meshnet.cni.shim; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'meshnet'));"
@@ -375,6 +394,7 @@ def test_shim_imports_only_the_standard_library_and_spec() -> None:
         [sys.executable, "-S", "-E", "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     modules, lazy = proc.stdout.splitlines()
-    assert modules == str(["meshnet", "meshnet.cni", "meshnet.cni.shim", "meshnet.cni.spec", "meshnet.cni.wirejson"])
+    assert modules == str(["meshnet", "meshnet.cni", "meshnet.cni.protocol", "meshnet.cni.shim",
+                           "meshnet.cni.wirejson"])
     # Both are deferred so that a dead-daemon answer stays near bare interpreter start-up.
     assert lazy == "False False"

@@ -14,9 +14,10 @@ import pytest
 from pytest_subprocess import FakeProcess
 
 from meshnet import naming
-from meshnet.cni import spec
-from meshnet.cni.spec import CniError
+from meshnet.cni import protocol
+from meshnet.cni.protocol import CniError
 from meshnet.daemon import netns
+from meshnet.daemon.config import DEFAULT_GRPC_PORT as GRPC_PORT
 from meshnet.daemon.node import NodeDaemon
 from meshnet.daemon.peer_auth import Caller
 from meshnet.daemon.peer_client import PeerError, PeerLink
@@ -30,7 +31,6 @@ from tests.kubeapi.server import KubeApiServer
 
 NODE0 = NodeInfo("node0", "198.51.100.1", "eth0", None)
 VTEP1, VTEP2 = "198.51.100.2", "198.51.100.3"
-GRPC_PORT = 51111
 NS = "default"
 
 # a: veth to b (same node), vxlan to c (node1), macvlan on the node's eth0, link to d (never alive).
@@ -418,7 +418,7 @@ def test_an_add_meeting_a_clash_it_cannot_settle_fails_after_waiting(
     monkeypatch.setattr("meshnet.daemon.vni.VNI_CLASH_PAUSES", (0.01, 0.01))
     with pytest.raises(CniError, match="VNI already exists") as err:
         cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
-    assert err.value.code == spec.LINK_PLUMBING_FAILED and len(tries) == 3
+    assert err.value.code == protocol.LINK_PLUMBING_FAILED and len(tries) == 3
     a = store.get(NS, "a")
     assert a is not None and not a.status.alive and "VNI already exists" in a.status.plumbing_error
 
@@ -488,7 +488,7 @@ def test_add_with_a_refused_macvlan_parent_fails_before_anything_is_done(store: 
     try:
         with pytest.raises(CniError) as err:
             cni(core, "ADD", "a", paper.make("pa"), "cid-a")
-        assert err.value.code == spec.TOPOLOGY_INVALID
+        assert err.value.code == protocol.TOPOLOGY_INVALID
         assert "host interface eth0" in str(err.value) and "--macvlan-parents (env MACVLAN_PARENTS)" in str(err.value)
         assert executor.recorded == [] and get(store, "a").status == TopologyStatus()
     finally:

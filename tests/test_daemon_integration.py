@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from meshnet import naming
+from meshnet.command import Command
 from meshnet.daemon.config import DEFAULT_GRPC_PORT
-from meshnet.daemon.netns import RUN_NETNS
+from meshnet.daemon.netns import NETNS_DIR
 from meshnet.lab.cluster import Lab
 from meshnet.model import Topology
-from meshnet.render import Command
 from meshnet.store import open_store
 from tests.kubeapi.server import KubeApiServer
 from tests.labkit import failed_pings, lab_up
@@ -117,7 +117,7 @@ def topology(lab: Lab, pod: str) -> Topology:
 def add(lab: Lab, pod: str) -> tuple[int, dict[str, Any]]:
     """A kubelet's ADD of a new sandbox for `pod`; returns the plugin's exit code and output."""
     rec = lab.state.pods[pod]
-    if not (RUN_NETNS / rec.netns).exists():
+    if not (NETNS_DIR / rec.netns).exists():
         lab.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
                                    Command(rec.netns, ("link", "set", "lo", "up"))])
     rec.container_id = secrets.token_hex(32)
@@ -246,7 +246,7 @@ def test_add_result_per_version(lab: Lab, monkeypatch: pytest.MonkeyPatch, versi
     rc, answer = add(lab, "y")
     assert rc == 0, answer
     assert answer["cniVersion"] == version
-    path = str(RUN_NETNS / pod_ns(lab, "y"))
+    path = str(NETNS_DIR / pod_ns(lab, "y"))
     assert [(i["name"], i["sandbox"]) for i in answer["interfaces"] if i.get("sandbox")] == [
         ("eth0", path), ("eth1", path)]
     by_addr = {ip["address"]: ip for ip in answer["ips"]}

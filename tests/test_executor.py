@@ -19,6 +19,7 @@ import pytest
 from pytest_subprocess import FakeProcess
 from pytest_subprocess.fake_popen import FakePopen
 
+from meshnet.command import Command
 from meshnet.executor import (
     CommandFailed,
     Executor,
@@ -27,7 +28,6 @@ from meshnet.executor import (
     LinkNotFound,
     NetnsNotFound,
 )
-from meshnet.render import Command
 
 Call = tuple[tuple[str, ...], str]  # (argv, stdin)
 

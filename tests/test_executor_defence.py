@@ -16,9 +16,10 @@ import pytest
 from pytest_subprocess import FakeProcess
 
 from meshnet import render
+from meshnet.command import Command
 from meshnet.executor import Executor, UnsafeCommand, check_command
 from meshnet.plan import Endpoint, LinkPlan, MacvlanPlan, VethPlan, VxlanPlan
-from meshnet.render import Command, render_link
+from meshnet.render import render_link
 
 VETH = VethPlan(7, Endpoint("mnt-pa", "eth1", ipaddress.ip_interface("10.0.0.1/30"), "02:00:00:00:00:01"),
                 Endpoint("mnt-pb", "eth2", ipaddress.ip_interface("10.0.0.2/30"), "02:00:00:00:00:02"),

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from meshnet import install
-from meshnet.cni import spec
+from meshnet.cni import protocol
 from meshnet.install import InstallError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cni-configs"
@@ -48,7 +48,7 @@ def runtime_pick(conf_dir: Path) -> dict[str, Any]:
     conf = json.loads((conf_dir / name).read_text())
     assert name.endswith(".conflist")
     assert isinstance(conf["name"], str) and conf["name"]
-    assert conf["cniVersion"] in spec.SUPPORTED_VERSIONS
+    assert conf["cniVersion"] in protocol.SUPPORTED_VERSIONS
     assert conf["plugins"] and all(isinstance(p["type"], str) and p["type"] for p in conf["plugins"])
     return conf
 
@@ -87,7 +87,8 @@ def test_chain_mode_appends_meshnet_last(tmp_path: Path, network: str) -> None:
     conf = runtime_pick(conf_dir)
     plugins = original.get("plugins", [original])
     assert conf["plugins"][:-1] == plugins
-    assert conf["plugins"][-1] == {"type": "meshnet", "name": "meshnet", "daemon_socket": install.DEFAULT_SOCKET}
+    meshnet = {"type": "meshnet", "name": "meshnet", "daemon_socket": protocol.DEFAULT_DAEMON_SOCKET}
+    assert conf["plugins"][-1] == meshnet
     assert (conf["name"], conf["cniVersion"]) == (original["name"], original["cniVersion"])
 
 

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from meshnet import naming
+from meshnet.command import phases, script
 from meshnet.ends import change_end, end_report, in_force
 from meshnet.model import Impairments, ManifestError, check_peers, parse_topology
 from meshnet.plan import Capabilities, Endpoint, NodeInfo, PodState, VethPlan, plan_link
-from meshnet.render import phases, render, render_impairments, script
+from meshnet.render import render, render_impairments
 
 NO_NETEM = Capabilities(netem=False)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from meshnet import naming, render
+from meshnet.command import Command, phases, script
 from meshnet.plan import Endpoint, MacvlanPlan, VethPlan, VxlanPlan
-from meshnet.render import Command, RenderError, phases, render_link, script
+from meshnet.render import RenderError, render_link
 from tests import golden_gen
 
 VETH = VethPlan(7, Endpoint("pa", "eth1", ipaddress.ip_interface("10.0.0.1/30")),
@@ -127,8 +128,8 @@ def test_script_is_one_heredoc_per_namespace_and_phase() -> None:
 
 @pytest.fixture
 def templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private templates dir (MESHNET_TEMPLATES); the cached environment is reset around it."""
-    monkeypatch.setenv("MESHNET_TEMPLATES", str(tmp_path))
+    """A private templates dir; the cached environment is reset around it."""
+    monkeypatch.setattr(render, "templates_dir", lambda: tmp_path)
     (tmp_path / "veth").mkdir()
     render.environment.cache_clear()
     yield tmp_path
@@ -165,5 +166,5 @@ def test_unsafe_or_malformed_output_is_refused(templates: Path, line: str) -> No
 
 def test_render_environment_is_back_to_the_real_templates() -> None:
     # Guards the fixture above: later tests must see the project's templates again.
-    assert render.templates_dir() == Path(render.__file__).resolve().parent.parent / "templates"
+    assert render.templates_dir() == Path(render.__file__).resolve().parent / "templates"
     assert render_link(VETH, "del")[0].shell() == "ip -n pa link del eth1"

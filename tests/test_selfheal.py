@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from meshnet import naming
-from meshnet.cni import spec
-from meshnet.daemon.netns import RUN_NETNS
+from meshnet.cni import protocol
+from meshnet.daemon.netns import NETNS_DIR
 from meshnet.lab.cluster import Lab
 from meshnet.lab.kubelet import CNI_PLUGIN_DIRS
 from meshnet.model import Topology
@@ -207,7 +207,7 @@ def _node_problems(lab: Lab) -> list[str]:
     allowed = {lab.node_netns(i) for i in range(len(lab.state.nodes))}
     allowed |= {f"{lab.prefix}ul", lab.external_netns}
     allowed |= {r.netns for r in lab.state.pods.values() if r.name in alive}
-    present = {p.name for p in RUN_NETNS.glob(f"{lab.prefix}*")}
+    present = {p.name for p in NETNS_DIR.glob(f"{lab.prefix}*")}
     if present - allowed:
         problems.append(f"namespaces left over: {sorted(present - allowed)}")
     return problems
@@ -471,7 +471,7 @@ def test_cni_gc_removes_pods_missing_from_valid_attachments(tmp_path: Path) -> N
     with lab_up(tmp_path, THREE, nodes=2) as lab:  # r1, r3 on node0, r2 on node1
         recs = lab.state.pods
         valid = [{"containerID": recs["r1"].container_id, "ifname": "eth0"}]  # r3 is missing
-        conf = {**lab.cni_config("node0"), "cniVersion": "1.1.0", spec.VALID_ATTACHMENTS_KEY: valid}
+        conf = {**lab.cni_config("node0"), "cniVersion": "1.1.0", protocol.VALID_ATTACHMENTS_KEY: valid}
         env = {"CNI_COMMAND": "GC", "CNI_PATH": ":".join(CNI_PLUGIN_DIRS), "PATH": os.environ.get("PATH", "")}
         proc = subprocess.run(lab.state.cni_bin, input=json.dumps(conf).encode(), env=env, capture_output=True,
                               timeout=60, check=False)

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from meshnet.cli import output
-from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
+from meshnet.cni.protocol import DEFAULT_DAEMON_SOCKET
 from meshnet.model import ManifestError
 from meshnet.standalone import (
     DEFAULT_STORE,

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from meshnet.cni import results, spec
+from meshnet.cni import protocol, results
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -21,13 +21,13 @@ DEFAULT_TIMEOUT = 120.0
 def find_plugin(plugin_type: str, cni_path: Sequence[str]) -> str:
     """The first executable named ``plugin_type`` in the CNI_PATH directories."""
     if not plugin_type or "/" in plugin_type or plugin_type in (".", ".."):
-        raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid delegate plugin type", repr(plugin_type))
+        raise protocol.CniError(protocol.INVALID_NETWORK_CONFIG, "invalid delegate plugin type", repr(plugin_type))
     for directory in cni_path:
         candidate = os.path.join(directory, plugin_type)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise spec.CniError(
-        spec.INTERNAL,
+    raise protocol.CniError(
+        protocol.INTERNAL,
         f"failed to find plugin {plugin_type!r}",
         f"searched CNI_PATH={':'.join(cni_path) or '(empty)'}",
     )
@@ -36,21 +36,27 @@ def find_plugin(plugin_type: str, cni_path: Sequence[str]) -> str:
 def _plugin_list(delegate: Mapping[str, Any], cni_version: str, name: str) -> tuple[str, str, list[dict[str, Any]]]:
     """(version, network name, plugin configs) of a delegate; the list's own values win over ours."""
     if not isinstance(delegate, Mapping):
-        raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid delegate", "must be an object")
+        raise protocol.CniError(protocol.INVALID_NETWORK_CONFIG, "invalid delegate", "must be an object")
     version = delegate.get("cniVersion") or cni_version
     net_name = delegate.get("name") or name
     if not isinstance(version, str) or not isinstance(net_name, str):
-        raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid delegate", "cniVersion and name must be strings")
+        raise protocol.CniError(
+            protocol.INVALID_NETWORK_CONFIG, "invalid delegate", "cniVersion and name must be strings"
+        )
     plugins = delegate.get("plugins", [delegate])
     if not isinstance(plugins, list) or not plugins:
-        raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid delegate", "'plugins' must be a non-empty list")
+        raise protocol.CniError(
+            protocol.INVALID_NETWORK_CONFIG, "invalid delegate", "'plugins' must be a non-empty list"
+        )
     for plugin in plugins:
         if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str):
-            raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid delegate plugin", f"{plugin!r} needs a 'type'")
+            raise protocol.CniError(
+                protocol.INVALID_NETWORK_CONFIG, "invalid delegate plugin", f"{plugin!r} needs a 'type'"
+            )
     try:
-        spec.version_key(version)
+        protocol.version_key(version)
     except ValueError as exc:
-        raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid delegate cniVersion", repr(version)) from exc
+        raise protocol.CniError(protocol.INVALID_NETWORK_CONFIG, "invalid delegate cniVersion", repr(version)) from exc
     return version, net_name, plugins
 
 
@@ -76,11 +82,11 @@ def _invoke(
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise spec.CniError(
-            spec.INTERNAL, f"delegate plugin {plugin_type} timed out", f"{command} after {timeout:g} s"
+        raise protocol.CniError(
+            protocol.INTERNAL, f"delegate plugin {plugin_type} timed out", f"{command} after {timeout:g} s"
         ) from exc
     except OSError as exc:
-        raise spec.CniError(spec.INTERNAL, f"delegate plugin {plugin_type} could not run", str(exc)) from exc
+        raise protocol.CniError(protocol.INTERNAL, f"delegate plugin {plugin_type} could not run", str(exc)) from exc
     output = proc.stdout.decode(errors="replace").strip()
     if proc.returncode != 0:
         try:
@@ -88,12 +94,12 @@ def _invoke(
         except ValueError:
             answer = None
         if isinstance(answer, dict) and "code" in answer:
-            error = spec.CniError.from_dict(answer)
+            error = protocol.CniError.from_dict(answer)
             details = f"delegate plugin {plugin_type}" + (f": {error.details}" if error.details else "")
-            raise spec.CniError(error.code, error.msg, details)
+            raise protocol.CniError(error.code, error.msg, details)
         stderr = proc.stderr.decode(errors="replace").strip()
-        raise spec.CniError(
-            spec.INTERNAL,
+        raise protocol.CniError(
+            protocol.INTERNAL,
             f"delegate plugin {plugin_type} failed with exit code {proc.returncode}",
             (output or stderr)[-500:],
         )
@@ -102,12 +108,12 @@ def _invoke(
     try:
         result = json.loads(output)
     except ValueError as exc:
-        raise spec.CniError(
-            spec.DECODING_FAILURE, f"delegate plugin {plugin_type} printed no JSON", output[:200]
+        raise protocol.CniError(
+            protocol.DECODING_FAILURE, f"delegate plugin {plugin_type} printed no JSON", output[:200]
         ) from exc
     if not isinstance(result, dict):
-        raise spec.CniError(
-            spec.DECODING_FAILURE, f"delegate plugin {plugin_type} printed no JSON object", output[:200]
+        raise protocol.CniError(
+            protocol.DECODING_FAILURE, f"delegate plugin {plugin_type} printed no JSON object", output[:200]
         )
     return result
 
@@ -120,7 +126,7 @@ def run_delegate(
     name: str,
     prev_result: dict[str, Any] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    valid_attachments: Sequence[spec.Attachment] = (),
+    valid_attachments: Sequence[protocol.Attachment] = (),
     runtime_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run ``command`` on the delegate; for ADD return its final result converted to ``cni_version``.
@@ -130,7 +136,7 @@ def run_delegate(
     to the delegate's version before the plugins see it. ``valid_attachments`` is only used by GC.
     """
     version, net_name, plugins = _plugin_list(delegate, cni_version, name)
-    vkey = spec.version_key(version)
+    vkey = protocol.version_key(version)
     cached = results.convert_result(prev_result, version) if prev_result is not None else None
 
     def stdin_for(plugin: Mapping[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
@@ -152,7 +158,7 @@ def run_delegate(
         for plugin in plugins:
             result = _invoke(plugin, stdin_for(plugin, result), command, env, timeout)
         if result is None:
-            raise spec.CniError(spec.INTERNAL, "delegate returned no result on ADD", f"network {net_name}")
+            raise protocol.CniError(protocol.INTERNAL, "delegate returned no result on ADD", f"network {net_name}")
         return results.convert_result(result, cni_version)
     if command == "DEL":
         # prevResult on DEL arrived with 0.4.0; older plugins must not be handed one.
@@ -164,11 +170,13 @@ def run_delegate(
         if delegate.get("disableCheck") is True:
             return None
         if vkey < (0, 4, 0):
-            raise spec.CniError(
-                spec.INCOMPATIBLE_VERSION, "delegate config version does not allow CHECK", f"it is {version}"
+            raise protocol.CniError(
+                protocol.INCOMPATIBLE_VERSION, "delegate config version does not allow CHECK", f"it is {version}"
             )
         if cached is None:
-            raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "CHECK needs the cached ADD result", "no prevResult")
+            raise protocol.CniError(
+                protocol.INVALID_NETWORK_CONFIG, "CHECK needs the cached ADD result", "no prevResult"
+            )
         for plugin in plugins:
             _invoke(plugin, stdin_for(plugin, cached), command, env, timeout)
         return None
@@ -179,22 +187,22 @@ def run_delegate(
         extra: dict[str, Any] = {}
         if command == "GC":
             listed = [{"containerID": a.container_id, "ifname": a.ifname} for a in valid_attachments]
-            extra = {spec.VALID_ATTACHMENTS_KEY: listed, spec.LEGACY_ATTACHMENTS_KEY: listed}
+            extra = {protocol.VALID_ATTACHMENTS_KEY: listed, protocol.LEGACY_ATTACHMENTS_KEY: listed}
         for plugin in plugins:
             _invoke(plugin, {**stdin_for(plugin, None), **extra}, command, env, timeout)
         return None
-    raise spec.CniError(spec.INVALID_ENV, f"cannot delegate CNI_COMMAND {command}")
+    raise protocol.CniError(protocol.INVALID_ENV, f"cannot delegate CNI_COMMAND {command}")
 
 
-def chained_prev_result(conf: spec.NetConf, command: str = "ADD") -> dict[str, Any] | None:
+def chained_prev_result(conf: protocol.NetConf, command: str = "ADD") -> dict[str, Any] | None:
     """meshnet as the last plugin of a conflist: eth0 is what the plugins before it returned.
 
     ADD without a prevResult means meshnet was configured as a chained plugin but placed first.
     """
     if conf.prev_result is None:
         if command == "ADD":
-            raise spec.CniError(
-                spec.INVALID_NETWORK_CONFIG,
+            raise protocol.CniError(
+                protocol.INVALID_NETWORK_CONFIG,
                 "meshnet has no prevResult",
                 "as a chained plugin it must come after the plugin that creates eth0, or set 'delegate'",
             )

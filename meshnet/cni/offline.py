@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from meshnet.cni import spec
+from meshnet.cni import protocol
 from meshnet.cni import wirejson as json
 
 TYPE_CHECKING = False
@@ -128,12 +128,12 @@ class Record:
 
 
 def container_id_ok(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_CONTAINER_ID and spec._valid_container_id(value)
+    return isinstance(value, str) and len(value) <= MAX_CONTAINER_ID and protocol._valid_container_id(value)
 
 
 def _ifname_ok(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 15 and value not in (".", "..") and \
-        not spec._bad_ifname_char(value)
+        not protocol._bad_ifname_char(value)
 
 
 def parse_record(raw: bytes, container_id: str) -> Record:
@@ -210,7 +210,7 @@ def read_records(index_path: str) -> tuple[list[Record], list[tuple[str, str]]]:
 # The shim's answers without meshnetd
 
 
-def _pod(req: spec.CniRequest) -> tuple[str, str]:
+def _pod(req: protocol.CniRequest) -> tuple[str, str]:
     """(namespace, pod) from CNI_ARGS, validated as meshnetd does ("" pod: not a Kubernetes pod)."""
     pod = req.pod_name or ""
     namespace = req.pod_namespace or "default"  # podman passes no namespace
@@ -218,26 +218,27 @@ def _pod(req: spec.CniRequest) -> tuple[str, str]:
         return namespace, ""
     for value, what, label in ((pod, "K8S_POD_NAME", False), (namespace, "K8S_POD_NAMESPACE", True)):
         if not k8s_name_ok(value, label=label):
-            raise spec.CniError(spec.INVALID_ENV, f"CNI_ARGS {what} is invalid", f"{value[:80]!r} is not a valid name")
+            raise protocol.CniError(protocol.INVALID_ENV, f"CNI_ARGS {what} is invalid",
+                                    f"{value[:80]!r} is not a valid name")
     return namespace, pod
 
 
-def index_path(conf: spec.NetConf) -> str:
+def index_path(conf: protocol.NetConf) -> str:
     value = conf.raw.get("topology_index")
     if value is not None and (not isinstance(value, str) or not value.startswith("/")):
-        raise spec.CniError(spec.INVALID_NETWORK_CONFIG, "invalid network config: 'topology_index' must be "
+        raise protocol.CniError(protocol.INVALID_NETWORK_CONFIG, "invalid network config: 'topology_index' must be "
                             "an absolute path", f"got {value!r}"[:120])
     return value or DEFAULT_INDEX
 
 
-def _delegate_env(req: spec.CniRequest, env: Mapping[str, str], command: str) -> dict[str, str]:
-    out = {k: env[k] for k in spec.ENV_VARS if k in env}
+def _delegate_env(req: protocol.CniRequest, env: Mapping[str, str], command: str) -> dict[str, str]:
+    out = {k: env[k] for k in protocol.ENV_VARS if k in env}
     out.update(CNI_COMMAND=command, CNI_IFNAME=req.ifname or "eth0",
                CNI_PATH=":".join(req.path) or DEFAULT_CNI_PATH)
     return out
 
 
-def _run_delegate(req: spec.CniRequest, env: Mapping[str, str], command: str,
+def _run_delegate(req: protocol.CniRequest, env: Mapping[str, str], command: str,
                   prev: dict[str, Any] | None) -> dict[str, Any] | None:
     from meshnet.cni import delegate  # subprocess and result conversion: only this path pays for them
 
@@ -249,7 +250,7 @@ def _run_delegate(req: spec.CniRequest, env: Mapping[str, str], command: str,
                                  runtime_config=runtime if isinstance(runtime, dict) else None)
 
 
-def serve(req: spec.CniRequest, env: Mapping[str, str], cause: spec.CniError,
+def serve(req: protocol.CniRequest, env: Mapping[str, str], cause: protocol.CniError,
           log: Callable[..., None]) -> dict[str, Any] | None:
     """ADD or DEL without meshnetd (``cause`` says why it is unreachable); the result, or CniError."""
     namespace, pod = _pod(req)
@@ -263,9 +264,9 @@ def serve(req: spec.CniRequest, env: Mapping[str, str], cause: spec.CniError,
     try:
         listed = read_index(path)
     except IndexUnavailable as exc:
-        raise spec.CniError(cause.code, cause.msg, f"{cause.details}; topology index {path}: {exc}") from cause
+        raise protocol.CniError(cause.code, cause.msg, f"{cause.details}; topology index {path}: {exc}") from cause
     if pod and (namespace, pod) in listed:
-        raise spec.CniError(cause.code, cause.msg, f"{cause.details}; pod {who} has a Topology "
+        raise protocol.CniError(cause.code, cause.msg, f"{cause.details}; pod {who} has a Topology "
                                                    f"(topology index {path})") from cause
     if req.conf.delegate is not None:
         result = _run_delegate(req, env, "ADD", None)
@@ -284,8 +285,8 @@ def serve(req: spec.CniRequest, env: Mapping[str, str], cause: spec.CniError,
     return result
 
 
-def _delete(req: spec.CniRequest, env: Mapping[str, str], path: str, namespace: str, pod: str,
-            cause: spec.CniError, log: Callable[..., None]) -> None:
+def _delete(req: protocol.CniRequest, env: Mapping[str, str], path: str, namespace: str, pod: str,
+            cause: protocol.CniError, log: Callable[..., None]) -> None:
     try:
         remove_record(path, req.container_id)
     except OSError as exc:  # a record left behind is dropped by meshnetd once the netns is gone

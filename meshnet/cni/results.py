@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshnet.cni.spec import DECODING_FAILURE, INCOMPATIBLE_VERSION, SUPPORTED_VERSIONS, CniError, version_key
+from meshnet.cni.protocol import DECODING_FAILURE, INCOMPATIBLE_VERSION, SUPPORTED_VERSIONS, CniError, version_key
 
 # ---------------------------------------------------------------------------------------------
 # Results (spec section 5) and their conversion between versions

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from meshnet.cni import spec
+from meshnet.cni import protocol
 from meshnet.cni import wirejson as json  # `json`'s API without its ~15 ms of imports
 
 # typing costs ~5 ms of start-up on every pod and is only needed by type checkers.
@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 API_PATH = "/v1/cni"
 
 
-class DaemonUnreachable(spec.CniError):
+class DaemonUnreachable(protocol.CniError):
     """meshnetd could not be reached (error 11). ``connected``: the request may have reached it."""
 
     def __init__(self, msg: str, details: str, connected: bool = False) -> None:
-        super().__init__(spec.TRY_AGAIN_LATER, msg, details)
+        super().__init__(protocol.TRY_AGAIN_LATER, msg, details)
         self.connected = connected
 
 
@@ -89,22 +89,22 @@ def _post(sock: _socket.socket, path: str, body: bytes) -> tuple[int, bytes]:
     return int(status_line[1]), payload
 
 
-def call_daemon(conf: spec.NetConf, command: str, env: Mapping[str, str], stdin: str) -> Any:
+def call_daemon(conf: protocol.NetConf, command: str, env: Mapping[str, str], stdin: str) -> Any:
     """POST the call to meshnetd and return its ``result``; its error comes back as a CniError."""
     sock_path = conf.daemon_socket
     body = json.dumps(
         {
             "command": command,
-            "env": {k: env[k] for k in spec.ENV_VARS if k in env},
+            "env": {k: env[k] for k in protocol.ENV_VARS if k in env},
             "stdin": stdin,
         }
     ).encode()
     try:
         sock = _connect(sock_path, conf.daemon_timeout)
-    except spec.CniError as exc:
+    except protocol.CniError as exc:
         if command == "STATUS":
             # STATUS is exactly the question "can you serve ADD?"; the spec has a code for "no".
-            raise spec.CniError(spec.PLUGIN_NOT_AVAILABLE, exc.msg, exc.details) from exc
+            raise protocol.CniError(protocol.PLUGIN_NOT_AVAILABLE, exc.msg, exc.details) from exc
         raise
     status, raw = _post(sock, sock_path, body)
     try:
@@ -112,11 +112,13 @@ def call_daemon(conf: spec.NetConf, command: str, env: Mapping[str, str], stdin:
     except ValueError:
         answer = None
     if status != 200 or not isinstance(answer, dict) or "ok" not in answer:
-        raise spec.CniError(spec.INTERNAL, "invalid answer from meshnetd", f"{sock_path}: HTTP {status}: {raw[:200]!r}")
+        raise protocol.CniError(
+            protocol.INTERNAL, "invalid answer from meshnetd", f"{sock_path}: HTTP {status}: {raw[:200]!r}"
+        )
     if answer["ok"]:
         return answer.get("result")
     error = answer.get("error")
-    raise spec.CniError.from_dict(error if isinstance(error, dict) else {})
+    raise protocol.CniError.from_dict(error if isinstance(error, dict) else {})
 
 
 class _EventLog:
@@ -144,7 +146,7 @@ def _decode(stdin: bytes | str) -> str:
     try:
         return stdin.decode()
     except UnicodeDecodeError as exc:
-        raise spec.CniError(spec.DECODING_FAILURE, "failed to decode network config", str(exc)) from exc
+        raise protocol.CniError(protocol.DECODING_FAILURE, "failed to decode network config", str(exc)) from exc
 
 
 def dispatch(env: Mapping[str, str], stdin: bytes | str, stdout: TextIO, stderr: TextIO) -> int:
@@ -155,12 +157,12 @@ def dispatch(env: Mapping[str, str], stdin: bytes | str, stdout: TextIO, stderr:
     cni_version: str | None = None
     try:
         text = _decode(stdin)
-        cni_version = spec.version_hint(text)
-        command = spec.parse_command(env)
+        cni_version = protocol.version_hint(text)
+        command = protocol.parse_command(env)
         if command == "VERSION":
-            stdout.write(json.dumps(spec.version_answer(text)) + "\n")
+            stdout.write(json.dumps(protocol.version_answer(text)) + "\n")
             return 0
-        request = spec.parse_request(env, text)
+        request = protocol.parse_request(env, text)
         log.log_file = request.conf.log_file
         try:
             result = call_daemon(request.conf, command, env, text)
@@ -175,7 +177,7 @@ def dispatch(env: Mapping[str, str], stdin: bytes | str, stdout: TextIO, stderr:
         if result is not None:
             stdout.write(json.dumps(result) + "\n")
     except Exception as exc:
-        error = spec.error_to_dict(exc, cni_version)
+        error = protocol.error_to_dict(exc, cni_version)
         stdout.write(json.dumps(error) + "\n")
         log.write(
             level="error",

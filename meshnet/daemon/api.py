@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from meshnet.cni import spec
+from meshnet.cni import protocol
 
 Handler = Callable[[str, Mapping[str, str], str], "dict[str, Any] | None"]
 
@@ -64,14 +64,14 @@ class ApiServer:
                     body = json.loads(self.rfile.read(length) or b"{}")
                     env = {str(k): str(v) for k, v in dict(body.get("env") or {}).items()}
                     stdin = str(body.get("stdin") or "")
-                    version = spec.version_hint(stdin)
+                    version = protocol.version_hint(stdin)
                     command = str(body.get("command") or env.get("CNI_COMMAND", ""))
                     result = handle(command, env, stdin)
                     self._reply({"ok": True, "result": result})
                 except Exception as e:  # every failure reaches the runtime as CNI error JSON
-                    if not isinstance(e, spec.CniError):
+                    if not isinstance(e, protocol.CniError):
                         log(event="internal-error", error=f"{type(e).__name__}: {e}")
-                    self._reply({"ok": False, "error": spec.error_to_dict(e, version)})
+                    self._reply({"ok": False, "error": protocol.error_to_dict(e, version)})
 
         old_umask = os.umask(0o177)  # the socket is 0600: only root on the node may drive meshnetd
         try:

@@ -14,8 +14,9 @@ from dataclasses import replace
 from typing import Any
 
 from meshnet import naming
-from meshnet.cni import delegate, results, spec
-from meshnet.cni.spec import CniError, CniRequest
+from meshnet.cni import delegate, protocol, results
+from meshnet.cni.protocol import CniError, CniRequest
+from meshnet.command import Command
 from meshnet.daemon import kernel, netns, vni
 from meshnet.daemon.link_status import LinkStatusWriter, veth_ends_built, veth_ends_lost
 from meshnet.daemon.peer_client import PeerNotifier
@@ -23,7 +24,7 @@ from meshnet.daemon.state import NodeState, PodKey
 from meshnet.executor import ExecError, LinkExists
 from meshnet.model import Topology, TopologyStatus
 from meshnet.plan import LinkPlan, MacvlanParentRefused, VethPlan, check_macvlan_parents, plan_pod
-from meshnet.render import Command, render
+from meshnet.render import render
 from meshnet.store.base import StoreError
 
 
@@ -44,8 +45,8 @@ class CniVerbs:
 
     def handle(self, command: str, env: Mapping[str, str], stdin: str) -> dict[str, Any] | None:
         if command == "VERSION":
-            return spec.version_answer(stdin)
-        req = spec.parse_request(env, stdin)
+            return protocol.version_answer(stdin)
+        req = protocol.parse_request(env, stdin)
         handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "STATUS": self.status,
                    "GC": self.gc}[req.command]
         with self._lock:
@@ -53,11 +54,11 @@ class CniVerbs:
         try:
             return handler(req)
         except StoreError as e:
-            raise CniError(spec.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
+            raise CniError(protocol.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
         except netns.NetnsError as e:
-            raise CniError(spec.INVALID_ENV, "network namespace", str(e)) from e
+            raise CniError(protocol.INVALID_ENV, "network namespace", str(e)) from e
         except MacvlanParentRefused as e:
-            raise CniError(spec.TOPOLOGY_INVALID, "macvlan parent refused", str(e)) from e
+            raise CniError(protocol.TOPOLOGY_INVALID, "macvlan parent refused", str(e)) from e
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -75,7 +76,7 @@ class CniVerbs:
         for value, what in ((name, "K8S_POD_NAME"), (namespace, "K8S_POD_NAMESPACE")):
             why = naming.k8s_name_problem(value, label=what == "K8S_POD_NAMESPACE")
             if why:
-                raise CniError(spec.INVALID_ENV, f"CNI_ARGS {what} is invalid", why)
+                raise CniError(protocol.INVALID_ENV, f"CNI_ARGS {what} is invalid", why)
         return namespace, name
 
     # --- eth0: the delegate plugin, or the result of the plugin chained before meshnet ------------
@@ -214,7 +215,7 @@ class CniVerbs:
             store.update_status(namespace, pod, lambda cur: replace(
                 cur.status, src_ip="", net_ns="", plumbing_error=message)
                 if cur.status.container_id == req.container_id else None)
-            raise CniError(spec.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
+            raise CniError(protocol.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
         remote_errors = self.peers.build_far_ends(topo, plan)
         self.peers.note_owed(topo.key, plan, remote_errors)
         self.link_status.write_outcome(topo, req.container_id, plan, remote_errors)
@@ -318,21 +319,21 @@ class CniVerbs:
         if topo is None:
             return None
         if topo.status.container_id != req.container_id:
-            raise CniError(spec.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
+            raise CniError(protocol.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
                            f"status has container {topo.status.container_id or 'none'}")
         ns_name = netns.resolve(req.netns)
         plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.store.list(namespace)))
         view = kernel.read_view(self.state.executor, [ns_name])[ns_name]  # links with their addresses, one ip call
         problems = kernel.check_problems(plan.links, view)
         if problems:
-            raise CniError(spec.LINK_PLUMBING_FAILED, f"{pod}: links differ from the topology", "; ".join(problems))
+            raise CniError(protocol.LINK_PLUMBING_FAILED, f"{pod}: links differ from the topology", "; ".join(problems))
         return None
 
     def status(self, req: CniRequest) -> None:
         try:
             self.state.store.list("default")
         except StoreError as e:
-            raise CniError(spec.PLUGIN_NOT_AVAILABLE, "meshnet cannot reach its topology store", str(e)) from e
+            raise CniError(protocol.PLUGIN_NOT_AVAILABLE, "meshnet cannot reach its topology store", str(e)) from e
         if req.conf.delegate is not None:
             self.run_eth0_delegate(req, "STATUS")
         return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from meshnet import naming
 from meshnet.cni.offline import DEFAULT_INDEX
-from meshnet.cni.spec import DEFAULT_DAEMON_SOCKET
+from meshnet.cni.protocol import DEFAULT_BIN_DIR, DEFAULT_DAEMON_SOCKET
 from meshnet.plan import ANY_PARENT
 
 DEFAULT_GRPC_PORT = 51111
@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
     p.add_argument("--socket", default=env.get("MESHNET_SOCKET", DEFAULT_DAEMON_SOCKET))
     p.add_argument("--store", default=env.get("MESHNET_STORE", "kube"),
                    help="kube | kube:?kubeconfig=PATH | sqlite:///path.db (env MESHNET_STORE)")
-    p.add_argument("--cni-path", default=env.get("CNI_PATH", "/opt/cni/bin:/usr/lib/cni"))
+    p.add_argument("--cni-path", default=env.get("CNI_PATH", f"{DEFAULT_BIN_DIR}:/usr/lib/cni"))
     p.add_argument("--journal", default=env.get("MESHNET_JOURNAL", ""))
     p.add_argument("--resync", type=float, default=float(env.get("MESHNET_RESYNC") or 60.0),
                    help="seconds between full reconciliations")

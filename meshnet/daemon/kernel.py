@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshnet import naming
+from meshnet.command import Command
 from meshnet.executor import ExecError, Executor
 from meshnet.model import Topology
 from meshnet.plan import Endpoint, LinkPlan, VethPlan, VxlanPlan
-from meshnet.render import Command, render
+from meshnet.render import render
 
 # {netns: {ifname: `ip -j -d addr show` entry}}
 KernelView = Mapping[str, Mapping[str, Mapping[str, Any]]]

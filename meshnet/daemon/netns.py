@@ -14,8 +14,9 @@ from pathlib import Path
 
 from meshnet import naming
 
-NETNS_DIRS = ("/var/run/netns", "/run/netns")
-RUN_NETNS = Path("/var/run/netns")
+# Where iproute2 keeps named namespaces (and /run/netns, the same directory on most systems).
+NETNS_DIR = Path("/var/run/netns")
+NETNS_DIRS = (str(NETNS_DIR), "/run/netns")
 
 _MS_BIND = 4096
 _MNT_DETACH = 2
@@ -38,12 +39,12 @@ def resolve(path: str) -> str:
     if not p.exists():
         raise NetnsError(f"network namespace {path} does not exist")
     name = naming.attached_netns_name(path)
-    target = RUN_NETNS / name
+    target = NETNS_DIR / name
     if target.exists() and os.path.ismount(target):
         if os.stat(target).st_ino == os.stat(path).st_ino:
             return name
         detach(name)
-    RUN_NETNS.mkdir(parents=True, exist_ok=True)
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
     target.touch(exist_ok=True)
     if _libc.mount(str(p).encode(), str(target).encode(), None, _MS_BIND, None) != 0:
         err = ctypes.get_errno()
@@ -56,7 +57,7 @@ def detach(name: str) -> None:
     """Undo `resolve`'s bind mount (only our own `mnp-` names; runtime-owned ones are left alone)."""
     if not name.startswith("mnp-"):
         return
-    target = RUN_NETNS / name
+    target = NETNS_DIR / name
     _libc.umount2(str(target).encode(), _MNT_DETACH)
     target.unlink(missing_ok=True)
 

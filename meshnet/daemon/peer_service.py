@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from meshnet import naming
+from meshnet.command import Command
 from meshnet.daemon import kernel, netns, peer_auth
 from meshnet.daemon.link_status import LinkStatusWriter
 from meshnet.daemon.peer_client import PeerLink
 from meshnet.daemon.state import NodeState, PodKey
 from meshnet.model import LinkStatus, ManifestError, Topology
 from meshnet.plan import PodState, pending_reason, plan_remote_end
-from meshnet.render import Command, render
+from meshnet.render import render
 from meshnet.store.base import StoreError
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshnet.command import Command
 from meshnet.daemon import kernel, netns
 from meshnet.daemon.link_status import LinkStatusWriter
 from meshnet.daemon.peer_client import PeerNotifier
@@ -21,7 +22,6 @@ from meshnet.daemon.vni import VniBlocks
 from meshnet.executor import ExecError
 from meshnet.model import Topology, TopologyStatus
 from meshnet.plan import PodPlan, plan_pod
-from meshnet.render import Command
 
 
 @dataclass(frozen=True)

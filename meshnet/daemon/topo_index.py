@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from meshnet.cni import offline, spec
+from meshnet.cni import offline, protocol
 from meshnet.model import Topology
 from meshnet.store.base import Store
 
@@ -28,8 +28,8 @@ Log = Callable[..., None]
 Key = tuple[str, str]
 
 # A chained ADD with an empty eth0 result: the pod's eth0 exists already, only the links are built.
-_ADOPT_CONF = json.dumps({"cniVersion": spec.LATEST_VERSION, "name": "meshnet-adopt", "type": "meshnet",
-                          "prevResult": {"cniVersion": spec.LATEST_VERSION, "interfaces": [], "ips": []}})
+_ADOPT_CONF = json.dumps({"cniVersion": protocol.LATEST_VERSION, "name": "meshnet-adopt", "type": "meshnet",
+                          "prevResult": {"cniVersion": protocol.LATEST_VERSION, "interfaces": [], "ips": []}})
 
 
 class TopologyIndex:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from meshnet import naming
-from meshnet.daemon.netns import RUN_NETNS
+from meshnet.command import Command
+from meshnet.daemon.netns import NETNS_DIR
 from meshnet.dryrun import (
     UNDERLAY,
     LabLayout,
@@ -39,7 +40,6 @@ from meshnet.lab.reports import Reports
 from meshnet.lab.state import LAB_ROOT, LabError, LabNames, LabState, PodRecord, StateFile, check_lab_name
 from meshnet.model import Manifest, Topology, load_manifest
 from meshnet.plan import NodeInfo
-from meshnet.render import Command
 
 
 def lab_manifest(path: str | Path) -> Manifest:
@@ -287,7 +287,7 @@ class Lab:
         if self.exists():
             problems = self.kubelet.del_all()
             self.processes.stop_all()
-        leftovers = sorted(p.name for p in RUN_NETNS.glob(f"{self.prefix}*")) if RUN_NETNS.exists() else []
+        leftovers = sorted(p.name for p in NETNS_DIR.glob(f"{self.prefix}*")) if NETNS_DIR.exists() else []
         if leftovers:
             self.executor.run_best_effort([Command(None, ("netns", "del", n)) for n in leftovers])
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -23,7 +23,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from meshnet.daemon.netns import RUN_NETNS
+from meshnet.daemon.netns import NETNS_DIR
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -37,7 +37,7 @@ def _setns(fd: int) -> None:
 
 def listen_in(netns: str, port: int, home_fd: int) -> socket.socket:
     """A listener on 127.0.0.1:`port` inside `netns`; the calling thread ends up back home."""
-    fd = os.open(RUN_NETNS / netns, os.O_RDONLY)
+    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
     try:
         _setns(fd)
         try:

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from meshnet.daemon.netns import RUN_NETNS
+from meshnet.command import Command
+from meshnet.daemon.netns import NETNS_DIR
 from meshnet.executor import ExecError, Executor
 from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
-from meshnet.render import Command
 
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
@@ -77,7 +77,7 @@ class Kubelet:
         env = {
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": rec.container_id,
-            "CNI_NETNS": str(RUN_NETNS / rec.netns),
+            "CNI_NETNS": str(NETNS_DIR / rec.netns),
             "CNI_IFNAME": "eth0",
             "CNI_PATH": ":".join(CNI_PLUGIN_DIRS),
             "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={rec.namespace};K8S_POD_NAME={rec.name};"
@@ -90,7 +90,7 @@ class Kubelet:
         # On the pod's node, as its kubelet would: whatever the CNI binary does itself (a delegate it
         # runs while meshnetd is down, e.g. the bridge plugin) stays inside the node's namespace,
         # never on this machine's own network.
-        node_ns = RUN_NETNS / self.names.node_netns(st.nodes.index(rec.node))
+        node_ns = NETNS_DIR / self.names.node_netns(st.nodes.index(rec.node))
         argv = ["nsenter", f"--net={node_ns}", "--", *st.cni_bin]
         proc = subprocess.run(argv, input=json.dumps(conf).encode(),
                               env=env, capture_output=True, timeout=600, check=False)
@@ -103,7 +103,7 @@ class Kubelet:
     def add_pod(self, pod: str) -> PodRecord:
         rec = self.file.state.pods[pod]
         started = time.monotonic()
-        if not (RUN_NETNS / rec.netns).exists():
+        if not (NETNS_DIR / rec.netns).exists():
             self.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
                                         Command(rec.netns, ("link", "set", "lo", "up"))])
         rec.container_id, rec.result = secrets.token_hex(32), {}

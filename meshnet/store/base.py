@@ -6,6 +6,8 @@ Topology CRs through the Kubernetes API) and `sqlite` (a local file, the lab's e
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -78,6 +80,13 @@ class Store(Protocol):
 
 
 CAS_TRIES = 50  # a writer can lose many rounds to busy peers; bounded, not starved
+
+
+def backoff(attempt: int, *, first: float, doublings: int) -> None:
+    """Pause after the `attempt`th lost compare-and-set round: up to `first` seconds, doubling per
+    round `doublings` times. Jittered and growing, so writers that collided do not collide again
+    in step. Each store passes its own pace (an API round trip is slower than a local file)."""
+    time.sleep(random.uniform(0, first * (2 ** min(attempt, doublings))))
 
 
 class CompareFailed(Exception):

@@ -16,10 +16,10 @@ API server does the compare-and-set; a 409 means someone else wrote first: read 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -39,6 +39,7 @@ from meshnet.store.base import (
     StoreInvalid,
     StoreUnavailable,
     WatchEvent,
+    backoff,
     update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, Key, resync_events, track
@@ -106,9 +107,8 @@ def _conflict(e: Exception) -> bool:
     return isinstance(e, kubernetes.client.ApiException) and e.status == 409
 
 
-def _backoff(attempt: int) -> None:
-    # Jittered and growing, so writers that collided do not collide again in step.
-    time.sleep(random.uniform(0, 0.001 * (2 ** min(attempt, 8))))
+# A module attribute (not inlined) so that a test can take the pause out.
+_backoff = functools.partial(backoff, first=0.001, doublings=8)
 
 
 class KubeStore:

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import sqlite3
 import threading
 import time
@@ -33,6 +32,7 @@ from meshnet.store.base import (
     StoreError,
     StoreUnavailable,
     WatchEvent,
+    backoff,
     update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, resync_events, track
@@ -99,9 +99,7 @@ def _topology(namespace: str, name: str, spec: str, status: str, resource_versio
                    resource_version=str(resource_version))
 
 
-def _backoff(attempt: int) -> None:
-    # Jittered, growing pause so processes that collided do not collide again in step.
-    time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
+_backoff = functools.partial(backoff, first=0.0005, doublings=6)
 
 
 class SqliteStore:

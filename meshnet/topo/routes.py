@@ -26,8 +26,8 @@ from meshnet.model import IPInterface, Link, ManifestError, Topology
 from meshnet.topo.builder import LOOPBACK_ANNOTATION
 
 if TYPE_CHECKING:
+    from meshnet.command import Command
     from meshnet.lab.cluster import Lab
-    from meshnet.render import Command
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -147,7 +147,7 @@ def _route_via(dest: IPNetwork, lnk: Link) -> Route:
 
 def pod_commands(netns: str, pod: str, plan: RoutingPlan) -> list[Command]:
     """The `ip` commands (one batch) that give `pod` its loopback and routes."""
-    from meshnet.render import Command
+    from meshnet.command import Command
 
     cmds: list[Command] = []
     lo = plan.loopbacks.get(pod)

@@ -53,6 +53,9 @@ REQUIRED_ENV: Mapping[str, tuple[str, ...]] = {
 MIN_VERSION: Mapping[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
 
 DEFAULT_DAEMON_SOCKET = "/run/meshnet/meshnet.sock"
+# Where runtimes look for network configs and plugin binaries unless configured otherwise.
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
+DEFAULT_BIN_DIR = "/opt/cni/bin"
 DEFAULT_DAEMON_TIMEOUT = 240.0
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 # libcni also writes this older (mis-spelled in spec 1.1.0 drafts) key with the same value.

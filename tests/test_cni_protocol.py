@@ -1,4 +1,4 @@
-"""meshnet.cni.spec: env and config parsing, error JSON, result conversion between versions."""
+"""meshnet.cni.protocol: env and config parsing, error JSON, result conversion between versions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import results, spec
-from meshnet.cni.spec import CniError
+from meshnet.cni import protocol, results
+from meshnet.cni.protocol import CniError
 
 FULL_ENV = {
     "CNI_COMMAND": "ADD",
@@ -26,19 +26,20 @@ def _code(exc_info: pytest.ExceptionInfo[CniError]) -> int:
 
 
 def test_error_codes_are_the_specs() -> None:
-    assert (spec.INCOMPATIBLE_VERSION, spec.UNSUPPORTED_FIELD, spec.CONTAINER_UNKNOWN, spec.INVALID_ENV) == (1, 2, 3, 4)
-    assert (spec.IO_FAILURE, spec.DECODING_FAILURE, spec.INVALID_NETWORK_CONFIG, spec.TRY_AGAIN_LATER) == (5, 6, 7, 11)
-    assert (spec.TOPOLOGY_INVALID, spec.LINK_PLUMBING_FAILED, spec.STORE_UNAVAILABLE, spec.PEER_UPDATE_FAILED) == (
+    p = protocol
+    assert (p.INCOMPATIBLE_VERSION, p.UNSUPPORTED_FIELD, p.CONTAINER_UNKNOWN, p.INVALID_ENV) == (1, 2, 3, 4)
+    assert (p.IO_FAILURE, p.DECODING_FAILURE, p.INVALID_NETWORK_CONFIG, p.TRY_AGAIN_LATER) == (5, 6, 7, 11)
+    assert (p.TOPOLOGY_INVALID, p.LINK_PLUMBING_FAILED, p.STORE_UNAVAILABLE, p.PEER_UPDATE_FAILED) == (
         100,
         101,
         102,
         103,
     )
-    assert spec.INTERNAL == 999
+    assert protocol.INTERNAL == 999
 
 
 def test_full_add_request() -> None:
-    req = spec.parse_request(FULL_ENV, json.dumps({**CONF, "delegate": {"type": "bridge"}, "log_file": "/l"}))
+    req = protocol.parse_request(FULL_ENV, json.dumps({**CONF, "delegate": {"type": "bridge"}, "log_file": "/l"}))
     assert (req.command, req.container_id, req.netns, req.ifname) == (
         "ADD",
         "abc-1.2_3",
@@ -67,15 +68,15 @@ def test_full_add_request() -> None:
     ],
 )
 def test_required_env_per_command(command: str, required: list[str], optional: list[str]) -> None:
-    conf = {**CONF, "cniVersion": "1.1.0", spec.VALID_ATTACHMENTS_KEY: []}
+    conf = {**CONF, "cniVersion": "1.1.0", protocol.VALID_ATTACHMENTS_KEY: []}
     env = {**FULL_ENV, "CNI_COMMAND": command}
     for var in required:
         with pytest.raises(CniError) as exc_info:
-            spec.parse_request({k: v for k, v in env.items() if k != var}, json.dumps(conf))
+            protocol.parse_request({k: v for k, v in env.items() if k != var}, json.dumps(conf))
         assert _code(exc_info) == 4
         assert var in exc_info.value.msg
     minimal = {k: v for k, v in env.items() if k not in optional}
-    assert spec.parse_request(minimal, json.dumps(conf)).command == command
+    assert protocol.parse_request(minimal, json.dumps(conf)).command == command
 
 
 @pytest.mark.parametrize(
@@ -94,14 +95,14 @@ def test_required_env_per_command(command: str, required: list[str], optional: l
 )
 def test_invalid_env_values(var: str, value: str) -> None:
     with pytest.raises(CniError) as exc_info:
-        spec.parse_request({**FULL_ENV, var: value}, json.dumps(CONF))
+        protocol.parse_request({**FULL_ENV, var: value}, json.dumps(CONF))
     assert _code(exc_info) == 4
     assert var in str(exc_info.value) or value in str(exc_info.value)
 
 
 def test_cni_args_parsing() -> None:
-    assert spec.parse_cni_args("") == {}
-    assert spec.parse_cni_args("A=1;;B=x=y;") == {"A": "1", "B": "x=y"}
+    assert protocol.parse_cni_args("") == {}
+    assert protocol.parse_cni_args("A=1;;B=x=y;") == {"A": "1", "B": "x=y"}
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,7 @@ def test_cni_args_parsing() -> None:
 )
 def test_invalid_netconf(stdin: str, code: int, needle: str) -> None:
     with pytest.raises(CniError) as exc_info:
-        spec.parse_netconf(stdin)
+        protocol.parse_netconf(stdin)
     assert _code(exc_info) == code
     assert needle.lower() in str(exc_info.value).lower()
 
@@ -134,45 +135,46 @@ def test_invalid_netconf(stdin: str, code: int, needle: str) -> None:
 )
 def test_command_needs_a_new_enough_config(command: str, too_old: str, enough: str) -> None:
     env = {**FULL_ENV, "CNI_COMMAND": command}
-    conf = {**CONF, spec.VALID_ATTACHMENTS_KEY: []}
+    conf = {**CONF, protocol.VALID_ATTACHMENTS_KEY: []}
     with pytest.raises(CniError) as exc_info:
-        spec.parse_request(env, json.dumps({**conf, "cniVersion": too_old}))
+        protocol.parse_request(env, json.dumps({**conf, "cniVersion": too_old}))
     assert _code(exc_info) == 1
-    assert spec.parse_request(env, json.dumps({**conf, "cniVersion": enough})).conf.cni_version == enough
+    assert protocol.parse_request(env, json.dumps({**conf, "cniVersion": enough})).conf.cni_version == enough
 
 
 def test_gc_valid_attachments() -> None:
     env = {"CNI_COMMAND": "GC", "CNI_PATH": "/usr/lib/cni"}
     conf = {**CONF, "cniVersion": "1.1.0"}
     attached = [{"containerID": "a", "ifname": "eth0"}, {"containerID": "b", "ifname": "net1"}]
-    req = spec.parse_request(env, json.dumps({**conf, spec.VALID_ATTACHMENTS_KEY: attached}))
-    assert req.conf.valid_attachments == (spec.Attachment("a", "eth0"), spec.Attachment("b", "net1"))
-    legacy = spec.parse_request(env, json.dumps({**conf, "cni.dev/attachments": attached}))
+    req = protocol.parse_request(env, json.dumps({**conf, protocol.VALID_ATTACHMENTS_KEY: attached}))
+    assert req.conf.valid_attachments == (protocol.Attachment("a", "eth0"), protocol.Attachment("b", "net1"))
+    legacy = protocol.parse_request(env, json.dumps({**conf, "cni.dev/attachments": attached}))
     assert legacy.conf.valid_attachments == req.conf.valid_attachments
-    assert spec.parse_request(env, json.dumps({**conf, spec.VALID_ATTACHMENTS_KEY: None})).conf.valid_attachments == ()
+    request = protocol.parse_request(env, json.dumps({**conf, protocol.VALID_ATTACHMENTS_KEY: None}))
+    assert request.conf.valid_attachments == ()
     with pytest.raises(CniError) as exc_info:  # without the list every attachment would look stale
-        spec.parse_request(env, json.dumps(conf))
+        protocol.parse_request(env, json.dumps(conf))
     assert _code(exc_info) == 7
     with pytest.raises(CniError) as exc_info:
-        spec.parse_request(env, json.dumps({**conf, spec.VALID_ATTACHMENTS_KEY: [{"containerID": "a"}]}))
+        protocol.parse_request(env, json.dumps({**conf, protocol.VALID_ATTACHMENTS_KEY: [{"containerID": "a"}]}))
     assert _code(exc_info) == 7
 
 
 def test_version_cannot_be_a_request() -> None:
     with pytest.raises(CniError):
-        spec.parse_request({"CNI_COMMAND": "VERSION"}, "{}")
+        protocol.parse_request({"CNI_COMMAND": "VERSION"}, "{}")
 
 
 def test_error_to_dict() -> None:
-    assert spec.error_to_dict(CniError(101, "link plumbing failed", "eth1"), "0.4.0") == {
+    assert protocol.error_to_dict(CniError(101, "link plumbing failed", "eth1"), "0.4.0") == {
         "cniVersion": "0.4.0",
         "code": 101,
         "msg": "link plumbing failed",
         "details": "eth1",
     }
     # details is optional in the spec: omitted when empty; unknown versions answer in the latest.
-    assert spec.error_to_dict(CniError(11, "later"), "9.9.9") == {"cniVersion": "1.1.0", "code": 11, "msg": "later"}
-    internal = spec.error_to_dict(KeyError("boom"), None)
+    assert protocol.error_to_dict(CniError(11, "later"), "9.9.9") == {"cniVersion": "1.1.0", "code": 11, "msg": "later"}
+    internal = protocol.error_to_dict(KeyError("boom"), None)
     assert (internal["code"], internal["cniVersion"]) == (999, "1.1.0")
     assert "KeyError" in internal["details"] and "boom" in internal["details"]
 
@@ -187,7 +189,8 @@ def test_error_from_dict() -> None:
     ("stdin", "version"), [("", "1.1.0"), ('{"cniVersion": "0.3.0"}', "0.3.0"), ('{"cniVersion": "0.1.0"}', "1.1.0")]
 )
 def test_version_answer(stdin: str, version: str) -> None:
-    assert spec.version_answer(stdin) == {"cniVersion": version, "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
+    supported = list(protocol.SUPPORTED_VERSIONS)
+    assert protocol.version_answer(stdin) == {"cniVersion": version, "supportedVersions": supported}
 
 
 # One result as every supported version writes it (formats per spec and libcni types 040/100).
@@ -230,12 +233,12 @@ BY_VERSION = {
 }
 
 
-@pytest.mark.parametrize("to_version", spec.SUPPORTED_VERSIONS)
+@pytest.mark.parametrize("to_version", protocol.SUPPORTED_VERSIONS)
 @pytest.mark.parametrize("from_version", ["1.1.0", "1.0.0", "0.4.0", "0.3.1"])
 def test_convert_result(from_version: str, to_version: str) -> None:
     converted = results.convert_result(BY_VERSION[from_version], to_version)
     expected = BY_VERSION[to_version]
-    if spec.version_key(from_version) < (1, 1, 0) <= spec.version_key(to_version):
+    if protocol.version_key(from_version) < (1, 1, 0) <= protocol.version_key(to_version):
         expected = {**RESULT_10, "cniVersion": to_version}  # fields that never existed cannot come back
     assert converted == expected
 
