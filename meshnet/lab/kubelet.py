@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -91,7 +92,8 @@ class Kubelet:
         # runs while meshnetd is down, e.g. the bridge plugin) stays inside the node's namespace,
         # never on this machine's own network.
         node_ns = NETNS_DIR / self.names.node_netns(st.nodes.index(rec.node))
-        argv = ["nsenter", f"--net={node_ns}", "--", *st.cni_bin]
+        # nsenter found on our PATH: the CNI binary's own PATH may be a host's without it.
+        argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net={node_ns}", "--", *st.cni_bin]
         proc = subprocess.run(argv, input=json.dumps(conf).encode(),
                               env=env, capture_output=True, timeout=600, check=False)
         try:
