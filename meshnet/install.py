@@ -33,7 +33,6 @@ from meshnet.cni import protocol
 MESHNET_CONF = "00-meshnet.conflist"
 PLUGIN_TYPE = "meshnet"
 # The one default lives with the CNI protocol (the shim reads it); this name stays for meshnet/cli.py.
-DEFAULT_SOCKET = protocol.DEFAULT_DAEMON_SOCKET
 # scripts/build-cni-binary leaves this file in every standalone build it makes.
 BUNDLE_MARKER = ".build-stamp"
 # The suffixes libcni (and so containerd and CRI-O) read as network configs, in its sort order.
@@ -95,7 +94,7 @@ def load_network_config(path: Path) -> dict[str, Any]:
     return raw
 
 
-def render_config(original: dict[str, Any], *, mode: Mode = "delegate", socket: str = DEFAULT_SOCKET,
+def render_config(original: dict[str, Any], *, mode: Mode = "delegate", socket: str = protocol.DEFAULT_DAEMON_SOCKET,
                   log_file: str | None = None) -> dict[str, Any]:
     """meshnet's conflist for a checked `original` (pure)."""
     if mode not in MODES:
@@ -141,7 +140,7 @@ def wait_for_network_config(conf_dir: Path, timeout: float, *, interval: float =
 
 
 def install(conf_dir: Path | str, bin_dir: Path | str, *, mode: Mode = "delegate",
-            binary: Path | str | None = None, socket: str = DEFAULT_SOCKET,
+            binary: Path | str | None = None, socket: str = protocol.DEFAULT_DAEMON_SOCKET,
             log_file: str | None = None, wait: float = 0.0) -> Path:
     """Write `00-meshnet.conflist` for the node's network (and copy the CNI binary when given).
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnet.cli import output
+from meshnet.cni.protocol import DEFAULT_BIN_DIR, DEFAULT_CONF_DIR, DEFAULT_DAEMON_SOCKET
 
 
 def _cmd_install_cni(args: argparse.Namespace) -> int:
@@ -40,12 +41,12 @@ def add_parsers(sub: Any) -> None:
     from meshnet import install
 
     p = sub.add_parser("install-cni", help="install meshnet's CNI binary and network config on this node")
-    p.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
-    p.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
+    p.add_argument("--conf-dir", type=Path, default=Path(DEFAULT_CONF_DIR))
+    p.add_argument("--bin-dir", type=Path, default=Path(DEFAULT_BIN_DIR))
     p.add_argument("--mode", choices=install.MODES, default="delegate",
                    help="delegate: the node's network runs as meshnet's delegate (default); chain: meshnet last")
     p.add_argument("--binary", type=Path, help="CNI binary: file, standalone build dir, or a link to its entry point")
-    p.add_argument("--socket", default=install.DEFAULT_SOCKET)
+    p.add_argument("--socket", default=DEFAULT_DAEMON_SOCKET)
     p.add_argument("--log-file")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for the node's network config to appear")
@@ -53,6 +54,6 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=_cmd_install_cni)
 
     p = sub.add_parser("health", help="ask the node's meshnetd whether it is up (probes)")
-    p.add_argument("--socket", default=install.DEFAULT_SOCKET)
+    p.add_argument("--socket", default=DEFAULT_DAEMON_SOCKET)
     p.add_argument("--ready", action="store_true", help="also require the first reconciliation to be done")
     p.set_defaults(func=_cmd_health)

@@ -30,7 +30,7 @@ from meshnet.store.base import StoreError
 
 class CniVerbs:
     def __init__(self, state: NodeState, blocks: vni.VniBlocks, peers: PeerNotifier, link_status: LinkStatusWriter,
-                 *, cni_path: str = "/opt/cni/bin") -> None:
+                 *, cni_path: str = protocol.DEFAULT_BIN_DIR) -> None:
         self.state = state
         self.blocks = blocks
         self.peers = peers

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from meshnet.cni.protocol import DEFAULT_BIN_DIR
 from meshnet.daemon.cni_verbs import CniVerbs
 from meshnet.daemon.link_status import LinkStatusWriter
 from meshnet.daemon.peer_auth import Caller
@@ -26,7 +27,7 @@ from meshnet.store.base import Store
 
 class NodeDaemon:
     def __init__(self, node: NodeInfo, store: Store, executor: Executor, peers: PeerClient, *,
-                 grpc_port: int, cni_path: str = "/opt/cni/bin", log: Log | None = None) -> None:
+                 grpc_port: int, cni_path: str = DEFAULT_BIN_DIR, log: Log | None = None) -> None:
         self.state = NodeState(node, store, executor, grpc_port=grpc_port, log=log)
         self.vni_blocks = VniBlocks(self.state)
         self.peer_client = PeerNotifier(self.state, peers)

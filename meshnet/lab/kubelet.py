@@ -16,13 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from meshnet.cni.protocol import DEFAULT_BIN_DIR
 from meshnet.command import Command
 from meshnet.daemon.netns import NETNS_DIR
 from meshnet.executor import ExecError, Executor
 from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
 
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
-CNI_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
+CNI_PLUGIN_DIRS = ("/usr/lib/cni", DEFAULT_BIN_DIR)  # Debian's plugins first
 
 
 def default_cni_bin() -> list[str]:
