@@ -8,7 +8,9 @@ on a veth and on a vxlan alike.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,3 +170,53 @@ def test_live_edit_takes_effect_in_place(tmp_path: Path, capsys: pytest.CaptureF
         assert max(timings.values()) < 1.0, timings
         status = lab.status()
         assert all(end["admin"] == "up" for lk in status["links"] for end in lk["in_force"].values()), status["links"]
+
+
+PAIR = """
+apiVersion: networkop.co.uk/v1beta1
+kind: Topology
+metadata: {name: r1}
+spec:
+  links:
+  - {uid: 1, peer_pod: r2, local_intf: eth1, peer_intf: eth1, local_ip: 10.0.1.1/24, peer_ip: 10.0.1.2/24}
+---
+apiVersion: networkop.co.uk/v1beta1
+kind: Topology
+metadata: {name: r2}
+spec:
+  links:
+  - {uid: 1, peer_pod: r1, local_intf: eth1, peer_intf: eth1, local_ip: 10.0.1.2/24, peer_ip: 10.0.1.1/24}
+---
+{kind: Pod, apiVersion: v1, metadata: {name: r1}}
+---
+{kind: Pod, apiVersion: v1, metadata: {name: r2}}
+"""
+
+
+def _meshnetctl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MESHNET_LAB_ROOT": str(lab.dir.parent)}
+    return subprocess.run([sys.executable, "-m", "meshnet.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+
+
+def test_link_set_command_in_a_lab(tmp_path: Path) -> None:
+    """`meshnetctl link set POD:INTF down|up --rate .. --clear --lab NAME` writes the lab's store;
+    the daemon applies it in place; a bad value is refused with the model's message."""
+    with lab_up(tmp_path, PAIR, nodes=1) as lab:
+        before = _entry(lab, "r2", "eth1")["ifindex"]
+        done = _meshnetctl(lab, "link", "set", "r1:eth1", "down", "--rate", "10mbit", "--lab", lab.name)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "default/r1:eth1 (link uid 1): state down, impairments rate 10mbit"
+        _until(lab, lambda: not _carrier(_entry(lab, "r2", "eth1")) and _qdisc(lab, "r1", "eth1") == "tbf 1:",
+               limit=1.0)
+        done = _meshnetctl(lab, "link", "set", "r1:eth1", "up", "--clear", "--lab", lab.name)
+        assert done.returncode == 0, done.stderr
+        _until(lab, lambda: _carrier(_entry(lab, "r2", "eth1")) and _qdisc(lab, "r1", "eth1") in ("", "noqueue 0:"),
+               limit=1.0)
+        bad = _meshnetctl(lab, "link", "set", "r1:eth1", "--loss", "101%", "--lab", lab.name)
+        assert bad.returncode == 1
+        assert "link uid 1: impairments.loss: '101%' is more than 100%" in bad.stderr, bad.stderr
+        missing = _meshnetctl(lab, "link", "set", "r1:eth9", "down", "--lab", lab.name)
+        assert missing.returncode == 1 and "has no link with local_intf eth9" in missing.stderr
+        assert _entry(lab, "r2", "eth1")["ifindex"] == before
+        assert failed_pings(lab) == []
