@@ -35,7 +35,8 @@ POOL = ipaddress.IPv4Network("100.64.0.0/10")
 Batch = tuple[str | None, list[str]]
 
 
-def links_manifest(pods: list[str], edges: list[tuple[str, str]]) -> str:
+def links_manifest(pods: list[str], edges: list[tuple[str, str]],
+                   impairments: dict[str, str] | None = None) -> str:
     """Topologies and Pods for `edges` (uid = position + 1; interfaces eth1.. per pod; /30 per link)."""
     nets = POOL.subnets(new_prefix=30)
     ends: dict[str, list[dict[str, Any]]] = {p: [] for p in pods}
@@ -45,6 +46,9 @@ def links_manifest(pods: list[str], edges: list[tuple[str, str]]) -> str:
         ia, ib = f"eth{len(ends[a]) + 1}", f"eth{len(ends[b]) + 1}"
         ends[a].append({"uid": uid, "peer_pod": b, "local_intf": ia, "peer_intf": ib, "local_ip": ha, "peer_ip": hb})
         ends[b].append({"uid": uid, "peer_pod": a, "local_intf": ib, "peer_intf": ia, "local_ip": hb, "peer_ip": ha})
+    if impairments:
+        for link in (lnk for ls in ends.values() for lnk in ls):
+            link["impairments"] = dict(impairments)
     docs: list[dict[str, Any]] = [
         {"apiVersion": "networkop.co.uk/v1beta1", "kind": "Topology", "metadata": {"name": p}, "spec": {"links": ls}}
         for p, ls in ends.items() if ls]
@@ -52,9 +56,14 @@ def links_manifest(pods: list[str], edges: list[tuple[str, str]]) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def hub_manifest(peers: int = 4) -> str:
+def hub_manifest(peers: int = 4, impairments: dict[str, str] | None = None) -> str:
     return links_manifest(["h", *(f"s{i}" for i in range(1, peers + 1))],
-                          [("h", f"s{i}") for i in range(1, peers + 1)])
+                          [("h", f"s{i}") for i in range(1, peers + 1)], impairments)
+
+
+# Every end of the impaired hub: a netem field (reported unavailable where the kernel lacks netem)
+# and a rate (tbf, applied everywhere), so both the tc batch and the report are on the path.
+HUB_IMPAIRMENTS = {"delay": "20ms", "jitter": "2ms", "loss": "1%", "rate": "100mbit"}
 
 
 def random_manifest(pods: int = 100, links: int = 300, seed: int = 7) -> str:
@@ -211,6 +220,20 @@ def add_latency(runs: int = 15) -> dict[str, Any]:
     target = 1.5 * flo + 0.040
     return {"figure_s": fig, "floor_s": flo, "samples_s": samples, "floor_samples_s": [round(s, 4) for s in floor],
             "batches": len(batches), "target_s": round(target, 4), "ok": fig <= target}
+
+
+def add_latency_impaired(runs: int = 15) -> dict[str, Any]:
+    """The 4-link hub ADD of `add_latency` with impairments on every link end (issue 15: within
+    1.5x of the same ADD without them; run.py compares the two medians)."""
+    with bench_lab("bhubi", hub_manifest(4, HUB_IMPAIRMENTS), 1) as (lab, _):
+        samples: list[float] = []
+        for _ in range(runs):
+            lab.del_pod("h", remove_netns=False)
+            rec = lab.add_pod("h")
+            if rec.state != "up":
+                raise RuntimeError(f"impaired hub ADD failed: {rec.error}")
+            samples.append(rec.seconds)
+    return {"figure_s": _median(samples), "samples_s": samples, "impairments": HUB_IMPAIRMENTS}
 
 
 def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:

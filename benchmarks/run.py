@@ -83,6 +83,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                      "figure": _ms(r["figure_s"]), "floor": _ms(r["floor_s"]),
                      "ratio": f"{r['figure_s'] / r['floor_s']:.1f}×",
                      "target": f"≤ 1.5× floor + 40 ms = {_ms(r['target_s'])}", "verdict": _verdict(r["ok"])})
+    r, plain = results.get("add_impaired"), results.get("add")
+    if r and plain:
+        ratio = r["figure_s"] / plain["figure_s"]
+        rows.append({"what": "CNI ADD of a pod with 4 links, impairments on every end (median)",
+                     "figure": _ms(r["figure_s"]), "floor": f"{_ms(plain['figure_s'])} (same ADD, no impairments)",
+                     "ratio": f"{ratio:.2f}×", "target": "≤ 1.5× without", "verdict": _verdict(ratio <= 1.5)})
     for key, label in (("links1", "one node (veth)"), ("links2", "two nodes (vxlan)")):
         r = results.get(key)
         if r:
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ("shim", shim_latency.measure),
         ("binary", shim_latency.binary_version),
         ("add", lambda: lab_bench.add_latency(5 if args.quick else 15)),
+        ("add_impaired", lambda: lab_bench.add_latency_impaired(5 if args.quick else 15)),
         ("links1", lambda: lab_bench.many_links(1, links)),
         ("links2", lambda: lab_bench.many_links(2, links)),
         ("random", lab_bench.random_topology),

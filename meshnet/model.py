@@ -134,8 +134,8 @@ class Impairments:
         return out
 
 
-def _parse_impairments(raw: object, here: str, problems: list[str]) -> Impairments | None:
-    where = f"{here}: impairments"
+def _parse_impairments(raw: object, here: str, problems: list[str], sep: str = ": ") -> Impairments | None:
+    where = f"{here}{sep}impairments"  # sep ".": a status field path (status.links[0].impairments)
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
@@ -322,6 +322,11 @@ class LinkStatus:
     message: str = ""
     # The pod's interface meshnet made for this link: the only names garbage collection may remove.
     intf: str = ""
+    # What is in force on this pod's end (issue 15; ends.EndReport): its administrative state
+    # ("" while pending), the impairments this node applies, and the declared ones it cannot.
+    admin: str = ""
+    impairments: Impairments | None = None
+    unavailable: tuple[str, ...] = ()
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {"uid": self.uid, "kind": self.kind, "state": self.state}
@@ -329,7 +334,24 @@ class LinkStatus:
             out["message"] = _bounded_text(self.message)
         if self.intf:
             out["intf"] = self.intf
+        if self.admin:
+            out["admin"] = self.admin
+        if self.impairments is not None:
+            out["impairments"] = self.impairments.to_api()
+        if self.unavailable:
+            out["unavailable"] = list(self.unavailable)
         return out
+
+    @property
+    def in_force(self) -> str:
+        """One line for people: `down`, `delay 20ms, rate 10mbit (loss unavailable)`, or ""."""
+        parts = ["down"] if self.admin == "down" else []
+        if self.impairments is not None:
+            parts += [f"{k} {v}" for k, v in self.impairments.to_api().items()]
+        text = ", ".join(parts)
+        if self.unavailable:
+            text += f"{' ' if text else ''}({', '.join(self.unavailable)} unavailable on this node)"
+        return text
 
 
 # --- status: written by every node's daemon, so read back as untrusted as a user's spec -------------
@@ -458,9 +480,20 @@ def _parse_link_status(raw: object, where: str, problems: list[str]) -> LinkStat
     why = (_status_intf_problem(intf) if type(intf) is str else naming.ifname_problem(intf)) if intf != "" else None
     if why:
         problems.append(f"{where}.intf: {why}")
+    admin = raw.get("admin", "")
+    if admin != "" and admin not in ADMIN_STATES:
+        problems.append(f"{where}.admin: {admin!r:.80} is not one of {', '.join(ADMIN_STATES)} (or empty)")
+    impairments = _parse_impairments(raw.get("impairments"), where, problems, ".")
+    unavailable = raw.get("unavailable", [])
+    netem_only = [f for f in IMPAIRMENT_FIELDS if f != "rate"]
+    if not isinstance(unavailable, list) or any(u not in netem_only for u in unavailable) \
+            or len(set(unavailable)) != len(unavailable):
+        problems.append(f"{where}.unavailable: {unavailable!r:.120} is not a list of distinct impairment fields "
+                        f"netem implements ({', '.join(netem_only)})")
     if len(problems) > before:
         return None
-    return LinkStatus(uid, kind, state, message, intf)  # type: ignore[arg-type]
+    return LinkStatus(uid, kind, state, message, intf, admin, impairments,  # type: ignore[arg-type]
+                      tuple(unavailable))
 
 
 def _parse_skip(raw: object, where: str, problems: list[str]) -> Skip | None:

@@ -8,7 +8,7 @@ exactly what the daemons execute.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshnet import naming
@@ -229,6 +229,11 @@ def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
             far = Endpoint(peer.netns, link.peer_intf, link.peer_ip,
                            naming.mac_address(topo.namespace, link.peer_pod, link.peer_intf))
         return VethPlan(link.uid, local, far, node.netns, link.mtu or DEFAULT_MTU)
+    theirs = peer.link(link.uid)
+    if theirs is not None and theirs.state == "down" and theirs.peer_pod == topo.name:
+        # A vxlan device hears nothing of its remote's state: a far end declared down takes this
+        # end down too, so both sides lose carrier, as with a pulled cable (docs/links.md).
+        local = replace(local, state="down")
     block = naming.link_block(topo.namespace, topo.status.vni_block, peer.vni_block)
     plan = VxlanPlan(link.uid, local, naming.vni(topo.namespace, link.uid, block), peer.src_ip, node.vtep_ip,
                      node.uplink, node.netns, vxlan_mtu(link, node))

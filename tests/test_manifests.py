@@ -185,7 +185,9 @@ def test_crd_schema_is_structural(rendered: dict[str, list[dict[str, Any]]]) -> 
 def test_printer_columns(rendered: dict[str, list[dict[str, Any]]]) -> None:
     (version,) = only(rendered["base"], "CustomResourceDefinition")["spec"]["versions"]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Node", "VTEP", "Links", "Alive", "Error", "Age"]
+    assert list(columns) == ["Node", "VTEP", "Links", "Admin", "Impairments", "Unavailable", "Alive", "Error", "Age"]
+    # What is in force per end (issue 15): `kubectl get topo -o wide` only.
+    assert [columns[c].get("priority") for c in ("Admin", "Impairments", "Unavailable")] == [1, 1, 1]
     assert columns["Node"]["jsonPath"] == ".status.node"
     assert columns["VTEP"]["jsonPath"] == ".status.src_ip"
     assert columns["Alive"]["jsonPath"] == ".status.net_ns"
@@ -356,10 +358,11 @@ def test_crd_accepts_the_status_meshnetd_writes(rendered: dict[str, list[dict[st
 def test_the_crd_declares_every_status_field_meshnetd_writes(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """An API server prunes status fields its schema does not declare: a missing one (say, the
     VNI block) would be dropped silently on every write."""
-    from meshnet.model import LinkStatus, Skip, TopologyStatus
+    from meshnet.model import Impairments, LinkStatus, Skip, TopologyStatus
 
+    in_force = LinkStatus(1, "vxlan", "up", "m", "eth1", "down", Impairments(rate=10_000_000), ("delay", "loss"))
     full = TopologyStatus(src_ip="172.18.0.3", net_ns="/var/run/netns/x", container_id="c", node="n",
-                          skipped=(Skip("r2", 1),), links=(LinkStatus(1, "vxlan", "up", "m", "eth1"),),
+                          skipped=(Skip("r2", 1),), links=(in_force,),
                           plumbing_error="e", vni_block=220).to_api()
     declared = crd_schema(rendered["base"])["properties"]["status"]["properties"]
     assert set(full) <= set(declared), set(full) - set(declared)

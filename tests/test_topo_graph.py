@@ -90,3 +90,19 @@ def test_page_draws_every_node_and_link_in_headless_chromium(tmp_path: Path) -> 
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (1200, 900)
     assert png.stat().st_size > 20000  # a drawing, not an empty page
+
+
+def test_links_show_what_leaves_each_end_declared_or_in_force() -> None:
+    """Issue 15: the tooltip data carries each end's state and impairments (tests/wan.yml)."""
+    data = graph_data(load_manifest(TESTS / "wan.yml"))
+    by_uid = {lk["uid"]: lk for lk in data["links"]}
+    nyc_lon = by_uid[3]
+    assert (nyc_lon["a"], nyc_lon["a_shape"]) == ("lon", "delay 35ms, loss 1%, rate 10mbit") or \
+           (nyc_lon["b"], nyc_lon["b_shape"]) == ("lon", "delay 35ms, loss 1%, rate 10mbit")
+    # In a lab, what is in force wins (here: a node without netem, the end declared down).
+    live = [{"uid": 3, "namespace": "default", "kind": "vxlan", "state": "down",
+             "in_force": {"nyc": {"text": "down, rate 10mbit (delay, loss unavailable on this node)"}}}]
+    lk = next(x for x in graph_data(load_manifest(TESTS / "wan.yml"), {}, live)["links"] if x["uid"] == 3)
+    nyc_shape = lk["a_shape"] if lk["a"] == "nyc" else lk["b_shape"]
+    assert nyc_shape == "down, rate 10mbit (delay, loss unavailable on this node)"
+    assert "a_shape" in render_html(data, "wan")

@@ -6,6 +6,7 @@ all of them print through `output`.
     topo.py        topo build|routes|graph|create|destroy, init-wait
     node.py        install-cni, health
     standalone.py  topology apply|delete, podman-network
+    link.py        link set POD:INTF down|up, impairments (lab, standalone store, cluster)
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ DESCRIPTION = "meshnetctl: dry-run plans, validation, the emulated lab, topology
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top, so that the package itself imports none of its modules: they
     # import `meshnet.cli.output`, which would otherwise be an import cycle through this file.
-    from meshnet.cli import lab, node, plan, standalone, topo
+    from meshnet.cli import lab, link, node, plan, standalone, topo
 
     parser = argparse.ArgumentParser(prog="meshnetctl", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (plan, lab, topo, node, standalone):
+    for group in (plan, lab, topo, node, standalone, link):
         group.add_parsers(sub)
     return parser
 

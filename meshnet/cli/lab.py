@@ -115,8 +115,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         # What each end's daemon wrote into its Topology status; "-" when nobody recorded the link.
         return ", ".join(f"{pod}: {said}" for pod, said in sorted(lk.get("status", {}).items()))[:70] or "-"
 
-    output.table([[str(lk["uid"]), lk["a"], lk["b"], lk["kind"], lk["state"], recorded(lk)] for lk in status["links"]],
-                 ["UID", "END A", "END B", "KIND", "KERNEL", "STATUS (store)"])
+    def in_force(lk: dict[str, Any]) -> str:
+        # Per end: administrative state and impairments in force (and those this node lacks).
+        return "; ".join(f"{pod}: {end['text']}" for pod, end in sorted(lk.get("in_force", {}).items())
+                         if end["text"] != "up") or "-"
+
+    output.table([[str(lk["uid"]), lk["a"], lk["b"], lk["kind"], lk["state"], recorded(lk), in_force(lk)]
+                  for lk in status["links"]],
+                 ["UID", "END A", "END B", "KIND", "KERNEL", "STATUS (store)", "IN FORCE"])
     return 0
 
 

@@ -21,6 +21,7 @@ from meshnet.daemon import kernel, netns, vni
 from meshnet.daemon.link_status import LinkStatusWriter, veth_ends_built, veth_ends_lost
 from meshnet.daemon.peer_client import PeerNotifier
 from meshnet.daemon.state import NodeState, PodKey
+from meshnet.ends import plan_reports
 from meshnet.executor import ExecError, LinkExists
 from meshnet.model import Topology, TopologyStatus
 from meshnet.plan import LinkPlan, MacvlanParentRefused, VethPlan, check_macvlan_parents, plan_pod
@@ -219,7 +220,13 @@ class CniVerbs:
         remote_errors = self.peers.build_far_ends(topo, plan)
         self.peers.note_owed(topo.key, plan, remote_errors)
         self.link_status.write_outcome(topo, req.container_id, plan, remote_errors)
-        self.link_status.tell_veth_peers(listed, veth_ends_built(topo, plan, listed))
+        caps = state.executor.capabilities()
+        self.link_status.tell_veth_peers(listed, veth_ends_built(topo, plan, listed, caps))
+        for lp in plan.links:
+            for report in plan_reports(lp, caps):
+                if report.message:  # the link is up; what this node cannot apply is said once, here
+                    state.log(event="impairments-unavailable", pod=f"{namespace}/{pod}", uid=report.uid,
+                              message=report.message)
         out: list[tuple[results.Interface, str | None]] = []
         for lp in plan.links:
             end = lp.a if isinstance(lp, VethPlan) else lp.local
@@ -233,17 +240,20 @@ class CniVerbs:
         """Create links; what already exists and matches is left, what differs is made again."""
         if not plans:
             return
-        executor = self.state.executor
-        with self.state.link_locks(namespace, (p.uid for p in plans)):
+        state = self.state
+        executor = state.executor
+        # What this kernel can do: without netem a delay is reported unavailable, not a failed ADD.
+        caps = executor.capabilities()
+        with state.link_locks(namespace, (p.uid for p in plans)):
             try:
-                executor.apply(render(plans, "add"))
-                return
+                executor.apply(render(plans, "add", caps))
             except LinkExists:
-                pass  # a concurrent ADD, a restarted daemon or a re-ADD got there first: look
-            view = kernel.read_view(executor, [e.netns for p in plans for e in p.ends])
-            todo = kernel.differences(plans, view)
-            if todo:
-                executor.apply(todo)
+                # A concurrent ADD, a restarted daemon or a re-ADD got there first: look.
+                view = kernel.read_view(executor, [e.netns for p in plans for e in p.ends])
+                todo = kernel.differences(plans, view, caps, state.applied())
+                if todo:
+                    executor.apply(todo)
+            state.record_applied(kernel.in_force_after(plans, caps))
 
     # --- DEL and GC ------------------------------------------------------------------------------
 
@@ -293,6 +303,7 @@ class CniVerbs:
         self.link_status.tell_veth_peers(listed, veth_ends_lost(state, topo, remote, listed))
         self.peers.remove_far_ends(topo, remote, peers)
         if ns_name:
+            state.forget_applied(ns_name)
             netns.detach(ns_name)
 
     def gc(self, req: CniRequest) -> None:

@@ -8,18 +8,25 @@ garbage.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from meshnet import naming
 from meshnet.command import Command
+from meshnet.ends import change_end, in_force
 from meshnet.executor import ExecError, Executor
-from meshnet.model import Topology
-from meshnet.plan import Endpoint, LinkPlan, VethPlan, VxlanPlan
+from meshnet.model import Impairments, IPInterface, Topology
+from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan, VethPlan, VxlanPlan
 from meshnet.render import render
 
 # {netns: {ifname: `ip -j -d addr show` entry}}
 KernelView = Mapping[str, Mapping[str, Mapping[str, Any]]]
+# {(netns, ifname): impairments this daemon put in force on that end (None: none)}. The kernel's
+# qdisc tree is not read back (netem's options do not round-trip through `tc -j`): what was
+# applied is remembered instead; an end missing from it gets its tree replaced once (idempotent).
+Applied = Mapping[tuple[str, str], Impairments | None]
 
 
 def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -49,13 +56,50 @@ def addresses(entry: Mapping[str, Any]) -> set[str]:
     return {f"{a.get('local')}/{a.get('prefixlen')}" for a in entry.get("addr_info", ())}
 
 
+def _kernel_addresses(entry: Mapping[str, Any]) -> tuple[IPInterface, ...]:
+    """The interface's addresses (link-local IPv6 aside: the kernel makes those itself)."""
+    out: list[IPInterface] = []
+    for a in entry.get("addr_info", ()):
+        if a.get("scope") == "link":
+            continue
+        try:
+            out.append(ipaddress.ip_interface(f"{a.get('local')}/{a.get('prefixlen')}"))
+        except ValueError:
+            continue  # not an address meshnet could have set: the comparison will re-add ours
+    return tuple(out)
+
+
+def admin_up(entry: Mapping[str, Any]) -> bool:
+    return "UP" in entry.get("flags", ())
+
+
 def configured(entry: Mapping[str, Any] | None, end: Endpoint) -> bool:
-    """The interface is up and carries exactly the link's address (besides link-local IPv6)."""
-    if not entry or "UP" not in entry.get("flags", ()):
+    """The interface has the end's administrative state and exactly its addresses (local_ip and
+    local_ips; link-local IPv6 aside)."""
+    if not entry or admin_up(entry) != (end.state != "down"):
         return False
-    have = {f"{a.get('local')}/{a.get('prefixlen')}" for a in entry.get("addr_info", ())
-            if a.get("scope") != "link"}
-    return have == ({str(end.ip)} if end.ip is not None else set())
+    return set(_kernel_addresses(entry)) == set(end.addresses)
+
+
+def as_found(entry: Mapping[str, Any], end: Endpoint, applied: Applied) -> Endpoint:
+    """End `end` as the kernel (addresses, state) and this daemon's record (impairments) show it."""
+    return replace(end, ip=None, ips=_kernel_addresses(entry), state="up" if admin_up(entry) else "down",
+                   impairments=applied.get((end.netns, end.intf)))
+
+
+def end_changes(entry: Mapping[str, Any], end: Endpoint, uid: int, caps: Capabilities,
+                applied: Applied) -> list[Command]:
+    """In-place commands that turn an existing interface into `end` (nothing when it matches):
+    addresses, state and the qdisc tree, never a new interface. An end whose impairments this
+    daemon has no record of gets its tree replaced when it declares one (idempotent)."""
+    # An end missing from `applied` (daemon restarted) counts as having no tree: one that declares
+    # impairments gets `tc qdisc replace`, which makes whatever is there what we want.
+    return change_end(as_found(entry, end, applied), end, uid, caps)
+
+
+def in_force_after(plans: Iterable[LinkPlan], caps: Capabilities) -> dict[tuple[str, str], Impairments | None]:
+    """What `Applied` holds for the plans' ends once they are built."""
+    return {(e.netns, e.intf): in_force(e.impairments, caps)[0] for p in plans for e in p.ends}
 
 
 def vxlan_matches(entry: Mapping[str, Any] | None, plan: VxlanPlan) -> bool:
@@ -78,34 +122,37 @@ def vni_clash(e: ExecError) -> bool:
     return "VNI already exists" in text or ("File exists" in text and "vxlan" in text)
 
 
-def differences(plans: Sequence[LinkPlan], view: KernelView) -> list[Command]:
-    """Commands that turn the kernel into the plans: missing links made, wrong ones made again,
-    links with other addresses (or down) configured again; links that match are left alone."""
+def differences(plans: Sequence[LinkPlan], view: KernelView, caps: Capabilities = ALL_CAPABILITIES,
+                applied: Applied | None = None) -> list[Command]:
+    """Commands that turn the kernel into the plans: missing links made, wrong ones made again;
+    links that exist with the right kind and peer are changed in place (addresses, state,
+    impairments: `end_changes`), so a live edit never recreates an interface; links that match
+    are left alone."""
+    applied = applied or {}
     commands: list[Command] = []
     for p in plans:
         entries = [view.get(e.netns, {}).get(e.intf) for e in p.ends]
         if isinstance(p, VethPlan):
             if all(link_kind(e) == "veth" for e in entries):
-                if not all(configured(e, end) for e, end in zip(entries, p.ends, strict=True)):
-                    commands += render([p], "update")
+                for e, end in zip(entries, p.ends, strict=True):
+                    commands += end_changes(e or {}, end, p.uid, caps, applied)
                 continue
             # Missing, or an end whose far side is elsewhere (a stale pair): make the pair again.
             commands += [Command(end.netns, ("link", "del", end.intf), p.uid)
                          for e, end in zip(entries, p.ends, strict=True) if e is not None]
-            commands += render([p], "add")
+            commands += render([p], "add", caps)
             continue
         entry = entries[0]
         if isinstance(p, VxlanPlan):
             if not vxlan_matches(entry, p):
-                commands += render([p], "update" if entry else "add")
+                commands += render([p], "update" if entry else "add", caps)
                 continue
         elif link_kind(entry) != "macvlan":
             if entry is not None:
                 commands.append(Command(p.local.netns, ("link", "del", p.local.intf), p.uid))
-            commands += render([p], "add")
+            commands += render([p], "add", caps)
             continue
-        if not configured(entry, p.ends[0]):
-            commands += render([p], "update")
+        commands += end_changes(entry or {}, p.ends[0], p.uid, caps, applied)
     return commands
 
 

@@ -11,8 +11,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from meshnet.daemon.state import NodeState
+from meshnet.ends import end_report
 from meshnet.model import Link, LinkStatus, Skip, Topology, TopologyStatus
-from meshnet.plan import PodPlan, VethPlan, pending_reason
+from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan, PodPlan, VethPlan, pending_reason
+
+
+def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up", message: str = "") -> LinkStatus:
+    """A built link's status on the pod that owns `end`, with what is in force there."""
+    report = end_report(end, lp.uid, caps)
+    return LinkStatus(lp.uid, lp.kind, state, message, end.intf, report.state, report.impairments,
+                      report.unavailable)
 
 
 class LinkStatusWriter:
@@ -56,9 +64,9 @@ class LinkStatusWriter:
     def write_outcome(self, topo: Topology, container: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
         """A plan's outcome: every link up, in error (`errors`), or pending; the errors also
         become the pod's plumbing error."""
-        intf = {lnk.uid: lnk.local_intf for lnk in topo.links}
-        states = [LinkStatus(lp.uid, lp.kind, "error" if lp.uid in errors else "up", errors.get(lp.uid, ""),
-                             intf.get(lp.uid, "")) for lp in plan.links]
+        caps = self.state.executor.capabilities()
+        states = [end_status(lp, lp.ends[0], caps, "error" if lp.uid in errors else "up", errors.get(lp.uid, ""))
+                  for lp in plan.links]
         states += [LinkStatus(p.uid, "", "pending", p.reason, "") for p in plan.pending]
         error = "; ".join(f"uid {u}: {m}" for u, m in sorted(errors.items()))
         self.write(topo, states, container=container, whole=True, plumbing_error=error)
@@ -77,7 +85,8 @@ class LinkStatusWriter:
             self.write(peer, states)
 
 
-def veth_ends_built(topo: Topology, plan: PodPlan, listed: Iterable[Topology]) -> dict[str, list[LinkStatus]]:
+def veth_ends_built(topo: Topology, plan: PodPlan, listed: Iterable[Topology],
+                    caps: Capabilities = ALL_CAPABILITIES) -> dict[str, list[LinkStatus]]:
     """The veths `plan` built gave their peer pods (on this node, added earlier) the link they
     wait for: {peer pod: its ends' states}."""
     names = {t.name for t in listed}
@@ -85,7 +94,7 @@ def veth_ends_built(topo: Topology, plan: PodPlan, listed: Iterable[Topology]) -
     for lp in plan.links:
         link = topo.link(lp.uid)
         if isinstance(lp, VethPlan) and link is not None and link.peer_pod in names:
-            news.setdefault(link.peer_pod, []).append(LinkStatus(lp.uid, "veth", "up", "", lp.b.intf))
+            news.setdefault(link.peer_pod, []).append(end_status(lp, lp.b, caps))
     return news
 
 

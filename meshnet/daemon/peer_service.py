@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from meshnet import naming
 from meshnet.command import Command
 from meshnet.daemon import kernel, netns, peer_auth
-from meshnet.daemon.link_status import LinkStatusWriter
+from meshnet.daemon.link_status import LinkStatusWriter, end_status
 from meshnet.daemon.peer_client import PeerLink
 from meshnet.daemon.state import NodeState, PodKey
 from meshnet.model import LinkStatus, ManifestError, Topology
@@ -79,8 +79,9 @@ class PeerService:
                     if far is None or not far.status.alive or far.status.src_ip != req.peer_vtep \
                             or far.status.node == state.node.name:
                         raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
+                    # With its links: a far end declared down takes this end down too (plan_link).
                     callers[req.peer_pod] = PodState(far.name, True, far.status.node, far.status.src_ip,
-                                                     vni_block=far.status.vni_block)
+                                                     vni_block=far.status.vni_block, links=far.links)
                 block = naming.link_block(topo.namespace, st.vni_block, callers[req.peer_pod].vni_block)
                 if req.vni != naming.vni(topo.namespace, req.uid, block):
                     raise PeerDenied(f"link uid {req.uid} of {topo.namespace}/{topo.name}: VNI {req.vni} is not "
@@ -93,24 +94,26 @@ class PeerService:
             ns_name = netns.resolve(topo.status.net_ns)
             plans = [(i, plan_remote_end(topo, req.uid, ns_name, state.node, callers[req.peer_pod]))
                      for i, req in items]
+            caps = state.executor.capabilities()
             with state.link_locks(topo.namespace, [req.uid for _, req in items]):
                 view = kernel.read_view(state.executor, [ns_name])[ns_name]
+                applied = state.applied()
                 commands: list[Command] = []
                 for i, plan in plans:
                     entry = view.get(plan.local.intf)
                     if kernel.vxlan_matches(entry, plan):
-                        if kernel.configured(entry, plan.local):
-                            actions[i] = "unchanged"
-                            continue
-                        commands += render([plan], "update")
-                        actions[i] = "updated"
+                        # The same device: addresses, state and impairments change in place.
+                        change = kernel.end_changes(entry or {}, plan.local, plan.uid, caps, applied)
+                        commands += change
+                        actions[i] = "updated" if change else "unchanged"
                     else:
-                        commands += render([plan], "update" if entry else "add")
+                        commands += render([plan], "update" if entry else "add", caps)
                         actions[i] = "updated" if entry else "created"
                 if commands:
                     state.executor.apply(commands)
+                state.record_applied(kernel.in_force_after([p for _, p in plans], caps))
             # Record the interfaces too: they are what garbage collection may later remove.
-            self.link_status.write(topo, [LinkStatus(p.uid, "vxlan", "up", "", p.local.intf) for _, p in plans])
+            self.link_status.write(topo, [end_status(p, p.local, caps) for _, p in plans])
         return actions
 
     def remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:

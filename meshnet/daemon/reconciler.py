@@ -219,7 +219,8 @@ class Reconciler:
             view = kernel.read_view(state.executor, [ns_name, *(e.netns for p in plan.links for e in p.ends)])
             pod_view = view.get(ns_name, {})
             stale = kernel.garbage(topo, ns_name, pod_view, self._orphans(topo, plan, pod_view))
-            todo = kernel.differences(plan.links, view)
+            caps = state.executor.capabilities()
+            todo = kernel.differences(plan.links, view, caps, state.applied())
             if stale:
                 for problem in state.executor.run_best_effort(stale):
                     state.log(event="gc-problem", pod=topo.name, error=problem)
@@ -233,6 +234,8 @@ class Reconciler:
                         self.blocks.clashed(topo.key)
                 else:
                     self.blocks.settled(topo.key)
+            if not errors:
+                state.record_applied(kernel.in_force_after(plan.links, caps))
         if stale or todo:
             state.log(event="reconciled", pod=topo.name, removed=[c.argv[2] for c in stale],
                       changed=sorted({c.uid for c in todo}))

@@ -6,6 +6,8 @@ Locks (never held across a store or gRPC call, except the link locks):
   uid order, so two holders never wait on each other in a cycle.
 - `lock`: the watch's copies of every Topology (`seen`). The watch thread writes them; CNI calls
   (choosing a VNI block) and the reconciler read them.
+- `_applied_lock`: the impairments this daemon put in force per link end (`applied`), written
+  after a successful apply by whoever built or changed the end (ADD, peer request, reconcile).
 Each room keeps its own bookkeeping under its own lock (peer back-off, owed far ends, VNI clashes,
 pods to re-check); those are documented where they live.
 """
@@ -13,12 +15,12 @@ pods to re-check); those are documented where they live.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 
 from meshnet.daemon import netns
 from meshnet.executor import Executor
-from meshnet.model import Topology, TopologyStatus
+from meshnet.model import Impairments, Topology, TopologyStatus
 from meshnet.plan import NodeInfo, PodState
 from meshnet.store.base import Store
 
@@ -43,6 +45,8 @@ class NodeState:
         self._seen: dict[PodKey, Topology] = {}  # guarded by `lock`
         self._link_locks: dict[tuple[str, int], threading.Lock] = {}
         self._link_locks_guard = threading.Lock()
+        self._applied: dict[tuple[str, str], Impairments | None] = {}  # guarded by `_applied_lock`
+        self._applied_lock = threading.Lock()
 
     # --- "alive on this node", written once ------------------------------------------------------
 
@@ -63,7 +67,10 @@ class NodeState:
                 except netns.NetnsError:
                     ns_name = ""
             alive = st.alive and (st.node != self.node.name or bool(ns_name))
-            states[t.name] = PodState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block, st.problems)
+            # Its links too: a veth built here gets the far end's own choices (state, impairments,
+            # addresses, MAC), and a vxlan end learns that the far end is declared down.
+            states[t.name] = PodState(t.name, alive, st.node, st.src_ip, ns_name, st.vni_block, st.problems,
+                                      t.links)
         return states
 
     # --- the watch's copies --------------------------------------------------------------------
@@ -100,3 +107,20 @@ class NodeState:
         for lock in locks:
             stack.enter_context(lock)
         return stack
+
+    # --- impairments in force per link end ------------------------------------------------------
+
+    def applied(self) -> dict[tuple[str, str], Impairments | None]:
+        """A snapshot of {(netns, intf): impairments put in force} (kernel.Applied)."""
+        with self._applied_lock:
+            return dict(self._applied)
+
+    def record_applied(self, ends: Mapping[tuple[str, str], Impairments | None]) -> None:
+        with self._applied_lock:
+            self._applied.update(ends)
+
+    def forget_applied(self, ns_name: str) -> None:
+        """The pod's namespace is gone or its links removed: nothing is in force there any more."""
+        with self._applied_lock:
+            for key in [k for k in self._applied if k[0] == ns_name]:
+                del self._applied[key]

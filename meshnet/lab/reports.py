@@ -15,7 +15,14 @@ from meshnet.dryrun import UNDERLAY
 from meshnet.executor import ExecError, Executor
 from meshnet.lab.processes import alive
 from meshnet.lab.state import LabNames, StateFile
-from meshnet.model import Manifest, load_manifest
+from meshnet.model import LinkStatus, Manifest, load_manifest
+
+
+def _in_force(s: LinkStatus) -> dict[str, Any]:
+    """One end's recorded state and impairments in force, and a line for people."""
+    api = s.to_api()
+    return {"admin": s.admin, "impairments": api.get("impairments", {}), "unavailable": list(s.unavailable),
+            "text": s.in_force or s.admin}
 
 
 def _oper_up(entry: dict[str, Any]) -> bool:
@@ -62,19 +69,23 @@ class Reports:
                 ends = [t.name] if lnk.is_macvlan else [t.name, lnk.peer_pod]
                 said = {pod: recorded[(t.namespace, pod)][1][lnk.uid] for pod in ends
                         if lnk.uid in recorded.get((t.namespace, pod), ("", {}))[1]}
+                # What is in force on each end (state, impairments, unavailable ones), as recorded.
+                forced = {pod: _in_force(recorded[(t.namespace, pod)][2][lnk.uid]) for pod in ends
+                          if lnk.uid in recorded.get((t.namespace, pod), ("", {}, {}))[2]}
                 links.append({"uid": lnk.uid, "namespace": t.namespace, "a": f"{t.name}:{lnk.local_intf}",
                               "b": "host:" + lnk.peer_intf if lnk.is_macvlan else f"{lnk.peer_pod}:{lnk.peer_intf}",
-                              "kind": kind, "state": state, "status": said})
+                              "kind": kind, "state": state, "status": said, "in_force": forced})
         nodes = [{"name": n, "netns": self.names.node_netns(i), "vtep": str(UNDERLAY[i + 1]),
                   "daemon_pid": st.daemons.get(n, 0), "daemon": "running" if alive(st.daemons.get(n, 0)) else "down"}
                  for i, n in enumerate(st.nodes)]
-        pods = [{**asdict(r), "plumbing_error": recorded.get((r.namespace, r.name), ("", {}))[0]}
+        pods = [{**asdict(r), "plumbing_error": recorded.get((r.namespace, r.name), ("", {}, {}))[0]}
                 for r in st.pods.values()]
         return {"lab": self.names.name, "manifest": st.manifest, "store": st.store_url.split("?")[0],
                 "nodes": nodes, "pods": pods, "links": links}
 
-    def _recorded_status(self) -> dict[tuple[str, str], tuple[str, dict[int, str]]]:
-        """{(namespace, pod): (plumbing_error, {uid: "state" or "state: message"})} from the store."""
+    def _recorded_status(self) -> dict[tuple[str, str], tuple[str, dict[int, str], dict[int, LinkStatus]]]:
+        """{(namespace, pod): (plumbing_error, {uid: "state" or "state: message"}, {uid: link status})}
+        from the store."""
         from meshnet.store import open_store
 
         store = open_store(self.file.state.store_url)
@@ -83,7 +94,8 @@ class Reports:
         finally:
             store.close()
         return {t.key: (t.status.plumbing_error,
-                        {s.uid: f"{s.state}: {s.message}" if s.message else s.state for s in t.status.links})
+                        {s.uid: f"{s.state}: {s.message}" if s.message else s.state for s in t.status.links},
+                        {s.uid: s for s in t.status.links if s.admin})
                 for t in topologies}
 
     def summary(self, seconds: float) -> dict[str, Any]:

@@ -55,6 +55,19 @@ def graph_data(manifest: Manifest, loopbacks: Mapping[str, Any] | None = None,
                            "interfaces": []}
         return nodes[name]
 
+    def shape(pod: str, namespace: str, uid: int, live: Mapping[str, Any] | None) -> str:
+        """One end's state and impairments: as in force (lab status) when known, else as declared."""
+        forced = (live or {}).get("in_force", {}).get(pod)
+        if forced:
+            return "" if forced.get("text") == "up" else str(forced.get("text", ""))
+        topo = manifest.topology(namespace, pod)
+        lnk = topo.link(uid) if topo is not None else None
+        if lnk is None:
+            return ""
+        parts = ["down"] if lnk.state == "down" else []
+        parts += [f"{k} {v}" for k, v in (lnk.impairments.to_api() if lnk.impairments else {}).items()]
+        return ", ".join(parts)
+
     for p in manifest.pods:
         node(p.name)
     links: dict[tuple[str, int], dict[str, Any]] = {}
@@ -71,7 +84,10 @@ def graph_data(manifest: Manifest, loopbacks: Mapping[str, Any] | None = None,
             links[key] = {"uid": lnk.uid, "a": t.name, "a_intf": lnk.local_intf, "a_ip": str(lnk.local_ip or ""),
                           "b": peer, "b_intf": lnk.peer_intf, "b_ip": str(lnk.peer_ip or ""),
                           "kind": str(live.get("kind", "")) if live else ("macvlan" if lnk.is_macvlan else ""),
-                          "state": str(live["state"]) if live else "planned"}
+                          "state": str(live["state"]) if live else "planned",
+                          # Issue 15: what leaves each end (down, delay, loss, rate ...), for the tooltip.
+                          "a_shape": shape(t.name, t.namespace, lnk.uid, live),
+                          "b_shape": "" if lnk.is_macvlan else shape(peer, t.namespace, lnk.uid, live)}
     return {"nodes": list(nodes.values()), "links": list(links.values())}
 
 
@@ -179,7 +195,8 @@ _JS = r"""// meshnet topology graph: lays out the inline data (Fruchterman-Reing
     var g = el("g", { "class": "link state-" + l.state, "data-uid": l.uid }, linkLayer);
     el("path", { d: "M" + a.x + "," + a.y + " Q" + cx + "," + cy + " " + b.x + "," + b.y }, g);
     title(g, "link " + l.uid + " (" + (l.kind || "link") + ", " + l.state + ")\n" +
-      l.a + " " + l.a_intf + (l.a_ip ? " " + l.a_ip : "") + "\n" + l.b + " " + l.b_intf + (l.b_ip ? " " + l.b_ip : ""));
+      l.a + " " + l.a_intf + (l.a_ip ? " " + l.a_ip : "") + (l.a_shape ? " [" + l.a_shape + "]" : "") + "\n" +
+      l.b + " " + l.b_intf + (l.b_ip ? " " + l.b_ip : "") + (l.b_shape ? " [" + l.b_shape + "]" : ""));
     [[a, b, l.a_intf], [b, a, l.b_intf]].forEach(function (end) {
       var t = el("text", { x: end[0].x + (end[1].x - end[0].x) * 0.22 + (cx - mx) * 0.3,
                            y: end[0].y + (end[1].y - end[0].y) * 0.22 + (cy - my) * 0.3, "class": "ifname" }, g);
