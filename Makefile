@@ -76,6 +76,11 @@ demo: deps-lab venv ## run tests/3node.yml on 3 emulated nodes (every link a VXL
 	$(VENV)/bin/meshnetctl lab up tests/3node.yml --nodes 3 --name $(LAB) --ping
 	@echo "  (or: make demo-down)"
 
+demo-wan: deps-lab venv ## run the example WAN (tests/wan.yml: per-link delay, rate, a lossy link) on 2 emulated nodes
+	@$(VENV)/bin/meshnetctl lab down --name wan >/dev/null 2>&1 || true
+	$(VENV)/bin/meshnetctl lab up tests/wan.yml --nodes 2 --name wan --ping
+	@echo "  (impairments in force: $(VENV)/bin/meshnetctl lab status --name wan; remove: make demo-down LAB=wan)"
+
 demo-down: venv ## remove the demo lab
 	$(VENV)/bin/meshnetctl lab down --name $(LAB)
 
