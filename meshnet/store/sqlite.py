@@ -20,12 +20,12 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meshnet.model import API_VERSION, KIND, Topology, TopologyStatus, parse_topology
+from meshnet.model import API_VERSION, KIND, LinkStatus, Topology, TopologyStatus, parse_topology
 from meshnet.store.base import (
     CompareFailed,
     StatusMutation,
@@ -33,6 +33,7 @@ from meshnet.store.base import (
     StoreUnavailable,
     WatchEvent,
     backoff,
+    merge_link_states,
     update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, resync_events, track
@@ -305,6 +306,12 @@ class SqliteStore:
                       known: Topology | None = None) -> Topology | None:
         return update_status_cas(namespace, name, fn, known, read=lambda: self.get(namespace, name),
                                  write=self._write_status, backoff=_backoff)
+
+    def update_link_states(self, namespace: str, name: str, container: str, states: Sequence[LinkStatus], *,
+                           known: Topology) -> Topology | None:
+        # A local write is cheap and a lost round costs no round trip: the compare-and-set it is.
+        return self.update_status(namespace, name, lambda cur: merge_link_states(cur, container, states),
+                                  known=known)
 
     def _write_status(self, current: Topology, status: TopologyStatus) -> Topology | None:
         ns, name = current.namespace, current.name
