@@ -36,7 +36,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     lab = _lab(args)
     try:
         cni_bin = [args.cni_bin] if args.cni_bin else None
-        summary = lab.up(args.file, args.nodes, store=args.store, kubeconfig=args.kubeconfig, cni_bin=cni_bin)
+        summary = lab.up(args.file, args.nodes, store=args.store, kubeconfig=args.kubeconfig, cni_bin=cni_bin,
+                         raise_neigh_limits=args.raise_neigh_limits)
     except (LabError, ManifestError) as e:
         output.fail("lab up", e)
         if not isinstance(e, ManifestError) and lab.exists():
@@ -168,6 +169,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--ping", action="store_true", help="print the connectivity matrix when up")
     p.add_argument("--routes", action="store_true",
                    help="route it: forwarding on, loopbacks on lo, shortest-path static routes in every pod")
+    p.add_argument("--raise-neigh-limits", action="store_true",
+                   help="raise the kernel's neighbour table limits (net.ipv4/ipv6.neigh.default.gc_thresh*, shared "
+                        "by the whole machine) to fit the lab, until `lab down` restores them")
     p.set_defaults(func=_cmd_up)
     p = with_name(lsub.add_parser("apply", help="hot change: update the lab's store and pods from an edited FILE"))
     p.add_argument("file")
