@@ -20,7 +20,9 @@ from meshnet.topo.routes import (
     compute_routes,
     first_hops,
     install_routes,
+    loopback_pairs,
     loopbacks_from_text,
+    ping_loopbacks,
     pod_commands,
     read_loopbacks,
 )
@@ -240,6 +242,46 @@ def test_routed_20_router_lab_on_3_nodes_every_loopback_answers_every_router(tmp
         # Running it again changes nothing and breaks nothing (replace, not add).
         assert install_routes(lab)["routes"] == summary["routes"]
         assert _ping(pods["qrtr-1"], str(loopbacks["qrtr-20"].ip))
+        # `lab ping --loopbacks`: every pair, or a seeded sample; a missing route is a failure.
+        every = ping_loopbacks(lab)
+        assert len(every) == 380 and all(r["ok"] for r in every)
+        sampled = ping_loopbacks(lab, sample=25, seed=3)
+        assert len({(r["from"], r["to"]) for r in sampled}) == 25 and all(r["ok"] for r in sampled)
+        assert [(r["from"], r["to"]) for r in ping_loopbacks(lab, sample=25, seed=3)] == \
+               [(r["from"], r["to"]) for r in sampled]
+        subprocess.run(["ip", "-n", pods["qrtr-1"], "route", "del", str(loopbacks["qrtr-20"].network)], check=True)
+        broken = [(r["from"], r["to"]) for r in ping_loopbacks(lab) if not r["ok"]]
+        assert broken == [("qrtr-1", "qrtr-20")]
+        install_routes(lab)
         # The live graph colours every link by the lab's state.
         data = graph_data(lab.manifest(), loopbacks, status["links"])
         assert sorted(lk["state"] for lk in data["links"]) == ["up"] * 24
+
+
+def test_validate_checks_loopback_annotations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yml"
+    good.write_text(render(build(6, 7, seed=1)))
+    assert main(["validate", str(good)]) == 0
+    bad = tmp_path / "bad.yml"
+    text = good.read_text()
+    lo1, lo2, lo3 = (str(loopbacks_from_text(text)[f"qrtr-{i}"]) for i in (1, 2, 3))
+    # Router 2 claims router 1's loopback; router 3's is not an address.
+    bad.write_text(text.replace(f"loopback: {lo2}", f"loopback: {lo1}").replace(f"loopback: {lo3}", "loopback: 10.1.2"))
+    capsys.readouterr()
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"Pod default/qrtr-2: metadata.annotations.meshnet.networkop.co.uk/loopback: {lo1} is also the " \
+           "loopback of Pod default/qrtr-1" in err
+    assert "Pod default/qrtr-3: metadata.annotations.meshnet.networkop.co.uk/loopback: '10.1.2' is not an " \
+           "address" in err
+
+
+def test_loopback_pairs_are_every_ordered_pair_or_a_seeded_sample() -> None:
+    names = [f"r{i}" for i in range(7)]
+    every = loopback_pairs(names)
+    assert every == [(a, b) for a in names for b in names if a != b]
+    sample = loopback_pairs(names, sample=10, seed=4)
+    assert len(set(sample)) == 10 and set(sample) <= set(every)
+    assert sample == loopback_pairs(list(reversed(names)), sample=10, seed=4)  # the seed decides, not the order
+    assert loopback_pairs(names, sample=100) == every
+    assert len(loopback_pairs([f"r{i}" for i in range(750)], sample=50, seed=1)) == 50

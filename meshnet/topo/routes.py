@@ -12,6 +12,7 @@ every link subnet.
 from __future__ import annotations
 
 import ipaddress
+import random
 import subprocess
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -75,6 +76,40 @@ def loopbacks_from_text(text: str, source: str = "<manifest>") -> dict[str, IPIn
             raise ManifestError([f"{source}: Pod {meta.get('name')}: metadata.annotations."
                                  f"{LOOPBACK_ANNOTATION}: {value!r} is not an address with prefix length"]) from e
     return out
+
+
+def loopback_problems(text: str, source: str = "<manifest>") -> list[str]:
+    """Every malformed loopback annotation, and every address two pods claim: what `validate`
+    reports before a lab is brought up (else the routes fail after it)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, Mapping)]
+    except yaml.YAMLError:
+        return []  # the manifest's own parse reports it
+    problems: list[str] = []
+    owner: dict[IPAddress, str] = {}
+    for doc in docs:
+        meta = doc.get("metadata")
+        if doc.get("kind") != "Pod" or not isinstance(meta, Mapping):
+            continue
+        annotations = meta.get("annotations")
+        value = annotations.get(LOOPBACK_ANNOTATION) if isinstance(annotations, Mapping) else None
+        if value is None:
+            continue
+        pod = f"Pod {meta.get('namespace') or 'default'}/{meta.get('name')}"
+        field = f"metadata.annotations.{LOOPBACK_ANNOTATION}"
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            address = ipaddress.ip_interface(value)
+        except ValueError:
+            problems.append(f"{source}: {pod}: {field}: {value!r} is not an address with prefix length "
+                            "(e.g. 10.255.0.1/32)")
+            continue
+        if address.ip in owner:
+            problems.append(f"{source}: {pod}: {field}: {value} is also the loopback of {owner[address.ip]}")
+        else:
+            owner[address.ip] = pod
+    return problems
 
 
 def read_loopbacks(path: str | Path) -> dict[str, IPInterface]:
@@ -245,3 +280,46 @@ def install_routes(lab: Lab, workers: int = 8) -> dict[str, Any]:
         counts = list(pool.map(one, up))
     return {"pods": len(up), "routes": sum(counts), "loopbacks": sum(1 for r in up if r.name in plan.loopbacks),
             "unreachable": {k: list(v) for k, v in plan.unreachable.items()}}
+
+
+def loopback_pairs(routers: Sequence[str], sample: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """Every ordered pair of distinct `routers` (sorted), or a seeded sample of `sample` of them,
+    drawn without building the full list (750 routers have 561,750 pairs)."""
+    names = sorted(routers)
+    n = len(names)
+    total = n * (n - 1)
+    picks: Iterable[int] = range(total)
+    if sample is not None and sample < total:
+        picks = sorted(random.Random(seed).sample(range(total), sample))
+    # Pair number k: source k // (n-1), destination the (k % (n-1))th of the others.
+    return [(names[k // (n - 1)], names[(k % (n - 1)) + (1 if k % (n - 1) >= k // (n - 1) else 0)])
+            for k in picks]
+
+
+def ping_argv(netns: str, address: IPAddress) -> list[str]:
+    return ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-c", "1", "-W", "1", str(address)]
+
+
+def ping_loopbacks(lab: Lab, sample: int | None = None, seed: int = 0, workers: int = 32,
+                   attempts: int = 2) -> list[dict[str, Any]]:
+    """Routed reachability: each pair's source pings the destination router's loopback (every
+    pair of the lab's routers that are up and have one, or a seeded sample), `workers` at a time."""
+    loopbacks = read_loopbacks(lab.state.manifest)
+    up = {rec.name: rec.netns for rec in lab.state.pods.values() if rec.state == "up" and rec.name in loopbacks}
+    pairs = loopback_pairs(list(up), sample, seed)
+
+    def one(pair: tuple[str, str]) -> dict[str, Any]:
+        src, dst = pair
+        address = loopbacks[dst].ip
+        ok = False
+        for _ in range(attempts):  # the first packet of a path may wait for neighbour resolution
+            proc = subprocess.run(ping_argv(up[src], address), capture_output=True, check=False, timeout=30)
+            if proc.returncode == 0:
+                ok = True
+                break
+        return {"from": src, "to": dst, "address": str(address), "ok": ok}
+
+    if not pairs:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pairs)))) as pool:
+        return list(pool.map(one, pairs))
