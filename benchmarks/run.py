@@ -169,6 +169,26 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
     return "\n".join(out)
 
 
+# Hand-written sections of docs/performance.md (figures of long runs, with their circumstances) that
+# a regenerated report keeps, before its raw results.
+KEPT_SECTIONS = ("## ISP-sized labs",)
+
+
+def keep_kept_sections(old: str, new: str) -> str:
+    kept: list[str] = []
+    for heading in KEPT_SECTIONS:
+        start = old.find(f"\n{heading}\n")
+        if start < 0 or f"\n{heading}\n" in new:
+            continue
+        end = old.find("\n## ", start + 1)
+        kept.append(old[start + 1:end + 1 if end >= 0 else len(old)])
+    if not kept:
+        return new
+    at = new.find("\n## Raw results")
+    at = len(new) if at < 0 else at + 1
+    return new[:at] + "".join(kept) + new[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__)
     parser.add_argument("--write", default="", help="write the markdown report to this file")
@@ -217,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench {key}: {time.monotonic() - t0:.1f} s {json.dumps(results.get(key) or errors[key])}",
               file=sys.stderr, flush=True)
     text = render_markdown(machine(), results, errors, time.monotonic() - started)
+    if args.write and Path(args.write).exists():
+        text = keep_kept_sections(Path(args.write).read_text(), text)
     if args.write:
         Path(args.write).write_text(text)
         print(f"wrote {args.write}", file=sys.stderr)
