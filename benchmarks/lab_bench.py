@@ -13,8 +13,10 @@ always taken down; addresses are 100.64.0.0/10 /30s, inside those namespaces onl
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
 import random
 import shutil
 import statistics
@@ -308,3 +310,85 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of `pids` so far, in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
+def isp(nodes: int, store: str = "sqlite", routers: int = 750, links: int = 900, seed: int = 7,
+        idle_seconds: float = 35.0) -> dict[str, Any]:
+    """An ISP-sized lab: the topology builder's seeded random backbone (`routers`, `links`, with
+    loopbacks), pods round-robin over `nodes`. Timed: first ADD until every link is up (with its
+    floor), the routes (computed alone, and installed with `--routes`' code), the idle daemons'
+    CPU over one resync period, meshnetd's peak RSS, and `lab down`.
+
+    `lab down` is timed last, after the floor's bare replay has rebuilt every link in the pods'
+    namespaces and the daemons were started again: the same DELs against the same kernel state
+    (the floor needs the lab's namespaces, so it cannot come after `down`)."""
+    from meshnet.model import parse_manifest
+    from meshnet.topo.builder import build, render
+    from meshnet.topo.routes import compute_routes, install_routes, loopbacks_from_text
+
+    text = render(build(routers, links, seed=seed))
+    parsed = parse_manifest(text)
+    started = time.perf_counter()
+    plan = compute_routes(parsed.topologies, loopbacks_from_text(text))
+    compute_s = time.perf_counter() - started
+    with contextlib.ExitStack() as stack:
+        up: dict[str, Any] = {}
+        if store == "kube":
+            from tests.kubeapi.server import KubeApiServer
+
+            server = stack.enter_context(KubeApiServer())
+            up = {"store": "kube", "kubeconfig": str(server.kubeconfig)}
+        root = Path(tempfile.mkdtemp(prefix="mnb", dir="/tmp"))
+        stack.callback(shutil.rmtree, root, True)
+        path = root / "isp.yml"
+        path.write_text(text)
+        marks: list[tuple[float, str]] = []
+        lab = Lab(f"bisp{nodes}{store[0]}", root=root, progress=lambda msg: marks.append((time.perf_counter(), msg)))
+
+        def cleanup() -> None:
+            if lab.exists():
+                stop_daemons(lab)
+                lab.down()
+
+        stack.callback(cleanup)
+        lab.up(str(path), nodes, **up)
+        failed = {r.name: r.error for r in lab.state.pods.values() if r.state != "up"}
+        if failed:
+            raise RuntimeError(f"isp lab: {len(failed)} pods failed, e.g. {next(iter(failed.items()))}")
+        figure = cold_add_seconds(lab, marks)
+        t0 = time.perf_counter()
+        routed = install_routes(lab)
+        routes_s = time.perf_counter() - t0
+        pids = [lab.state.daemons[n] for n in lab.state.nodes]
+        cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+        time.sleep(idle_seconds)  # longer than one 30 s resync
+        idle = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0) / len(pids)
+        rss = peak_rss_mib(lab)
+        batches = journal_batches(lab, 0, time.time() + 0.5)
+        # The routes' batches are not part of bring-up: only what came before them is replayed.
+        batches = [b for b in batches if not any(c.startswith("route ") or "dev lo" in c for c in b[1])]
+        floor = floor_of(lab, batches, list(lab.state.pods), 1)
+        for node in lab.state.nodes:
+            lab.start_daemon(node)
+        for node in lab.state.nodes:
+            lab.wait_daemon(node)
+        t0 = time.perf_counter()
+        problems = lab.down()
+        down_s = time.perf_counter() - t0
+    flo = _median(floor)
+    link_total = sum(len(t.links) for t in parsed.topologies) // 2
+    return {"nodes": nodes, "store": store, "routers": routers, "links": link_total, "figure_s": round(figure, 3),
+            "floor_s": flo, "ratio": round(figure / flo, 2), "per_link_ms": round(1000 * figure / link_total, 1),
+            "batches": len(batches), "routes_compute_s": round(compute_s, 3), "routes_install_s": round(routes_s, 3),
+            "routes": routed["routes"], "unreachable": len(plan.unreachable), "down_s": round(down_s, 3),
+            "down_problems": len(problems), "peak_rss_mib": rss, "idle_cpu_per_daemon_pct": round(100 * idle, 2)}

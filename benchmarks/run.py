@@ -110,6 +110,22 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
         if r:
             rows.append({"what": r["name"], "figure": "—" if r["seconds"] is None else _s(r["seconds"]),
                          "floor": "—", "ratio": "—", "target": f"≤ {r['target']} s", "verdict": _verdict(r["ok"])})
+    for key in ("isp3s", "isp3k", "isp6s", "isp6k"):
+        r = results.get(key)
+        if r:
+            what = f"ISP-sized: {r['routers']} routers, {r['links']} links, {r['nodes']} nodes, {r['store']}"
+            rows.append({"what": f"{what}: first ADD → every link up ({r['per_link_ms']} ms per link)",
+                         "figure": _s(r["figure_s"]), "floor": _s(r["floor_s"]), "ratio": f"{r['ratio']:.1f}×",
+                         "target": "≤ 2× floor + eth0 delegate", "verdict": "(reported)"})
+            rows.append({"what": f"{what}: `lab down`", "figure": _s(r["down_s"]), "floor": "—", "ratio": "—",
+                         "target": "≤ 20 s", "verdict": _verdict(r["down_s"] <= 20)})
+            rows.append({"what": f"{what}: routes computed (installed)",
+                         "figure": f"{_s(r['routes_compute_s'])} ({_s(r['routes_install_s'])})", "floor": "—",
+                         "ratio": "—", "target": "≤ 3 s computed", "verdict": _verdict(r["routes_compute_s"] <= 3)})
+            rows.append({"what": f"{what}: meshnetd peak RSS; idle CPU per daemon",
+                         "figure": f"{r['peak_rss_mib']} MiB; {r['idle_cpu_per_daemon_pct']} % of a core",
+                         "floor": "—", "ratio": "—", "target": "idle ≤ 2 % of a core",
+                         "verdict": _verdict(r["idle_cpu_per_daemon_pct"] <= 2)})
     r = results.get("kube")
     if r:
         rows.append({"what": f"Kubernetes API calls per pod ADD, kube store ({r['pods']} pods, {r['links']} links)",
@@ -159,10 +175,32 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
     return "\n".join(out)
 
 
+# Hand-written sections of docs/performance.md (figures of long runs, with their circumstances) that
+# a regenerated report keeps, before its raw results.
+KEPT_SECTIONS = ("## ISP-sized labs",)
+
+
+def keep_kept_sections(old: str, new: str) -> str:
+    kept: list[str] = []
+    for heading in KEPT_SECTIONS:
+        start = old.find(f"\n{heading}\n")
+        if start < 0 or f"\n{heading}\n" in new:
+            continue
+        end = old.find("\n## ", start + 1)
+        kept.append(old[start + 1:end + 1 if end >= 0 else len(old)])
+    if not kept:
+        return new
+    at = new.find("\n## Raw results")
+    at = len(new) if at < 0 else at + 1
+    return new[:at] + "".join(kept) + new[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__)
     parser.add_argument("--write", default="", help="write the markdown report to this file")
     parser.add_argument("--quick", action="store_true", help="fewer runs and 300 links instead of 1500 (a smoke test)")
+    parser.add_argument("--only", default="", metavar="PREFIX",
+                        help="run only the benchmarks whose key starts with PREFIX (e.g. isp, isp3s, kube)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks.run: needs root (network namespaces)", file=sys.stderr)
@@ -183,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         ("heal_daemon_wiped", lambda: selfheal.daemon_restart(500, wipe=True)),
         ("heal_pod", selfheal.pod_restart),
         ("heal_hot", selfheal.hot_change),
+        # ISP-sized labs (750 routers, 900 links): minutes each.
+        ("isp3s", lambda: lab_bench.isp(3, "sqlite")),
+        ("isp3k", lambda: lab_bench.isp(3, "kube")),
+        ("isp6s", lambda: lab_bench.isp(6, "sqlite")),
+        ("isp6k", lambda: lab_bench.isp(6, "kube")),
     ]
+    steps = [(key, fn) for key, fn in steps if key.startswith(args.only)]
+    if not steps:
+        parser.error(f"--only: no benchmark key starts with {args.only!r}")
     started = time.monotonic()
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -198,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench {key}: {time.monotonic() - t0:.1f} s {json.dumps(results.get(key) or errors[key])}",
               file=sys.stderr, flush=True)
     text = render_markdown(machine(), results, errors, time.monotonic() - started)
+    if args.write and Path(args.write).exists():
+        text = keep_kept_sections(Path(args.write).read_text(), text)
     if args.write:
         Path(args.write).write_text(text)
         print(f"wrote {args.write}", file=sys.stderr)

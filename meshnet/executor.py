@@ -124,6 +124,12 @@ def _classify(stderr: str) -> type[CommandFailed]:
     return CommandFailed
 
 
+def _failure_level(stderr: str) -> str:
+    # "File exists" is mostly a race its caller handles (a concurrent ADD or a restarted daemon got
+    # there first; the caller logs `...-race-handled`): not an error unless the caller says so.
+    return "info" if _classify(stderr) is LinkExists else "error"
+
+
 @dataclass
 class Journal:
     """What ran: in memory (bounded) and, when a path is given, appended as JSON lines."""
@@ -199,7 +205,7 @@ class Executor:
             # Every executed command reaches the log, so `kubectl logs` alone tells what meshnet did.
             self._log(event=f"{tool}-batch", netns=netns or ".", commands=len(batch), rc=rc,
                       ms=round(elapsed * 1000, 2), lines=entry["commands"],
-                      **({"stderr": stderr.strip()} if rc else {}))
+                      **({"stderr": stderr.strip(), "level": _failure_level(stderr)} if rc else {}))
         return BatchOutcome(netns, batch, rc, stderr)
 
     def _run_phase(self, phase: list[tuple[str | None, list[Command]]], *, force: bool) -> list[BatchOutcome]:

@@ -305,3 +305,15 @@ def test_a_missing_tc_is_a_typed_failure(fp: FakeProcess) -> None:
     with pytest.raises(CommandFailed, match="mnt-no-such-tc: command not found"):
         ex.apply([Command("pa", ("qdisc", "add", "dev", "eth1", "root", "tbf"), 1, "tc/add.j2", "tc")])
     assert Executor(unshare="mnt-no-such-unshare").capabilities().netem is False
+
+
+def test_a_file_exists_failure_is_logged_as_info_other_failures_as_errors(fp: FakeProcess) -> None:
+    """"File exists" is mostly a race the caller handles (and logs as handled): it must not read as an error."""
+    events: list[dict[str, Any]] = []
+    executor = Executor(log=lambda **e: events.append(e))
+    for stderr, error in (("RTNETLINK answers: File exists\nCommand failed -:1\n", LinkExists),
+                          ("RTNETLINK answers: Operation not permitted\nCommand failed -:1\n", CommandFailed)):
+        fp.register(ip_argv(fp, "node"), stderr=stderr, returncode=1)
+        with pytest.raises(error):
+            executor.apply(veth(1, "pa", "pb", "eth1"))
+    assert [(e["rc"], e["level"]) for e in events] == [(1, "info"), (1, "error")]

@@ -381,7 +381,7 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     # Read Topologies, write only their status: a node cannot change any pod's links (issue 12).
     assert granted == {("networkop.co.uk", "topologies", v) for v in ("get", "list", "watch")} | {
-        ("networkop.co.uk", "topologies/status", "update")}
+        ("networkop.co.uk", "topologies/status", v) for v in ("update", "patch")}
     binding = only(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == only(objects, "ClusterRole")["metadata"]["name"]
     sa = only(objects, "ServiceAccount")
@@ -611,7 +611,10 @@ def test_the_daemon_needs_no_more_than_the_cluster_role_grants() -> None:
     update_status = update_status[: update_status.index("\n    def ", 10)]
     calls = set(re.findall(r"self\._api\.(\w+)", update_status))
     assert calls <= {"get_namespaced_custom_object", "replace_namespaced_custom_object_status"}, calls
-    assert "patch_namespaced_custom_object" not in kube
+    link_states = kube[kube.index("    def update_link_states("):]
+    link_states = link_states[: link_states.index("\n    def ", 10)]
+    assert set(re.findall(r"self\._api\.(\w+)", link_states)) == {"patch_namespaced_custom_object_status"}
+    assert "patch_namespaced_custom_object," not in kube  # the main resource (its spec) is never patched
     topo_kube = (ROOT / "meshnet" / "topo" / "kube.py").read_text()
     assert "load_kube_config" in topo_kube  # meshnetctl create/destroy: the user's kubeconfig
 

@@ -297,3 +297,91 @@ def test_every_status_field_survives_the_store(store: Store) -> None:
     store.update_status("default", "r1", lambda cur: status)
     got = store.get("default", "r1")
     assert got is not None and got.status == status
+
+
+def _three_links_waiting(store: Store, container: str = "c1") -> Topology:
+    """r1 with links 1-3 to r2, r3, r4, all pending (and skipped), owned by sandbox `container`."""
+    store.apply(Topology("r1", "default", tuple(Link(u, f"r{u + 1}", f"eth{u}", "eth1") for u in (1, 2, 3))))
+    written = store.update_status("default", "r1", lambda t: TopologyStatus(
+        container_id=container,
+        links=tuple(LinkStatus(u, "", "pending", "waiting", "") for u in (1, 2, 3)),
+        skipped=tuple(Skip(f"r{u + 1}", u) for u in (1, 2, 3))))
+    assert written is not None
+    return written
+
+
+def _up(uid: int) -> LinkStatus:
+    return LinkStatus(uid, "veth", "up", "", f"eth{uid}")
+
+
+def test_link_states_change_only_their_entries_over_a_stale_copy(store: Store) -> None:
+    known = _three_links_waiting(store)
+    # Another writer changes link 3 after our copy was read.
+    store.update_link_states("default", "r1", "c1", [_up(3)], known=known)
+    got = store.update_link_states("default", "r1", "c1", [_up(1)], known=known)
+    assert got is not None and got == store.get("default", "r1")
+    assert got.status.links == (_up(1), known.status.links[1], _up(3))
+    assert got.status.skipped == (Skip("r3", 2),)
+    assert got.status.container_id == "c1"
+
+
+def test_link_states_over_a_stale_copy_of_the_same_entry_still_land(store: Store) -> None:
+    known = _three_links_waiting(store)
+    error = LinkStatus(1, "veth", "error", "boom", "eth1")
+    store.update_link_states("default", "r1", "c1", [error], known=known)  # entry 1 changed meanwhile
+    got = store.update_link_states("default", "r1", "c1", [_up(1)], known=known)
+    assert got is not None and got.status.links[0] == _up(1)
+    assert [s.link_id for s in got.status.skipped] == [2, 3]
+
+
+def test_link_states_add_entries_and_waiting_links(store: Store) -> None:
+    known = _three_links_waiting(store)
+    store.update_status("default", "r1", lambda t: replace(t.status, links=t.status.links[:2], skipped=()))
+    got = store.update_link_states("default", "r1", "c1", [LinkStatus(3, "", "pending", "again", "")], known=known)
+    assert got is not None
+    assert [s.uid for s in got.status.links] == [1, 2, 3]
+    assert got.status.skipped == (Skip("r4", 3),)
+
+
+def test_link_states_leave_a_newer_sandboxs_status_alone(store: Store) -> None:
+    known = _three_links_waiting(store)
+    newer = store.update_status("default", "r1", lambda t: replace(t.status, container_id="c2"))
+    assert newer is not None
+    assert store.update_link_states("default", "r1", "c1", [_up(1)], known=known) == newer
+    assert store.get("default", "r1") == newer
+    assert store.update_link_states("default", "r1", "c1", [_up(1)], known=newer) == newer
+
+
+def test_link_states_of_a_missing_topology(store: Store) -> None:
+    known = _three_links_waiting(store)
+    store.delete("default", "r1")
+    assert store.update_link_states("default", "r1", "c1", [_up(1)], known=known) is None
+
+
+def test_link_state_writers_racing_on_one_status_lose_nothing(store: Store) -> None:
+    uids = range(1, 25)
+    store.apply(Topology("r1", "default", tuple(Link(u, f"p{u}", f"eth{u}", "eth1") for u in uids)))
+    known = store.update_status("default", "r1", lambda t: TopologyStatus(
+        container_id="c1", links=tuple(LinkStatus(u, "", "pending", "", "") for u in uids),
+        skipped=tuple(Skip(f"p{u}", u) for u in uids)))
+    assert known is not None
+    start = threading.Barrier(len(uids))
+    failures: list[BaseException] = []
+
+    def one(uid: int) -> None:
+        try:
+            start.wait()
+            store.update_link_states("default", "r1", "c1", [_up(uid)], known=known)
+        except BaseException as e:  # reported below; a thread's exception would vanish otherwise
+            failures.append(e)
+
+    threads = [threading.Thread(target=one, args=(u,)) for u in uids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    final = store.get("default", "r1")
+    assert final is not None
+    assert final.status.links == tuple(_up(u) for u in uids)
+    assert final.status.skipped == ()

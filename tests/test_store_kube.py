@@ -206,3 +206,25 @@ def test_watch_reader_thread_ends_with_the_watch(store: KubeStore) -> None:
     stop.set()
     assert list(events) == []
     assert not [t for t in threading.enumerate() if t.name == "meshnet-kube-watch"]
+
+
+def test_link_states_are_one_guarded_patch_whoever_wrote_other_entries(kube_api: KubeApiServer,
+                                                                       store: KubeStore) -> None:
+    from meshnet.model import LinkStatus, Skip
+
+    store.apply(Topology("r1", "default", tuple(Link(u, f"r{u + 1}", f"eth{u}", "eth1") for u in (1, 2))))
+    known = store.update_status("default", "r1", lambda t: TopologyStatus(
+        container_id="c1", links=tuple(LinkStatus(u, "", "pending", "", "") for u in (1, 2)),
+        skipped=(Skip("r2", 1), Skip("r3", 2))))
+    assert known is not None
+    up = [LinkStatus(u, "veth", "up", "", f"eth{u}") for u in (1, 2)]
+    kube_api.reset_counts()
+    store.update_link_states("default", "r1", "c1", [up[1]], known=known)
+    store.update_link_states("default", "r1", "c1", [up[0]], known=known)  # stale copy: entry 2 changed
+    assert [(r.method, r.path.endswith("/status")) for r in kube_api.requests] == [("PATCH", True)] * 2
+    # The entry itself changed since the copy: the guard fails (422), then get + put.
+    kube_api.reset_counts()
+    store.update_link_states("default", "r1", "c1", [LinkStatus(1, "veth", "error", "x", "eth1")], known=known)
+    assert [r.method for r in kube_api.requests] == ["PATCH", "GET", "PUT"]
+    final = store.get("default", "r1")
+    assert final is not None and final.status.links == (LinkStatus(1, "veth", "error", "x", "eth1"), up[1])

@@ -153,3 +153,39 @@ def test_open_store_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_open_store_refuses_bad_urls(url: str) -> None:
     with pytest.raises(ValueError, match="store URL"):
         open_store(url)
+
+
+def test_list_parses_each_spec_once_however_many_topologies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parses: list[str] = []
+    real = sqlite_store._parse_spec
+
+    def counting(namespace: str, name: str, spec: str) -> Topology:
+        parses.append(name)
+        return real(namespace, name, spec)
+
+    monkeypatch.setattr(sqlite_store, "_parse_spec", counting)
+    writer = SqliteStore(tmp_path / "store.db")
+    count = 600  # more than the 256 the cache used to hold
+    for i in range(count):
+        writer.apply(Topology(f"r{i}", "default", (Link(1, "peer", "eth1", "eth1"),)))
+    reader = SqliteStore(tmp_path / "store.db")  # another daemon on the same file
+    parses.clear()
+    assert len(reader.list()) == count
+    assert len(parses) == count  # its first look parses each once...
+    parses.clear()
+    for _ in range(3):
+        assert len(reader.list()) == count
+        assert len(reader.list("default")) == count
+    writer.update_status("default", "r7", set_container_id("c7"))
+    assert reader.get("default", "r7").status.container_id == "c7"  # type: ignore[union-attr]
+    assert parses == []  # ...and never again while the specs do not change (a status write is not one)
+    writer.apply(Topology("r8", "default", (Link(1, "r9", "eth9", "eth1"),)))
+    assert [t.links[0].local_intf for t in reader.list() if t.name == "r8"] == ["eth9"]
+    assert parses == ["r8", "r8"]  # a changed spec is parsed again, only it (by the writer and the reader)
+    # Rows deleted (here by the other process) leave the cache with the next listing.
+    for i in range(100):
+        writer.delete("default", f"r{i}")
+    assert len(reader.list()) == count - 100
+    assert len(reader._specs) == count - 100
+    writer.close()
+    reader.close()

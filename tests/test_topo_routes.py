@@ -20,7 +20,9 @@ from meshnet.topo.routes import (
     compute_routes,
     first_hops,
     install_routes,
+    loopback_pairs,
     loopbacks_from_text,
+    ping_loopbacks,
     pod_commands,
     read_loopbacks,
 )
@@ -115,6 +117,52 @@ def test_loopback_annotation_must_be_an_address() -> None:
         loopbacks_from_text(LINE.replace("192.0.2.1/32", "nope"))
 
 
+def _reference_routes(topos: list[Topology], loopbacks: dict[str, ipaddress.IPv4Interface]) -> RoutingPlan:
+    """The plain statement of the rule compute_routes optimises: a BFS with a queue from every
+    router, destinations and subnets sorted per router, the nearest attached router (then lowest
+    name) for a subnet."""
+    adj = adjacency(topos)
+    subnets: dict[ipaddress.IPv4Network, set[str]] = {}
+    for t in topos:
+        for lnk in t.links:
+            if lnk.local_ip is not None and not lnk.is_macvlan:
+                subnets.setdefault(lnk.local_ip.network, set()).add(t.name)  # type: ignore[arg-type]
+    routes: dict[str, tuple[Route, ...]] = {}
+    unreachable: dict[str, tuple[str, ...]] = {}
+    for src in adj:
+        first, dist = first_hops(adj, src)
+        out = []
+        for dst in sorted((d for d in adj if d in loopbacks), key=lambda d: (loopbacks[d], d)):
+            if dst != src and dst in first:
+                out.append(Route(loopbacks[dst].network, first[dst].peer_ip.ip, first[dst].local_intf))  # type: ignore[union-attr]
+        for net in sorted(subnets):
+            if src in subnets[net]:
+                continue
+            near = sorted((dist[e], e) for e in subnets[net] if e in first)
+            if near:
+                lnk = first[near[0][1]]
+                out.append(Route(net, lnk.peer_ip.ip, lnk.local_intf))  # type: ignore[union-attr]
+        routes[src] = tuple(out)
+        missing = tuple(d for d in sorted(adj) if d != src and d not in first)
+        if missing:
+            unreachable[src] = missing
+    return RoutingPlan(routes, {k: v for k, v in loopbacks.items() if k in adj}, unreachable)
+
+
+@pytest.mark.parametrize(("n", "m", "seed"), [(120, 160, 7), (60, 59, 3), (40, 300, 11)])
+def test_routes_equal_the_reference_on_mid_size_graphs(n: int, m: int, seed: int) -> None:
+    text = render(build(n, m, seed=seed))
+    topos = list(parse_manifest(text).topologies)
+    loopbacks = loopbacks_from_text(text)
+    assert compute_routes(topos, loopbacks) == _reference_routes(topos, loopbacks)  # type: ignore[arg-type]
+    # Cut into pieces (every router's links with uid % 7 == 0 dropped): unreachable parts agree too.
+    cut = [Topology(t.name, t.namespace, tuple(lnk for lnk in t.links if lnk.uid % 7)) for t in topos]
+    got = compute_routes(cut, loopbacks)
+    assert got == _reference_routes(cut, loopbacks)  # type: ignore[arg-type]
+    if m == n - 1:
+        assert got.unreachable  # a tree cut anywhere falls apart: the comparison covered that case
+
+
 @pytest.mark.parametrize(("n", "m", "seed"), [(20, 24, 20), (40, 80, 2), (15, 14, 8)])
 def test_forwarding_along_the_routes_reaches_every_loopback_on_a_shortest_path(n: int, m: int, seed: int) -> None:
     text = render(build(n, m, seed=seed))
@@ -133,7 +181,7 @@ def test_forwarding_along_the_routes_reaches_every_loopback_on_a_shortest_path(n
                 return owner[lnk.peer_ip.ip]
         best = max((r for r in plan.routes[router] if dst in r.destination), key=lambda r: r.destination.prefixlen)
         assert any(lnk.local_intf == best.dev for lnk in connected[router].values())
-        return owner[best.via]  # type: ignore[index]
+        return owner[best.via]
 
     for src in plan.routes:
         for dst, lo in plan.loopbacks.items():
@@ -148,7 +196,7 @@ def test_forwarding_along_the_routes_reaches_every_loopback_on_a_shortest_path(n
             back = next(iter(connected[src]))
             here, hops = dst, 0
             while back not in connected[here]:
-                here, hops = lookup(here, back.network_address + 1), hops + 1  # type: ignore[operator]
+                here, hops = lookup(here, back.network_address + 1), hops + 1  # type: ignore[arg-type]
                 assert hops <= n
 
 
@@ -194,6 +242,46 @@ def test_routed_20_router_lab_on_3_nodes_every_loopback_answers_every_router(tmp
         # Running it again changes nothing and breaks nothing (replace, not add).
         assert install_routes(lab)["routes"] == summary["routes"]
         assert _ping(pods["qrtr-1"], str(loopbacks["qrtr-20"].ip))
+        # `lab ping --loopbacks`: every pair, or a seeded sample; a missing route is a failure.
+        every = ping_loopbacks(lab)
+        assert len(every) == 380 and all(r["ok"] for r in every)
+        sampled = ping_loopbacks(lab, sample=25, seed=3)
+        assert len({(r["from"], r["to"]) for r in sampled}) == 25 and all(r["ok"] for r in sampled)
+        assert [(r["from"], r["to"]) for r in ping_loopbacks(lab, sample=25, seed=3)] == \
+               [(r["from"], r["to"]) for r in sampled]
+        subprocess.run(["ip", "-n", pods["qrtr-1"], "route", "del", str(loopbacks["qrtr-20"].network)], check=True)
+        broken = [(r["from"], r["to"]) for r in ping_loopbacks(lab) if not r["ok"]]
+        assert broken == [("qrtr-1", "qrtr-20")]
+        install_routes(lab)
         # The live graph colours every link by the lab's state.
         data = graph_data(lab.manifest(), loopbacks, status["links"])
         assert sorted(lk["state"] for lk in data["links"]) == ["up"] * 24
+
+
+def test_validate_checks_loopback_annotations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yml"
+    good.write_text(render(build(6, 7, seed=1)))
+    assert main(["validate", str(good)]) == 0
+    bad = tmp_path / "bad.yml"
+    text = good.read_text()
+    lo1, lo2, lo3 = (str(loopbacks_from_text(text)[f"qrtr-{i}"]) for i in (1, 2, 3))
+    # Router 2 claims router 1's loopback; router 3's is not an address.
+    bad.write_text(text.replace(f"loopback: {lo2}", f"loopback: {lo1}").replace(f"loopback: {lo3}", "loopback: 10.1.2"))
+    capsys.readouterr()
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"Pod default/qrtr-2: metadata.annotations.meshnet.networkop.co.uk/loopback: {lo1} is also the " \
+           "loopback of Pod default/qrtr-1" in err
+    assert "Pod default/qrtr-3: metadata.annotations.meshnet.networkop.co.uk/loopback: '10.1.2' is not an " \
+           "address" in err
+
+
+def test_loopback_pairs_are_every_ordered_pair_or_a_seeded_sample() -> None:
+    names = [f"r{i}" for i in range(7)]
+    every = loopback_pairs(names)
+    assert every == [(a, b) for a in names for b in names if a != b]
+    sample = loopback_pairs(names, sample=10, seed=4)
+    assert len(set(sample)) == 10 and set(sample) <= set(every)
+    assert sample == loopback_pairs(list(reversed(names)), sample=10, seed=4)  # the seed decides, not the order
+    assert loopback_pairs(names, sample=100) == every
+    assert len(loopback_pairs([f"r{i}" for i in range(750)], sample=50, seed=1)) == 50

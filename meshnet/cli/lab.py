@@ -36,7 +36,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     lab = _lab(args)
     try:
         cni_bin = [args.cni_bin] if args.cni_bin else None
-        summary = lab.up(args.file, args.nodes, store=args.store, kubeconfig=args.kubeconfig, cni_bin=cni_bin)
+        summary = lab.up(args.file, args.nodes, store=args.store, kubeconfig=args.kubeconfig, cni_bin=cni_bin,
+                         raise_neigh_limits=args.raise_neigh_limits)
     except (LabError, ManifestError) as e:
         output.fail("lab up", e)
         if not isinstance(e, ManifestError) and lab.exists():
@@ -142,7 +143,30 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:
-    return 0 if _print_connectivity(_lab(args, quiet=True).connectivity()) else 1
+    if not args.loopbacks:
+        if args.sample is not None:
+            return output.fail("lab ping", "--sample: only with --loopbacks")
+        return 0 if _print_connectivity(_lab(args, quiet=True).connectivity()) else 1
+    from meshnet.lab.state import LabError
+    from meshnet.topo.routes import ping_loopbacks
+
+    if args.sample is not None and args.sample < 1:
+        return output.fail("lab ping", f"--sample: {args.sample} is not a positive number of pairs")
+    if not 1 <= args.workers <= 256:
+        return output.fail("lab ping", f"--workers: {args.workers} is outside 1..256")
+    try:
+        results = ping_loopbacks(_lab(args, quiet=True), args.sample, args.seed, args.workers)
+    except (LabError, ManifestError, OSError) as e:
+        return output.fail("lab ping", e)
+    if not results:
+        print("no routers with loopbacks to ping (the manifest's pods have no loopback annotation)")
+        return 0
+    failed = [r for r in results if not r["ok"]]
+    if failed:
+        output.table([[r["from"], r["to"], r["address"], "FAIL"] for r in failed], ["FROM", "TO", "LOOPBACK", "PING"])
+    what = f"a sample of {len(results)} (seed {args.seed})" if args.sample is not None else f"all {len(results)}"
+    print(f"{len(results) - len(failed)}/{len(results)} router pairs reach each other's loopback ({what} pairs)")
+    return 1 if failed else 0
 
 
 def _cmd_pod_restart(args: argparse.Namespace) -> int:
@@ -174,6 +198,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--ping", action="store_true", help="print the connectivity matrix when up")
     p.add_argument("--routes", action="store_true",
                    help="route it: forwarding on, loopbacks on lo, shortest-path static routes in every pod")
+    p.add_argument("--raise-neigh-limits", action="store_true",
+                   help="raise the kernel's neighbour table limits (net.ipv4/ipv6.neigh.default.gc_thresh*, shared "
+                        "by the whole machine) to fit the lab, until `lab down` restores them")
     p.set_defaults(func=_cmd_up)
     p = with_name(lsub.add_parser("apply", help="hot change: update the lab's store and pods from an edited FILE"))
     p.add_argument("file")
@@ -188,6 +215,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_exec)
     p = with_name(lsub.add_parser("ping", help="ping every addressed link end from its peer"))
+    p.add_argument("--loopbacks", action="store_true",
+                   help="routed reachability instead: every router pings every other router's loopback (after "
+                        "`lab up --routes`)")
+    p.add_argument("--sample", type=int, default=None, metavar="N", help="with --loopbacks: only N random pairs")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: the seed that picks the pairs")
+    p.add_argument("--workers", type=int, default=32, help="pings at once (default 32)")
     p.set_defaults(func=_cmd_ping)
     pod = lsub.add_parser("pod", help="pod operations").add_subparsers(dest="pod_command", required=True)
     p = with_name(pod.add_parser("restart", help="DEL, new network namespace, ADD"))

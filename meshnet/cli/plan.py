@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from meshnet.cli import output
@@ -18,6 +19,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         except ManifestError as e:
             ok = False
             output.problems(f"{path}: invalid", e.problems)
+            continue
+        from meshnet.topo.routes import loopback_problems
+
+        bad = loopback_problems(Path(path).read_text(), path)
+        if bad:
+            ok = False
+            output.problems(f"{path}: invalid", bad)
             continue
         links = sum(len(t.links) for t in m.topologies)
         print(f"{path}: ok ({len(m.topologies)} topologies, {len(m.pods)} pods, {links} link ends)")

@@ -248,7 +248,10 @@ class CniVerbs:
             try:
                 executor.apply(render(plans, "add", caps))
             except LinkExists:
-                # A concurrent ADD, a restarted daemon or a re-ADD got there first: look.
+                # A concurrent ADD, a restarted daemon or a re-ADD got there first: look. Logged as
+                # handled, so the batch's "File exists" above it does not read as a failure.
+                state.log(event="link-exists-race-handled", level="info", namespace=namespace,
+                          uids=[p.uid for p in plans][:20])
                 view = kernel.read_view(executor, [e.netns for p in plans for e in p.ends])
                 todo = kernel.differences(plans, view, caps, state.applied())
                 if todo:

@@ -39,6 +39,11 @@ class LinkStatusWriter:
         if not states and not whole:
             return
         owner = topo.status.container_id if container is None else container
+        if not whole and plumbing_error is None:
+            # A peer's news about some links: only their entries change, which the store can write
+            # without fighting the pod's own ADD or other peers over the rest of the status.
+            self.state.store.update_link_states(topo.namespace, topo.name, owner, states, known=topo)
+            return
         by_uid = {s.uid: s for s in states}
 
         def write(cur: Topology) -> TopologyStatus | None:

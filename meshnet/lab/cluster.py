@@ -34,7 +34,8 @@ from meshnet.dryrun import (
     simulate_adds,
 )
 from meshnet.executor import Executor
-from meshnet.lab.kubelet import Kubelet, check_cni_plugins, default_cni_bin
+from meshnet.lab import limits
+from meshnet.lab.kubelet import POD_SUBNET, Kubelet, check_cni_plugins, default_cni_bin
 from meshnet.lab.processes import Supervisor
 from meshnet.lab.reports import Reports
 from meshnet.lab.state import LAB_ROOT, LabError, LabNames, LabState, PodRecord, StateFile, check_lab_name
@@ -118,7 +119,8 @@ class Lab:
     # --- bring-up and change -----------------------------------------------------------------------
 
     def up(self, manifest_path: str, nodes: int, *, store: str = "sqlite", kubeconfig: str = "",
-           cni_bin: list[str] | None = None, workers: int = 8, cni_env_path: str = "") -> dict[str, Any]:
+           cni_bin: list[str] | None = None, workers: int = 8, cni_env_path: str = "",
+           raise_neigh_limits: bool = False) -> dict[str, Any]:
         if self.exists():
             raise LabError(f"lab {self.name!r} is already up; `meshnetctl lab down --name {self.name}` first")
         if not 1 <= nodes <= 50:
@@ -128,6 +130,14 @@ class Lab:
             why = naming.netns_problem(self.pod_netns(p.name))
             if why:
                 raise LabError(f"pod {p.namespace}/{p.name}: name too long for the lab: {why}")
+        per_node: dict[str, int] = {}
+        for i in place_pods(manifest, nodes).values():
+            per_node[f"node{i}"] = per_node.get(f"node{i}", 0) + 1
+        limits.check_pod_capacity(per_node, nodes, POD_SUBNET)
+        neighbours = limits.neigh_entries(manifest)
+        warning = None if raise_neigh_limits else limits.neigh_warning(neighbours)
+        if warning:
+            self._progress(warning)
         check_cni_plugins()
         if store == "sqlite":
             store_url = f"sqlite://{self.dir / 'store.db'}"
@@ -145,6 +155,9 @@ class Lab:
             state.pods[p.name] = PodRecord(p.name, p.namespace, f"node{placement[key]}", self.pod_netns(p.name))
         self.file.create(state)
         try:
+            if raise_neigh_limits:
+                raised = limits.raise_limits(self.dir, neighbours)
+                self._progress(f"neighbour table limits raised for the lab: {raised}")
             self._progress(f"lab {self.name}: {nodes} node(s), underlay {UNDERLAY}")
             self._build_infra(manifest, nodes)
             if store == "kube":
@@ -290,6 +303,7 @@ class Lab:
         leftovers = sorted(p.name for p in NETNS_DIR.glob(f"{self.prefix}*")) if NETNS_DIR.exists() else []
         if leftovers:
             self.executor.run_best_effort([Command(None, ("netns", "del", n)) for n in leftovers])
+        problems += limits.restore_limits(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.file.forget()
         return problems

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
-from meshnet.model import Topology, TopologyStatus
+from meshnet.model import LinkStatus, Skip, Topology, TopologyStatus
 
 
 class StoreError(Exception):
@@ -70,6 +70,16 @@ class Store(Protocol):
         (a stale copy must never be the reason a write is skipped)."""
         ...
 
+    def update_link_states(self, namespace: str, name: str, container: str, states: Sequence[LinkStatus], *,
+                           known: Topology) -> Topology | None:
+        """Merge `states` into the pod's status (see `merge_link_states`) while the status belongs
+        to sandbox `container`. The same outcome as `update_status` with that merge, but a store
+        that can writes only the entries these states own (kube: a JSON patch guarded by tests of
+        the container id and of each entry's uid, built from `known`), so the pod's own ADD and its
+        peers' link-state updates do not fight over the status; when the guard fails (`known` was
+        stale where it matters) it falls back to the compare-and-set."""
+        ...
+
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
               timeout: float = 1.0) -> Iterator[WatchEvent]:
         """Changes after the call, until stop() is true (checked at least every `timeout` seconds)."""
@@ -124,3 +134,21 @@ def update_status_cas(namespace: str, name: str, fn: StatusMutation, known: Topo
                 backoff(attempt)
         current, confirmed = read(), True
     raise StoreConflict(f"Topology {namespace}/{name}: status update lost {CAS_TRIES} times in a row")
+
+
+def merge_link_states(cur: Topology, container: str, states: Sequence[LinkStatus]) -> TopologyStatus | None:
+    """`cur`'s status with `states` merged in by uid (sorted by uid), and `skipped` following them
+    (a pending link waits for its peer pod, any other state does not); None when the status
+    belongs to another sandbox than `container` or nothing changes."""
+    if cur.status.container_id != container:
+        return None  # a newer sandbox owns the status now
+    by_uid = {s.uid: s for s in states}
+    links = tuple(sorted([*(s for s in cur.status.links if s.uid not in by_uid), *by_uid.values()],
+                         key=lambda s: s.uid))
+    waiting = [s for s in cur.status.skipped if s.link_id not in by_uid]
+    for uid, state in by_uid.items():
+        link = cur.link(uid)
+        if state.state == "pending" and link is not None:
+            waiting.append(Skip(link.peer_pod, uid))
+    new = replace(cur.status, links=links, skipped=tuple(sorted(waiting, key=lambda s: s.link_id)))
+    return None if new == cur.status else new

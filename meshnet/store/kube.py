@@ -22,14 +22,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import kubernetes
 import urllib3
 
-from meshnet.model import GROUP, PLURAL, VERSION, ManifestError, Topology, TopologyStatus, parse_topology
+from meshnet.model import GROUP, PLURAL, VERSION, LinkStatus, ManifestError, Topology, TopologyStatus, parse_topology
 from meshnet.store.base import (
     CAS_TRIES,
     CompareFailed,
@@ -40,6 +40,7 @@ from meshnet.store.base import (
     StoreUnavailable,
     WatchEvent,
     backoff,
+    merge_link_states,
     update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, Key, resync_events, track
@@ -277,6 +278,30 @@ class KubeStore:
         return update_status_cas(namespace, name, fn, known, read=lambda: self.get(namespace, name),
                                  write=write, backoff=_backoff)
 
+    def update_link_states(self, namespace: str, name: str, container: str, states: Sequence[LinkStatus], *,
+                           known: Topology) -> Topology | None:
+        """One JSON patch of just the entries `states` change, guarded by `test`s, so that it applies
+        whoever wrote other parts of the status meanwhile (no resourceVersion: no 409 to retry);
+        when a guard fails (422) or the patch cannot be built from `known`, the compare-and-set."""
+        def merge(cur: Topology) -> TopologyStatus | None:
+            return merge_link_states(cur, container, states)
+
+        hint: Topology | None = known
+        ops = link_state_patch(known, container, states) if known.key == (namespace, name) else None
+        if ops:
+            try:
+                return Topology.from_api(self._call(self._api.patch_namespaced_custom_object_status, GROUP, VERSION,
+                                                    namespace, PLURAL, name, ops,
+                                                    _content_type="application/json-patch+json"))
+            except kubernetes.client.ApiException as e:
+                if _not_found(e):
+                    return None
+                # a 409 cannot come without a resourceVersion to compare; a failed guard all the same
+            except StoreInvalid:
+                pass  # a `test` failed (422): our copy is stale where it matters
+            hint = None  # stale: the compare-and-set starts from a fresh read
+        return self.update_status(namespace, name, merge, known=hint)
+
     # -- watch ---------------------------------------------------------------------------------
 
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
@@ -403,3 +428,40 @@ class _WatchReader(threading.Thread):
         for event in resync_events(self._known, KubeStore._parse_items(listed)):
             self._events.put(event)
 
+
+
+def link_state_patch(known: Topology, container: str, states: Sequence[LinkStatus]) -> list[dict[str, Any]] | None:
+    """The JSON patch (RFC 6902) that turns `known`'s status into `merge_link_states`'s, touching
+    only the entries that change, each guarded by a `test` (its index comes from `known`, which
+    may be stale): of the container id, and of each replaced link entry and each removed `skipped`
+    entry as `known` has it (changed meanwhile: the patch fails whole). None when the merge needs
+    more than replacing existing link entries and removing `skipped` entries (a new entry, a new
+    `skipped` entry: a test cannot guard an append against a concurrent one) or changes nothing
+    by `known` (which a fresh read must confirm): the caller does the compare-and-set then."""
+    new = merge_link_states(known, container, states)
+    if new is None:
+        return None
+    old = known.status
+    if len(new.links) != len(old.links):
+        return None
+    index = {s.uid: i for i, s in enumerate(old.links)}
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/status/container_id", "value": container}]
+    changes: list[dict[str, Any]] = []
+    for entry in new.links:
+        i = index.get(entry.uid)
+        if i is None:
+            return None
+        if old.links[i] != entry:
+            ops.append({"op": "test", "path": f"/status/links/{i}", "value": old.links[i].to_api()})
+            changes.append({"op": "replace", "path": f"/status/links/{i}", "value": entry.to_api()})
+    kept = set(new.skipped)
+    if not kept <= set(old.skipped):
+        return None
+    # Removed from the end first: each removal leaves the indices before it as they were.
+    for j in reversed(range(len(old.skipped))):
+        if old.skipped[j] not in kept:
+            gone = old.skipped[j]
+            ops.append({"op": "test", "path": f"/status/skipped/{j}",
+                        "value": {"pod_name": gone.pod_name, "link_id": gone.link_id}})
+            changes.append({"op": "remove", "path": f"/status/skipped/{j}"})
+    return ops + changes if changes else None

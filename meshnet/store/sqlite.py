@@ -20,12 +20,12 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meshnet.model import API_VERSION, KIND, Topology, TopologyStatus, parse_topology
+from meshnet.model import API_VERSION, KIND, LinkStatus, Topology, TopologyStatus, parse_topology
 from meshnet.store.base import (
     CompareFailed,
     StatusMutation,
@@ -33,6 +33,7 @@ from meshnet.store.base import (
     StoreUnavailable,
     WatchEvent,
     backoff,
+    merge_link_states,
     update_status_cas,
 )
 from meshnet.store.resync import EVENT_TYPES, resync_events, track
@@ -71,10 +72,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-@functools.lru_cache(maxsize=256)
-def _parsed_spec(namespace: str, name: str, spec: str) -> Topology:
-    # Parsing is most of the cost of a read (a 1500-link spec takes ~25 ms) and a spec rarely
-    # changes while its status does many times per pod: parse each stored spec text once.
+def _parse_spec(namespace: str, name: str, spec: str) -> Topology:
     return parse_topology({
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -94,9 +92,45 @@ def _status(namespace: str, name: str, text: str) -> TopologyStatus:
     return TopologyStatus.from_api(raw, obj)
 
 
-def _topology(namespace: str, name: str, spec: str, status: str, resource_version: int) -> Topology:
-    return replace(_parsed_spec(namespace, name, spec), status=_status(namespace, name, status),
-                   resource_version=str(resource_version))
+class _SpecCache:
+    """Every stored Topology's parsed spec, by (namespace, name), valid while its spec text is.
+
+    Parsing is most of the cost of a read (a 1500-link spec takes ~25 ms) and a spec rarely
+    changes while its status does many times per pod: each stored spec text is parsed once. It
+    holds every Topology the store has (a bounded cache smaller than the store re-parses all of
+    them on every `list()` once the store outgrows it): entries go when their row does (a delete,
+    or a read that no longer finds the row, also one another process deleted). The key is the
+    spec text, not the row's version: a status write bumps the version, not the spec.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[str, Topology]] = {}
+        self._lock = threading.Lock()
+        self.parses = 0  # for tests: how many spec texts were parsed
+
+    def topology(self, namespace: str, name: str, spec: str, status: str, resource_version: int) -> Topology:
+        key = (namespace, name)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != spec:
+            entry = (spec, _parse_spec(namespace, name, spec))
+            with self._lock:
+                self._entries[key] = entry
+                self.parses += 1
+        return replace(entry[1], status=_status(namespace, name, status), resource_version=str(resource_version))
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._entries.pop((namespace, name), None)
+
+    def keep_only(self, namespace: str | None, present: set[tuple[str, str]]) -> None:
+        """After a full listing of `namespace` (None: all): drop what it did not find."""
+        with self._lock:
+            gone = [k for k in self._entries if (namespace is None or k[0] == namespace) and k not in present]
+            for k in gone:
+                del self._entries[k]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 _backoff = functools.partial(backoff, first=0.0005, doublings=6)
@@ -111,6 +145,7 @@ class SqliteStore:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._specs = _SpecCache()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._write() as db:
@@ -192,7 +227,10 @@ class SqliteStore:
     def _get(self, db: sqlite3.Connection, namespace: str, name: str) -> Topology | None:
         row = db.execute("SELECT spec, status, resource_version FROM topology WHERE namespace = ? AND name = ?",
                          (namespace, name)).fetchone()
-        return None if row is None else _topology(namespace, name, *row)
+        if row is None:
+            self._specs.forget(namespace, name)
+            return None
+        return self._specs.topology(namespace, name, *row)
 
     def get(self, namespace: str, name: str) -> Topology | None:
         try:
@@ -206,7 +244,9 @@ class SqliteStore:
             rows = db.execute(f"SELECT {columns} FROM topology ORDER BY namespace, name")
         else:
             rows = db.execute(f"SELECT {columns} FROM topology WHERE namespace = ? ORDER BY name", (namespace,))
-        return [_topology(*row) for row in rows]
+        out = [self._specs.topology(*row) for row in rows]
+        self._specs.keep_only(namespace, {t.key for t in out})
+        return out
 
     def list(self, namespace: str | None = None) -> list[Topology]:
         try:
@@ -250,7 +290,7 @@ class SqliteStore:
                 version = self._log_change(db, "MODIFIED", ns, name, spec, status)
                 db.execute("UPDATE topology SET spec = ?, resource_version = ? WHERE namespace = ? AND name = ?",
                            (spec, version, ns, name))
-        return _topology(ns, name, spec, status, version)
+        return self._specs.topology(ns, name, spec, status, version)
 
     def delete(self, namespace: str, name: str) -> bool:
         with self._write() as db:
@@ -259,12 +299,19 @@ class SqliteStore:
             if row is None:
                 return False
             self._log_change(db, "DELETED", namespace, name, row[0], row[1])
+        self._specs.forget(namespace, name)
         return True
 
     def update_status(self, namespace: str, name: str, fn: StatusMutation, *,
                       known: Topology | None = None) -> Topology | None:
         return update_status_cas(namespace, name, fn, known, read=lambda: self.get(namespace, name),
                                  write=self._write_status, backoff=_backoff)
+
+    def update_link_states(self, namespace: str, name: str, container: str, states: Sequence[LinkStatus], *,
+                           known: Topology) -> Topology | None:
+        # A local write is cheap and a lost round costs no round trip: the compare-and-set it is.
+        return self.update_status(namespace, name, lambda cur: merge_link_states(cur, container, states),
+                                  known=known)
 
     def _write_status(self, current: Topology, status: TopologyStatus) -> Topology | None:
         ns, name = current.namespace, current.name
@@ -308,7 +355,7 @@ class SqliteStore:
             if row is None:
                 return None
             spec = str(row[0])
-        return _topology(namespace, name, spec, status, change_id)
+        return self._specs.topology(namespace, name, spec, status, change_id)
 
     def _follow(self, namespace: str | None, cursor: int, known: dict[tuple[str, str], Topology],
                 stop: Callable[[], bool], poll: float) -> Generator[WatchEvent, None, None]:
@@ -348,6 +395,8 @@ class SqliteStore:
                     if topology is None:
                         continue
                     event = WatchEvent(EVENT_TYPES[kind], topology)
+                    if kind == "DELETED":
+                        self._specs.forget(ns, name)  # the row is gone: so is its cache entry
                     track(known, event)
                     yield event
         finally:

@@ -12,13 +12,14 @@ every link subnet.
 from __future__ import annotations
 
 import ipaddress
+import random
 import subprocess
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
@@ -37,8 +38,9 @@ class RouteError(Exception):
     """Routes could not be installed in a lab pod."""
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
+    # A tuple, not a frozen dataclass: a 750-router plan makes ~1.2 million of them, and a frozen
+    # dataclass's __init__ (object.__setattr__ per field) is most of the time spent making them.
     destination: IPNetwork
     via: IPAddress
     dev: str
@@ -76,6 +78,40 @@ def loopbacks_from_text(text: str, source: str = "<manifest>") -> dict[str, IPIn
     return out
 
 
+def loopback_problems(text: str, source: str = "<manifest>") -> list[str]:
+    """Every malformed loopback annotation, and every address two pods claim: what `validate`
+    reports before a lab is brought up (else the routes fail after it)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, Mapping)]
+    except yaml.YAMLError:
+        return []  # the manifest's own parse reports it
+    problems: list[str] = []
+    owner: dict[IPAddress, str] = {}
+    for doc in docs:
+        meta = doc.get("metadata")
+        if doc.get("kind") != "Pod" or not isinstance(meta, Mapping):
+            continue
+        annotations = meta.get("annotations")
+        value = annotations.get(LOOPBACK_ANNOTATION) if isinstance(annotations, Mapping) else None
+        if value is None:
+            continue
+        pod = f"Pod {meta.get('namespace') or 'default'}/{meta.get('name')}"
+        field = f"metadata.annotations.{LOOPBACK_ANNOTATION}"
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            address = ipaddress.ip_interface(value)
+        except ValueError:
+            problems.append(f"{source}: {pod}: {field}: {value!r} is not an address with prefix length "
+                            "(e.g. 10.255.0.1/32)")
+            continue
+        if address.ip in owner:
+            problems.append(f"{source}: {pod}: {field}: {value} is also the loopback of {owner[address.ip]}")
+        else:
+            owner[address.ip] = pod
+    return problems
+
+
 def read_loopbacks(path: str | Path) -> dict[str, IPInterface]:
     return loopbacks_from_text(Path(path).read_text(), str(path))
 
@@ -109,40 +145,95 @@ def first_hops(adj: Mapping[str, Sequence[tuple[str, Link]]], source: str) -> tu
 
 
 def compute_routes(topologies: Iterable[Topology], loopbacks: Mapping[str, IPInterface]) -> RoutingPlan:
+    """Every router's routes (see the module docstring), one BFS per router.
+
+    The work is |routers| searches plus |routers| × (|routers| + |subnets|) route choices (a 750-
+    router backbone: ~1.2 million routes), so everything that does not depend on the source is
+    done once: routers become indices (in name order, so "lower name" is "lower index"), the
+    destinations and subnets are sorted once, and each search fills flat lists instead of dicts.
+    """
     topos = list(topologies)
     adj = adjacency(topos)
-    # Every addressed link subnet, with the routers attached to it.
-    subnets: dict[IPNetwork, set[str]] = {}
+    names = list(adj)  # sorted by adjacency()
+    index = {name: i for i, name in enumerate(names)}
+    n = len(names)
+    # A link as a first hop: (gateway, device), made once (`Link.peer_ip.ip` builds a new object).
+    links = [[(index[peer], _hop(lnk)) for peer, lnk in adj[name]] for name in names]
+    # Every addressed link subnet, with the routers attached to it (as indices, ascending).
+    attached: dict[IPNetwork, set[int]] = {}
     for t in topos:
         for lnk in t.links:
-            if lnk.local_ip is not None and not lnk.is_macvlan:
-                subnets.setdefault(lnk.local_ip.network, set()).add(t.name)
+            if lnk.local_ip is not None and not lnk.is_macvlan and t.name in index:
+                attached.setdefault(lnk.local_ip.network, set()).add(index[t.name])
+    subnets = [(net, sorted(attached[net])) for net in sorted(attached, key=lambda n: (n.version, n))]
+    destinations = [(index[d], loopbacks[d].network)
+                    for d in sorted((d for d in names if d in loopbacks),
+                                    key=lambda d: (loopbacks[d].version, loopbacks[d], d))]
     routes: dict[str, tuple[Route, ...]] = {}
     unreachable: dict[str, tuple[str, ...]] = {}
-    for src in adj:
-        first, dist = first_hops(adj, src)
+    for src in range(n):
+        first, dist = _first_hops(links, src, n)
+        # The route through each of this router's links, made once per (destination, link).
         out: list[Route] = []
-        for dst in sorted((d for d in adj if d in loopbacks), key=lambda d: (loopbacks[d].version, loopbacks[d], d)):
-            if dst == src or dst not in loopbacks or dst not in first:
-                continue
-            out.append(_route_via(loopbacks[dst].network, first[dst]))
-        for net in sorted(subnets, key=lambda n: (n.version, n)):
-            ends = subnets[net]
-            if src in ends:
+        for dst, net in destinations:
+            hop = first[dst]
+            if dst != src and hop is not None:
+                out.append(Route(net, *hop))
+        for net, ends in subnets:
+            best = -1
+            for e in ends:  # ascending: on equal distance the lower index (name) wins
+                if e == src:
+                    best = -2
+                    break
+                if dist[e] >= 0 and (best < 0 or dist[e] < dist[best]):
+                    best = e
+            if best == -2:
                 continue  # connected: the kernel has the route with the address
-            near = sorted((dist[e], e) for e in ends if e in first)
-            if near:
-                out.append(_route_via(net, first[near[0][1]]))
-        routes[src] = tuple(out)
-        missing = tuple(d for d in sorted(adj) if d != src and d not in first)
+            if best >= 0:
+                hop = first[best]
+                assert hop is not None
+                out.append(Route(net, *hop))
+        routes[names[src]] = tuple(out)
+        missing = tuple(names[d] for d in range(n) if d != src and dist[d] < 0)
         if missing:
-            unreachable[src] = missing
+            unreachable[names[src]] = missing
     return RoutingPlan(routes, {k: v for k, v in loopbacks.items() if k in adj}, unreachable)
 
 
-def _route_via(dest: IPNetwork, lnk: Link) -> Route:
+Hop = tuple[IPAddress, str]  # (via, dev)
+
+
+def _hop(lnk: Link) -> Hop:
     assert lnk.peer_ip is not None  # adjacency() keeps addressed links only
-    return Route(dest, lnk.peer_ip.ip, lnk.local_intf)
+    return lnk.peer_ip.ip, lnk.local_intf
+
+
+def _first_hops(links: Sequence[Sequence[tuple[int, Hop]]], source: int,
+                n: int) -> tuple[list[Hop | None], list[int]]:
+    """`first_hops` over router indices: first hop (None: unreachable) and hop count (-1) per router."""
+    first: list[Hop | None] = [None] * n
+    dist = [-1] * n
+    dist[source] = 0
+    frontier: list[int] = []
+    for peer, lnk in links[source]:
+        if dist[peer] < 0:
+            dist[peer] = 1
+            first[peer] = lnk
+            frontier.append(peer)
+    # Level by level, each level in discovery order: the same tree as a FIFO queue gives.
+    level = 1
+    while frontier:
+        level += 1
+        nxt: list[int] = []
+        for node in frontier:
+            hop = first[node]
+            for peer, _ in links[node]:
+                if dist[peer] < 0:
+                    dist[peer] = level
+                    first[peer] = hop
+                    nxt.append(peer)
+        frontier = nxt
+    return first, dist
 
 
 def pod_commands(netns: str, pod: str, plan: RoutingPlan) -> list[Command]:
@@ -189,3 +280,46 @@ def install_routes(lab: Lab, workers: int = 8) -> dict[str, Any]:
         counts = list(pool.map(one, up))
     return {"pods": len(up), "routes": sum(counts), "loopbacks": sum(1 for r in up if r.name in plan.loopbacks),
             "unreachable": {k: list(v) for k, v in plan.unreachable.items()}}
+
+
+def loopback_pairs(routers: Sequence[str], sample: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """Every ordered pair of distinct `routers` (sorted), or a seeded sample of `sample` of them,
+    drawn without building the full list (750 routers have 561,750 pairs)."""
+    names = sorted(routers)
+    n = len(names)
+    total = n * (n - 1)
+    picks: Iterable[int] = range(total)
+    if sample is not None and sample < total:
+        picks = sorted(random.Random(seed).sample(range(total), sample))
+    # Pair number k: source k // (n-1), destination the (k % (n-1))th of the others.
+    return [(names[k // (n - 1)], names[(k % (n - 1)) + (1 if k % (n - 1) >= k // (n - 1) else 0)])
+            for k in picks]
+
+
+def ping_argv(netns: str, address: IPAddress) -> list[str]:
+    return ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-c", "1", "-W", "1", str(address)]
+
+
+def ping_loopbacks(lab: Lab, sample: int | None = None, seed: int = 0, workers: int = 32,
+                   attempts: int = 2) -> list[dict[str, Any]]:
+    """Routed reachability: each pair's source pings the destination router's loopback (every
+    pair of the lab's routers that are up and have one, or a seeded sample), `workers` at a time."""
+    loopbacks = read_loopbacks(lab.state.manifest)
+    up = {rec.name: rec.netns for rec in lab.state.pods.values() if rec.state == "up" and rec.name in loopbacks}
+    pairs = loopback_pairs(list(up), sample, seed)
+
+    def one(pair: tuple[str, str]) -> dict[str, Any]:
+        src, dst = pair
+        address = loopbacks[dst].ip
+        ok = False
+        for _ in range(attempts):  # the first packet of a path may wait for neighbour resolution
+            proc = subprocess.run(ping_argv(up[src], address), capture_output=True, check=False, timeout=30)
+            if proc.returncode == 0:
+                ok = True
+                break
+        return {"from": src, "to": dst, "address": str(address), "ok": ok}
+
+    if not pairs:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pairs)))) as pool:
+        return list(pool.map(one, pairs))

@@ -739,6 +739,9 @@ class KubeApiServer:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: a burst of clients connecting at once (threads released
+    # by a barrier, a lab's daemons) gets connections reset, which an API server does not do.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], api: KubeApiServer):
         self.api = api

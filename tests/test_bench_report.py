@@ -1,0 +1,23 @@
+"""The benchmark report (benchmarks/run.py): hand-written sections survive a regenerated report."""
+
+from __future__ import annotations
+
+from benchmarks.run import keep_kept_sections, rows_from
+
+
+def test_a_regenerated_report_keeps_the_isp_section_before_the_raw_results() -> None:
+    old = "# Performance\n\n## Results\nold\n## ISP-sized labs\n\nmeasured once: 95 s\n\n## Raw results\n```\n"
+    new = "# Performance\n\n## Results\nnew\n## Raw results\n```\n"
+    merged = keep_kept_sections(old, new)
+    assert merged == new.replace("## Raw", "## ISP-sized labs\n\nmeasured once: 95 s\n\n## Raw")
+    assert keep_kept_sections(new, new) == new
+    assert keep_kept_sections(merged, merged) == merged  # never twice
+
+
+def test_isp_rows_name_nodes_store_and_targets() -> None:
+    r = {"routers": 750, "links": 900, "nodes": 3, "store": "sqlite", "per_link_ms": 100.0, "figure_s": 90.0,
+         "floor_s": 9.0, "ratio": 10.0, "down_s": 30.0, "routes_compute_s": 2.0, "routes_install_s": 9.0,
+         "peak_rss_mib": 130.0, "idle_cpu_per_daemon_pct": 5.0}
+    rows = rows_from({"isp3s": r})
+    assert len(rows) == 4 and all("750 routers, 900 links, 3 nodes, sqlite" in row["what"] for row in rows)
+    assert [row["verdict"] for row in rows] == ["(reported)", "**MISSED**", "met", "**MISSED**"]
