@@ -251,3 +251,65 @@ def test_forged_peer_requests_change_nothing(lab: Lab) -> None:
     assert _links(r2) == before
     assert failed_pings(lab) == []
     assert all(daemons_alive(lab).values())
+
+
+# --- an unauthenticated client against a real daemon with mutual TLS ----------------------------------
+
+TLS_CLIENT = """
+import json, sys
+from meshnet.daemon.config import TlsPaths
+from meshnet.daemon.peer_client import PeerError, PeerLink
+from meshnet.daemon.peers import GrpcPeerClient
+tls = TlsPaths(*sys.argv[2:5]) if len(sys.argv) > 2 else None
+link = PeerLink("default", "r2", "r1", 1, 2621441, "eth1", "eth1", "12.12.12.2/24", "12.12.12.1/24", "127.0.0.1")
+try:
+    print(json.dumps({"action": GrpcPeerClient(timeout=3, tls=tls).update(sys.argv[1], link)}))
+except PeerError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+
+
+def test_a_real_tls_daemon_refuses_clients_without_a_cluster_certificate(tmp_path: Path) -> None:
+    from meshnet import pki
+    from meshnet.daemon.api import health_check
+    from tests.netns import netns_set
+
+    certs = tmp_path / "pki"
+    pki.ensure(certs, {"node-a": ["127.0.0.1"], "node-b": ["127.0.0.1"]})
+    pki.ensure(certs / "other", {"node-b": ["127.0.0.1"]})
+    sock = tmp_path / "d.sock"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with netns_set(1) as (ns,):
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        log = open(tmp_path / "d.log", "wb")  # noqa: SIM115 - handed to the child
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "meshnet.daemon.main", "--node-name", "node-a",
+             "--single-node", "--socket", str(sock), "--store", f"sqlite://{tmp_path / 's.db'}",
+             "--grpc-bind", "127.0.0.1", "--tls-ca", str(certs / pki.CA_CERT),
+             "--tls-cert", str(pki.node_cert(certs, "node-a")), "--tls-key", str(pki.node_key(certs, "node-a"))],
+            stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+        try:
+            assert wait_for(lambda: sock.exists() and health_check(str(sock), timeout=1.0).get("ready"), 20.0), \
+                (tmp_path / "d.log").read_text()
+
+            def client(*tls: Path) -> dict[str, str]:
+                argv = ["ip", "netns", "exec", ns, sys.executable, "-c", TLS_CLIENT,
+                        f"127.0.0.1:{DEFAULT_GRPC_PORT}", *map(str, tls)]
+                out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60, env=env).stdout
+                return dict(json.loads(out))
+
+            plain = client()
+            other_ca = client(certs / "other" / pki.CA_CERT, pki.node_cert(certs / "other", "node-b"),
+                              pki.node_key(certs / "other", "node-b"))
+            member = client(certs / pki.CA_CERT, pki.node_cert(certs, "node-b"), pki.node_key(certs, "node-b"))
+            assert "UNAVAILABLE" in plain.get("error", "") or "DEADLINE" in plain.get("error", ""), plain
+            assert "error" in other_ca and "PERMISSION_DENIED" not in other_ca["error"], other_ca
+            # A cluster certificate reaches the core, which still refuses what the store does not back.
+            assert "PERMISSION_DENIED" in member.get("error", ""), member
+            assert daemon.poll() is None
+            log_text = (tmp_path / "d.log").read_text()
+            assert log_text.count("peer-update-denied") == 1, log_text  # only the member got that far
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=20)
