@@ -164,9 +164,9 @@ class SandboxRecord:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)  # readers see the old file or the new one, never half of one
+            # Readers see the old file or the new one, never half of one. No fsync (it would cost
+            # every ADD a disk flush): what a power loss could lose, a reboot's namespaces lose too.
+            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
