@@ -5,6 +5,7 @@ on paper, and a fake peer client recording what would go over gRPC."""
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from pytest_subprocess import FakeProcess
 from meshnet import naming
 from meshnet.cni import protocol
 from meshnet.cni.protocol import CniError
-from meshnet.daemon import netns
+from meshnet.daemon import netns, sandboxes
 from meshnet.daemon.config import DEFAULT_GRPC_PORT as GRPC_PORT
 from meshnet.daemon.node import NodeDaemon
 from meshnet.daemon.peer_auth import Caller
@@ -31,6 +32,8 @@ from tests.kubeapi.server import KubeApiServer
 
 NODE0 = NodeInfo("node0", "198.51.100.1", "eth0", None)
 VTEP1, VTEP2 = "198.51.100.2", "198.51.100.3"
+# In-process peer requests name their sender like the gRPC edge does: the node of the far pod (c).
+TRUSTED = Caller(node="node1")
 NS = "default"
 
 # a: veth to b (same node), vxlan to c (node1), macvlan on the node's eth0, link to d (never alive).
@@ -116,6 +119,16 @@ def paper(monkeypatch: pytest.MonkeyPatch) -> PaperNetns:
     monkeypatch.setattr(netns, "resolve", fake.resolve)
     monkeypatch.setattr(netns, "exists", fake.exists)
     monkeypatch.setattr(netns, "detach", lambda _name: None)
+    # Paper namespaces are network namespaces of their own, each with its own inode.
+    monkeypatch.setattr(sandboxes, "netns_problem",
+                        lambda path: None if path in fake.paths else f"{path}: No such file or directory")
+
+    def ino(path: str) -> int:
+        if path not in fake.paths:
+            raise FileNotFoundError(path)
+        return zlib.crc32(path.encode()) + 1
+
+    monkeypatch.setattr(sandboxes, "_ns_ino", ino)
     return fake
 
 
@@ -157,7 +170,11 @@ def node(store: SqliteStore, paper: PaperNetns, kernel: FakeProcess) -> Iterator
     n.core.close()
 
 
-def set_alive(store: Store, pod: str, node: str, vtep: str, net_ns: str, container: str = "c0") -> None:
+def set_alive(store: Store, pod: str, node: str, vtep: str, net_ns: str, container: str = "c0",
+              here: NodeDaemon | None = None) -> None:
+    """`here`: the pod's daemon, which records the sandbox as its ADD would have (store alone is not enough)."""
+    if here is not None:
+        here.state.sandboxes.put((NS, pod), container, net_ns)
     store.update_status(NS, pod, lambda cur: TopologyStatus(src_ip=vtep, net_ns=net_ns, container_id=container,
                                                             node=node))
 
@@ -190,7 +207,7 @@ def mac(pod: str, intf: str) -> str:
 
 
 def test_add_sends_every_planned_link_to_the_executor(node: Node, store: SqliteStore, paper: PaperNetns) -> None:
-    set_alive(store, "b", "node0", NODE0.vtep_ip, paper.make("pb"))
+    set_alive(store, "b", "node0", NODE0.vtep_ip, paper.make("pb"), here=node.core)
     set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
     result = cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
     vni = naming.vni(NS, 2)
@@ -331,14 +348,14 @@ def valid_update() -> PeerLink:
 
 @pytest.fixture
 def a_and_c_alive(node: Node, store: SqliteStore, paper: PaperNetns) -> Node:
-    set_alive(store, "a", "node0", NODE0.vtep_ip, paper.make("pa"), "cid-a")
+    set_alive(store, "a", "node0", NODE0.vtep_ip, paper.make("pa"), "cid-a", here=node.core)
     set_alive(store, "c", "node1", VTEP1, paper.make("pc"), "cid-c")
     return node
 
 
 def test_peer_update_backed_by_the_store_builds_our_end(a_and_c_alive: Node) -> None:
     node = a_and_c_alive
-    assert node.core.peer_update([valid_update()]) == ["created"]
+    assert node.core.peer_update([valid_update()], TRUSTED) == ["created"]
     vni = naming.vni(NS, 2)
     assert lines(node) == [
         f"ip link add eth2 address {mac('a', 'eth2')} mtu 1450 group {naming.LINK_GROUP} netns pa type vxlan "
@@ -352,9 +369,9 @@ def test_peer_update_wants_the_vni_of_the_block_both_pods_recorded(a_and_c_alive
     for pod, block in (("a", 7), ("c", 5)):
         store.update_status(NS, pod, lambda cur, b=block: replace(cur.status, vni_block=b))
     with pytest.raises(PeerDenied, match=rf"VNI {naming.vni(NS, 2, 7)} is not the link's .*block 5"):
-        node.core.peer_update([replace(valid_update(), vni=naming.vni(NS, 2, 7))])
+        node.core.peer_update([replace(valid_update(), vni=naming.vni(NS, 2, 7))], TRUSTED)
     assert lines(node) == []
-    assert node.core.peer_update([replace(valid_update(), vni=naming.vni(NS, 2, 5))]) == ["created"]
+    assert node.core.peer_update([replace(valid_update(), vni=naming.vni(NS, 2, 5))], TRUSTED) == ["created"]
     assert f"type vxlan id {5 * naming.VNI_BLOCK_SIZE + 2} " in lines(node)[0]
 
 
@@ -434,14 +451,14 @@ def test_an_add_meeting_a_clash_it_cannot_settle_fails_after_waiting(
     ({"peer_ip": ""}, "differs"),
     ({"vni": naming.vni(NS, 2) + 1}, "differs"),
     ({"vni": naming.vni(NS, 2, naming.vni_block(NS) % naming.VNI_BLOCKS + 1)}, "is not the link's"),
-    ({"peer_vtep": VTEP2}, "not alive behind VTEP"),
+    ({"peer_vtep": VTEP2}, "not alive behind VTEP|is not pod c's"),  # the caller check sees it first
 ], ids=["unknown-topology", "uid-not-to-caller", "uid-of-other-pods", "macvlan-uid", "local-intf", "peer-intf",
         "local-ip", "peer-ip", "vni", "vni-of-another-block", "other-vtep"])
 def test_peer_update_refuses_what_the_store_does_not_back(a_and_c_alive: Node, store: SqliteStore,
                                                           change: dict[str, Any], reason: str) -> None:
     before = {t.name: t.status for t in store.list(NS)}
     with pytest.raises(PeerDenied, match=reason):
-        a_and_c_alive.core.peer_update([replace(valid_update(), **change)])
+        a_and_c_alive.core.peer_update([replace(valid_update(), **change)], TRUSTED)
     assert a_and_c_alive.executor.recorded == []
     assert {t.name: t.status for t in store.list(NS)} == before
 
@@ -451,7 +468,7 @@ def test_one_forged_link_in_a_batch_refuses_the_batch(a_and_c_alive: Node, store
     before = {t.name: t.status for t in store.list(NS)}
     forged = replace(valid_update(), local_intf="evil0")
     with pytest.raises(PeerDenied, match="differs"):
-        a_and_c_alive.core.peer_update([valid_update(), forged])
+        a_and_c_alive.core.peer_update([valid_update(), forged], TRUSTED)
     assert a_and_c_alive.executor.recorded == []
     assert {t.name: t.status for t in store.list(NS)} == before
 
@@ -459,7 +476,7 @@ def test_one_forged_link_in_a_batch_refuses_the_batch(a_and_c_alive: Node, store
 @pytest.mark.parametrize(("pod", "status", "reason"), [
     ("c", TopologyStatus(), "c is not alive"),
     ("c", TopologyStatus(src_ip=NODE0.vtep_ip, net_ns="/var/run/netns/pc", container_id="x", node="node0"),
-     "c is not alive behind"),  # the caller claims a pod of this very node
+     "c is not alive behind|pod c is on node node0"),  # the caller claims a pod of this very node
     ("a", TopologyStatus(), "a is not alive on node node0"),
     ("a", TopologyStatus(src_ip=VTEP2, net_ns="/var/run/netns/pa", container_id="x", node="node2"),
      "a is not alive on node node0"),
@@ -468,14 +485,14 @@ def test_peer_update_refuses_pods_that_are_not_where_the_request_says(
         a_and_c_alive: Node, store: SqliteStore, pod: str, status: TopologyStatus, reason: str) -> None:
     store.update_status(NS, pod, lambda _cur: status)
     with pytest.raises(PeerDenied, match=reason):
-        a_and_c_alive.core.peer_update([valid_update()])
+        a_and_c_alive.core.peer_update([valid_update()], TRUSTED)
     assert a_and_c_alive.executor.recorded == []
 
 
 def test_peer_update_refuses_when_the_local_netns_is_gone(a_and_c_alive: Node, paper: PaperNetns) -> None:
     paper.paths.discard("/var/run/netns/pa")
-    with pytest.raises(PeerDenied, match="gone"):
-        a_and_c_alive.core.peer_update([valid_update()])
+    with pytest.raises(PeerDenied, match="no sandbox of it is set up on node node0"):
+        a_and_c_alive.core.peer_update([valid_update()], TRUSTED)
     assert a_and_c_alive.executor.recorded == []
 
 
@@ -533,6 +550,37 @@ def test_peer_remove_once_the_far_pod_is_gone(a_and_c_alive: Node, store: Sqlite
     # The kernel (the fixture's) has no such end: absent, but the request was let through.
     assert a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP1)) == ["absent"]
     assert a_and_c_alive.core.peer_remove([valid_update()], Caller(node="node1")) == ["absent"]
+
+
+def test_peer_remove_of_a_link_deleted_from_the_spec_is_honoured(a_and_c_alive: Node, store: SqliteStore) -> None:
+    """c is alive, but a's spec lost link 2: the store shows the link gone, so c's node may remove it."""
+    a = get(store, "a")
+    store.apply(replace(a, links=tuple(lnk for lnk in a.links if lnk.uid != 2)))
+    with pytest.raises(PeerDenied, match=f"cannot remove ends towards VTEP {VTEP1}"):
+        a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP2))  # still only towards the caller
+    assert a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP1)) == ["absent"]
+    assert a_and_c_alive.core.peer_remove([valid_update()], TRUSTED) == ["absent"]
+
+
+@pytest.mark.parametrize("kind", ["update", "remove"])
+def test_peer_requests_without_a_caller_are_refused(a_and_c_alive: Node, kind: str) -> None:
+    """No "trusted in-process" shortcut: a request with no caller never skips the authorisation."""
+    with pytest.raises(PeerDenied, match=f"{kind}: no caller"):
+        getattr(a_and_c_alive.core, f"peer_{kind}")([valid_update()], None)
+    assert a_and_c_alive.executor.recorded == []
+
+
+def test_a_pod_alive_here_per_the_store_but_not_set_up_here_is_left_alone(node: Node, store: SqliteStore,
+                                                                          paper: PaperNetns) -> None:
+    """A forged status putting a pod on this node with some namespace: not in the node-local record,
+    so it is not alive here and nothing is run anywhere (the store's net_ns is never used)."""
+    set_alive(store, "a", "node0", NODE0.vtep_ip, paper.make("victim"), "cid-forged")
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"), "cid-c")
+    assert node.core.reconcile() == 0
+    assert node.executor.recorded == []
+    assert not node.core.state.pod_states(store.list(NS))["a"].alive
+    with pytest.raises(PeerDenied, match="no sandbox of it is set up on node node0"):
+        node.core.peer_update([valid_update()], TRUSTED)
 
 
 # --- DEL ---------------------------------------------------------------------------------------

@@ -38,7 +38,14 @@ def test_wan_example_comes_up_and_reports_what_is_in_force(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """tests/wan.yml on two nodes (the documented `meshnetctl lab up tests/wan.yml --nodes 2 --ping`)."""
     with lab_up(tmp_path, TESTS / "wan.yml", nodes=2) as lab:
-        status = lab.status()
+        # The kernel is up when `lab up` returns; a pod whose ADD came first may still record its
+        # link pending for a moment, until its reconciler's pass (a fraction of a second).
+        deadline = time.monotonic() + 5
+        while True:
+            status = lab.status()
+            if all(len(lk["in_force"]) == 2 for lk in status["links"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert all(p["state"] == "up" for p in status["pods"]), status["pods"]
         assert {lk["state"] for lk in status["links"]} == {"up"}, status["links"]
         assert failed_pings(lab) == []

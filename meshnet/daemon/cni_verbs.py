@@ -17,7 +17,7 @@ from meshnet import naming
 from meshnet.cni import delegate, protocol, results
 from meshnet.cni.protocol import CniError, CniRequest
 from meshnet.command import Command
-from meshnet.daemon import kernel, netns, vni
+from meshnet.daemon import kernel, netns, sandboxes, vni
 from meshnet.daemon.link_status import LinkStatusWriter, veth_ends_built, veth_ends_lost
 from meshnet.daemon.peer_client import PeerNotifier
 from meshnet.daemon.state import NodeState, PodKey
@@ -159,16 +159,17 @@ class CniVerbs:
         exists"): the newer ADD takes the pod over, so its links leave the old namespace now (the
         old sandbox's DELs are then skipped as older). Far ends stay: the new links replace them."""
         state = self.state
-        st = topo.status
-        if not state.alive_here(st) or st.container_id == req.container_id:
+        sb = state.sandboxes.get(topo.key)  # the old sandbox as its ADD recorded it, never the store's
+        if sb is None or sb.container_id == req.container_id:
             return
+        path = state.sandboxes.netns_of(topo.key, sb.container_id)
         try:
-            old = netns.resolve(st.net_ns) if netns.exists(st.net_ns) else ""
+            old = netns.resolve(path) if path else ""
         except netns.NetnsError:
             return  # gone meanwhile: nothing of the pod is left there
         if not old or old == ns_name:
             return
-        state.log(event="replaced-sandbox", pod=topo.name, container=st.container_id[:12], net_ns=old)
+        state.log(event="replaced-sandbox", pod=topo.name, container=sb.container_id[:12], net_ns=old)
         with state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
             problems = state.executor.run_best_effort([Command(old, ("link", "del", "group", str(naming.LINK_GROUP)))])
         for p in problems:
@@ -183,7 +184,7 @@ class CniVerbs:
         if topo is None:
             return None
         check_macvlan_parents(topo, state.node)  # before the pod is marked alive: nothing to undo
-        ns_name = netns.resolve(req.netns)
+        ns_name = self._vouched(req.netns)
         self._release_replaced_sandbox(topo, req, ns_name)
         block = self.blocks.choose(topo)
 
@@ -191,6 +192,8 @@ class CniVerbs:
             return replace(cur.status, src_ip=state.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
                            node=state.node.name, plumbing_error="", skipped=(), vni_block=block)
 
+        # The namespace comes from this call, recorded node-locally: never read back from the store.
+        state.sandboxes.put(topo.key, req.container_id, req.netns)
         # `topo` was read just now: it stands in for the store's read before the write.
         topo = store.update_status(namespace, pod, mark_alive, known=topo) or topo
         failure: ExecError | None = None
@@ -235,6 +238,15 @@ class CniVerbs:
             out.append((results.Interface(end.intf, mac=end.mac, sandbox=req.netns),
                         str(end.ip) if end.ip is not None else None))
         return out
+
+    @staticmethod
+    def _vouched(path: str) -> str:
+        """The iproute2 name of the runtime's namespace, once it is shown to be a network namespace
+        and neither the daemon's own nor the host's."""
+        why = sandboxes.netns_problem(path) if path else None
+        if why:
+            raise netns.NetnsError(f"CNI_NETNS: {why}")
+        return netns.resolve(path)
 
     def build(self, namespace: str, plans: Sequence[LinkPlan]) -> None:
         """Create links; what already exists and matches is left, what differs is made again."""
@@ -290,8 +302,13 @@ class CniVerbs:
         if not owned:
             state.log(event="del-skipped", pod=topo.name, container=req.container_id[:12])
             return
-        path = req.netns or topo.status.net_ns
-        ns_name = netns.resolve(path) if netns.exists(path) else ""
+        # The runtime's path, else the one this daemon recorded at ADD; touched only once vouched for.
+        sb = state.sandboxes.drop(topo.key, req.container_id)
+        path = req.netns or (sb.netns if sb is not None else "")
+        why = sandboxes.netns_problem(path) if path else "no namespace"
+        if why and sb is not None:
+            state.sandboxes.release(sb)  # the sandbox vanished: our bind mount of it goes too
+        ns_name = netns.resolve(path) if not why else ""
         if ns_name:
             # Every interface meshnet made is in its link group: one batched kernel call removes
             # them all (a veth's far end goes with it); other plugins' interfaces stay.
@@ -317,7 +334,9 @@ class CniVerbs:
             if st.node != self.state.node.name or not st.container_id or st.container_id in valid:
                 continue
             self.state.log(event="gc", pod=topo.name, container=st.container_id[:12])
-            stale = req.replace(container_id=st.container_id, netns=st.net_ns if netns.exists(st.net_ns) else "")
+            sb = self.state.sandboxes.get(topo.key)  # the namespace as its ADD recorded it, never the store's
+            path = sb.netns if sb is not None and sb.container_id == st.container_id else ""
+            stale = req.replace(container_id=st.container_id, netns=path if netns.exists(path) else "")
             self.delete_links(topo, stale)
         if req.conf.delegate is not None:
             self.run_eth0_delegate(req, "GC")
@@ -335,7 +354,7 @@ class CniVerbs:
         if topo.status.container_id != req.container_id:
             raise CniError(protocol.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
                            f"status has container {topo.status.container_id or 'none'}")
-        ns_name = netns.resolve(req.netns)
+        ns_name = self._vouched(req.netns)
         plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.store.list(namespace)))
         view = kernel.read_view(self.state.executor, [ns_name])[ns_name]  # links with their addresses, one ip call
         problems = kernel.check_problems(plan.links, view)

@@ -43,6 +43,14 @@ class DaemonConfig:
     tls: TlsPaths | None = None  # None: plain gRPC, bound to the VTEP address or loopback only
     macvlan_parents: tuple[str, ...] = ()  # host interfaces macvlan links may use ("*": any but the underlay)
     topology_index: str = ""  # the file the shim reads while the daemon is down ("" = none)
+    state_dir: str = ""  # where the node-local sandbox record lives ("" = the socket's directory)
+
+    @property
+    def sandbox_record(self) -> str:
+        """The file of this node's sandbox record (daemon/sandboxes.py): one per node name, so
+        daemons sharing a directory (the lab) never share a record."""
+        return os.path.join(self.state_dir or os.path.dirname(self.socket_path) or ".",
+                            f"sandboxes-{self.node_name}.json")
 
 
 def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
@@ -77,6 +85,9 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
                    help="keep the Topology index the CNI shim reads while meshnetd is down in this file: the "
                         f"network config's 'topology_index' (default {DEFAULT_INDEX}) names the same one "
                         "(env MESHNET_TOPOLOGY_INDEX; default none)")
+    p.add_argument("--state-dir", default=env.get("MESHNET_STATE_DIR", ""),
+                   help="directory of the node-local record of the pods' namespaces (env MESHNET_STATE_DIR; "
+                        "default the socket's directory, a tmpfs on a node: the record goes with a reboot)")
     a = p.parse_args(argv)
     if not 0 < a.grpc_port < 65536:
         p.error(f"--grpc-port: {a.grpc_port} is not a TCP port")
@@ -84,6 +95,8 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
     if any(tls_files) and not all(tls_files):
         p.error("--tls-ca, --tls-cert and --tls-key go together (all three, or none for plain gRPC)")
     node_why = naming.k8s_name_problem(a.node_name)
+    if node_why and naming.netns_problem(a.node_name):  # it names the sandbox record file
+        p.error(f"--node-name (env NODE_NAME): {node_why}")
     if all(tls_files) and node_why:  # it becomes part of file paths and is the certificate's identity
         p.error(f"--node-name (env NODE_NAME): {node_why}")
     tls = TlsPaths(a.tls_ca, a.tls_cert.replace("{node}", a.node_name),
@@ -100,4 +113,4 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
             p.error(f"--macvlan-parents (env MACVLAN_PARENTS): {why}")
     return DaemonConfig(a.node_name, a.host_ip, a.host_intf, a.grpc_port, a.grpc_bind.strip(), a.socket, a.store,
                         a.cni_path, a.journal, a.resync, a.single_node, tls, parents,
-                        a.topology_index)
+                        a.topology_index, a.state_dir)

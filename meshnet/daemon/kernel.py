@@ -47,6 +47,11 @@ def link_kind(entry: Mapping[str, Any] | None) -> str:
     return str(entry.get("linkinfo", {}).get("info_kind", ""))
 
 
+def ours(entry: Mapping[str, Any] | None) -> bool:
+    """The interface carries meshnet's mark (its link group): the only kind meshnet ever removes."""
+    return bool(entry) and str((entry or {}).get("group")) == str(naming.LINK_GROUP)
+
+
 def _vxlan_data(entry: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return (entry or {}).get("linkinfo", {}).get("info_data", {})
 
@@ -138,17 +143,20 @@ def differences(plans: Sequence[LinkPlan], view: KernelView, caps: Capabilities 
                     commands += end_changes(e or {}, end, p.uid, caps, applied)
                 continue
             # Missing, or an end whose far side is elsewhere (a stale pair): make the pair again.
+            # Only ends of ours go; anything else by that name makes the add fail, which is reported.
             commands += [Command(end.netns, ("link", "del", end.intf), p.uid)
-                         for e, end in zip(entries, p.ends, strict=True) if e is not None]
+                         for e, end in zip(entries, p.ends, strict=True) if ours(e)]
             commands += render([p], "add", caps)
             continue
         entry = entries[0]
         if isinstance(p, VxlanPlan):
             if not vxlan_matches(entry, p):
-                commands += render([p], "update" if entry else "add", caps)
+                # Remade only over an end of ours; anything else by that name makes the add fail
+                # (reported), it is never deleted.
+                commands += render([p], "update" if ours(entry) else "add", caps)
                 continue
         elif link_kind(entry) != "macvlan":
-            if entry is not None:
+            if ours(entry):
                 commands.append(Command(p.local.netns, ("link", "del", p.local.intf), p.uid))
             commands += render([p], "add", caps)
             continue
@@ -160,20 +168,14 @@ def garbage(topo: Topology, ns_name: str, view: Mapping[str, Mapping[str, Any]],
             orphans: Iterable[str] = ()) -> list[Command]:
     """Interfaces meshnet made in this pod that no desired link owns any more, as `link del`s.
 
-    Only interfaces in meshnet's link group, names meshnet recorded in the pod's status, vxlan
-    devices with a VNI of the pod's namespace block, and `orphans` (ends of links whose peer is
-    gone) are candidates: nothing another plugin made is ever touched.
+    Only interfaces in meshnet's link group are candidates, among them every one no desired link
+    owns and `orphans` (ends of links whose peer is gone): nothing another plugin made is ever
+    touched, whatever the store's status names (it is not read here: anyone may have written it).
     """
     orphaned = set(orphans)
     desired = {lnk.local_intf for lnk in topo.links} - orphaned
-    blocks = {naming.vni_block(topo.namespace), topo.status.vni_block}
-    ours = {s.intf for s in topo.status.links if s.intf} | orphaned
-    for name, entry in view.items():
-        vni = _vxlan_data(entry).get("id")
-        if str(entry.get("group")) == str(naming.LINK_GROUP) or (
-                link_kind(entry) == "vxlan" and isinstance(vni, int) and vni // naming.VNI_BLOCK_SIZE in blocks):
-            ours.add(name)
-    return [Command(ns_name, ("link", "del", name)) for name in sorted(ours - desired) if name in view]
+    marked = {name for name, entry in view.items() if ours(entry)}
+    return [Command(ns_name, ("link", "del", name)) for name in sorted(marked - desired)]
 
 
 def check_problems(plans: Sequence[LinkPlan], view: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = discover_node(cfg, executor)
     store = open_store(cfg.store_url)
     peers = GrpcPeerClient(tls=cfg.tls)
-    core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log)
+    core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log,
+                      sandbox_record=cfg.sandbox_record)
     stopping = threading.Event()
     ready = threading.Event()
 

@@ -17,6 +17,7 @@ from meshnet.daemon.peer_auth import Caller
 from meshnet.daemon.peer_client import PeerClient, PeerLink, PeerNotifier
 from meshnet.daemon.peer_service import PeerService
 from meshnet.daemon.reconciler import Reconciler
+from meshnet.daemon.sandboxes import SandboxRecord
 from meshnet.daemon.state import Log, NodeState, PodKey
 from meshnet.daemon.vni import VniBlocks
 from meshnet.executor import Executor
@@ -27,8 +28,11 @@ from meshnet.store.base import Store
 
 class NodeDaemon:
     def __init__(self, node: NodeInfo, store: Store, executor: Executor, peers: PeerClient, *,
-                 grpc_port: int, cni_path: str = DEFAULT_BIN_DIR, log: Log | None = None) -> None:
-        self.state = NodeState(node, store, executor, grpc_port=grpc_port, log=log)
+                 grpc_port: int, cni_path: str = DEFAULT_BIN_DIR, log: Log | None = None,
+                 sandbox_record: str = "") -> None:
+        # sandbox_record: the node-local file of the pods' namespaces ("" = memory only, unit tests)
+        self.state = NodeState(node, store, executor, grpc_port=grpc_port, log=log,
+                               sandboxes=SandboxRecord(sandbox_record, log))
         self.vni_blocks = VniBlocks(self.state)
         self.peer_client = PeerNotifier(self.state, peers)
         self.link_status = LinkStatusWriter(self.state)
@@ -46,10 +50,10 @@ class NodeDaemon:
         return self.cni.busy
 
     # peer daemons (peers.py)
-    def peer_update(self, reqs: Sequence[PeerLink], caller: Caller | None = None) -> list[str]:
+    def peer_update(self, reqs: Sequence[PeerLink], caller: Caller) -> list[str]:
         return self.peer_service.update(reqs, caller)
 
-    def peer_remove(self, reqs: Sequence[PeerLink], caller: Caller | None = None) -> list[str]:
+    def peer_remove(self, reqs: Sequence[PeerLink], caller: Caller) -> list[str]:
         return self.peer_service.remove(reqs, caller)
 
     # the reconcile loop (main.py)

@@ -13,7 +13,7 @@ No I/O and no gRPC here: everything is handed in, so every rule is unit-tested.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -144,15 +144,18 @@ def far_pod_of(topo: Topology | None) -> FarPod | None:
 
 
 def authorize_batch(kind: Kind, caller: Caller, reqs: Iterable[PeerRequest],
-                    far_pod: Callable[[str, str], FarPod | None]) -> Decision:
+                    far_pod: Callable[[str, str], FarPod | None],
+                    gone: Collection[tuple[str, str, int]] = ()) -> Decision:
     """`authorize` for each request of a batch (the far pod looked up once each): the first refusal,
-    naming the link, refuses the whole batch — a forged request never rides along with honest ones."""
+    naming the link, refuses the whole batch — a forged request never rides along with honest ones.
+    `gone`: links (namespace, pod, uid) the store shows deleted from the spec."""
     seen: dict[tuple[str, str], FarPod | None] = {}
     for req in reqs:
         key = (req.namespace, req.peer_pod)
         if key not in seen:
             seen[key] = far_pod(*key)
-        verdict = authorize(kind, caller, seen[key], peer_vtep=req.peer_vtep)
+        verdict = authorize(kind, caller, seen[key], peer_vtep=req.peer_vtep,
+                            link_in_store=(req.namespace, req.pod, req.uid) not in gone)
         if not verdict.allowed:
             return Decision(False, f"{kind} of link uid {req.uid} of {req.namespace}/{req.pod} from {caller}: "
                                    f"{verdict.reason}")

@@ -31,11 +31,14 @@ class PeerService:
         self.state = state
         self.link_status = link_status
 
-    def _group_backed_by_store(self, reqs: Sequence[PeerLink]) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
+    def _group_backed_by_store(self, reqs: Sequence[PeerLink], *, gone_ok: bool = False
+                               ) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
         """Group a batch by local pod, each with its Topology, if the store backs every request.
 
         One request the store does not back refuses the whole batch (PeerDenied) before anything
-        is done: a forged link never rides along with honest ones.
+        is done: a forged link never rides along with honest ones. `gone_ok` (Remove): a link the
+        spec no longer has is backed too — the store shows it gone, so its end may go (only an end
+        in meshnet's link group pointing at the caller's VTEP, see `remove`).
         """
         groups: dict[PodKey, list[tuple[int, PeerLink]]] = {}
         for i, req in enumerate(reqs):
@@ -50,6 +53,8 @@ class PeerService:
                 raise PeerDenied(f"no Topology {namespace}/{pod}")
             for _, req in items:
                 link = topo.link(req.uid)
+                if link is None and gone_ok:
+                    continue
                 if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
                     raise PeerDenied(f"{namespace}/{pod} has no link uid {req.uid} to {req.peer_pod}")
                 want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip), req.uid)
@@ -61,9 +66,9 @@ class PeerService:
             out.append((topo, items))
         return out
 
-    def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:
+    def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
         """Build or update this node's ends of a batch of vxlan links (one batch per calling node).
-        `caller`: who sent it (peers.py); None only for in-process calls."""
+        `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
         state = self.state
         groups = self._group_backed_by_store(reqs)
         self._authorize("update", reqs, caller)
@@ -86,12 +91,13 @@ class PeerService:
                 if req.vni != naming.vni(topo.namespace, req.uid, block):
                     raise PeerDenied(f"link uid {req.uid} of {topo.namespace}/{topo.name}: VNI {req.vni} is not "
                                      f"the link's ({naming.vni(topo.namespace, req.uid, block)}, VNI block {block})")
-            if not netns.exists(st.net_ns):
-                raise PeerDenied(f"{topo.namespace}/{topo.name}: its network namespace {st.net_ns} is gone")
-            work.append((topo, items, callers))
+            path = state.netns_here(topo)  # never the store's net_ns
+            if not path:
+                raise PeerDenied(f"{topo.namespace}/{topo.name}: no sandbox of it is set up on node {state.node.name}")
+            work.append((topo, items, callers, path))
         actions = [""] * len(reqs)
-        for topo, items, callers in work:
-            ns_name = netns.resolve(topo.status.net_ns)
+        for topo, items, callers, path in work:
+            ns_name = netns.resolve(path)
             plans = [(i, plan_remote_end(topo, req.uid, ns_name, state.node, callers[req.peer_pod]))
                      for i, req in items]
             caps = state.executor.capabilities()
@@ -116,23 +122,28 @@ class PeerService:
             self.link_status.write(topo, [end_status(p, p.local, caps) for _, p in plans])
         return actions
 
-    def remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None = None) -> list[str]:
-        """Remove this node's ends of links whose far pod (the caller's) went away."""
+    def remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
+        """Remove this node's ends of links whose far pod (the caller's) went away, or that the spec
+        no longer has."""
         state = self.state
         actions = ["absent"] * len(reqs)
-        groups = self._group_backed_by_store(reqs)
-        self._authorize("remove", reqs, caller)
+        groups = self._group_backed_by_store(reqs, gone_ok=True)
+        self._authorize("remove", reqs, caller, {(t.namespace, t.name, r.uid) for t, items in groups
+                                                 for _, r in items if t.link(r.uid) is None})
         for topo, items in groups:
             st = topo.status
-            if not state.alive_here(st) or not netns.exists(st.net_ns):
+            path = state.netns_here(topo) if state.alive_here(st) else ""  # never the store's net_ns
+            if not path:
                 continue
-            ns_name = netns.resolve(st.net_ns)
+            ns_name = netns.resolve(path)
             gone: list[PeerLink] = []
             with state.link_locks(topo.namespace, [req.uid for _, req in items]):
                 view = kernel.read_view(state.executor, [ns_name])[ns_name]
                 for i, req in items:
-                    # Only an end that points at the caller goes: a newer incarnation elsewhere keeps its link.
-                    if kernel.vxlan_towards(view.get(req.local_intf), req.peer_vtep, req.vni):
+                    # Only an end of ours (link group) that points at the caller goes: a newer
+                    # incarnation elsewhere keeps its link, another plugin's device is never touched.
+                    entry = view.get(req.local_intf)
+                    if kernel.vxlan_towards(entry, req.peer_vtep, req.vni) and kernel.ours(entry):
                         actions[i] = "removed"
                         gone.append(req)
                 if gone:
@@ -142,14 +153,16 @@ class PeerService:
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
 
-    def _authorize(self, kind: peer_auth.Kind, reqs: Sequence[PeerLink], caller: peer_auth.Caller | None) -> None:
-        """Refuse the batch unless `caller` is the node hosting each far pod (peer_auth)."""
-        if caller is None:
-            return
+    def _authorize(self, kind: peer_auth.Kind, reqs: Sequence[PeerLink], caller: peer_auth.Caller,
+                   gone: set[tuple[str, str, int]] | None = None) -> None:
+        """Refuse the batch unless `caller` is the node hosting each far pod (peer_auth); `gone`:
+        links (namespace, pod, uid) the spec no longer has."""
+        if not isinstance(caller, peer_auth.Caller):  # a required argument, never skipped
+            raise PeerDenied(f"{kind}: no caller")
 
         def far_pod(namespace: str, pod: str) -> peer_auth.FarPod | None:
             return peer_auth.far_pod_of(self.state.store.get(namespace, pod))
 
-        verdict = peer_auth.authorize_batch(kind, caller, reqs, far_pod)
+        verdict = peer_auth.authorize_batch(kind, caller, reqs, far_pod, gone or set())
         if not verdict.allowed:
             raise PeerDenied(verdict.reason)

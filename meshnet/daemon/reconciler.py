@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshnet import naming
 from meshnet.command import Command
 from meshnet.daemon import kernel, netns
 from meshnet.daemon.link_status import LinkStatusWriter
@@ -150,13 +151,15 @@ class Reconciler:
         return set(touched.pods)
 
     def _remove_all(self, topo: Topology) -> None:
-        """A Topology deleted while its pod runs: the pod keeps eth0 and loses meshnet's links."""
-        if not netns.exists(topo.status.net_ns):
+        """A Topology deleted while its pod runs: the pod keeps eth0 and loses meshnet's links (those
+        in meshnet's link group, in the namespace this daemon recorded for it)."""
+        path = self.state.netns_here(topo)
+        if not path:
             return
-        ns_name = netns.resolve(topo.status.net_ns)
+        ns_name = netns.resolve(path)
         with self.state.link_locks(topo.namespace, (lnk.uid for lnk in topo.links)):
             self.state.executor.run_best_effort(
-                [Command(ns_name, ("link", "del", lnk.local_intf), lnk.uid) for lnk in topo.links])
+                [Command(ns_name, ("link", "del", "group", str(naming.LINK_GROUP)))])
         self.state.log(event="topology-deleted", pod=topo.name)
 
     def take_retries(self) -> set[PodKey]:
@@ -205,13 +208,19 @@ class Reconciler:
     def reconcile_pod(self, topo: Topology, namespace_topologies: Iterable[Topology]) -> int:
         state = self.state
         st = topo.status
-        if not netns.exists(st.net_ns):
-            state.log(event="stale-netns", pod=topo.name, net_ns=st.net_ns)
+        path = state.netns_here(topo)
+        if not path:
+            sb = state.sandboxes.get(topo.key)
+            if sb is None or sb.container_id != st.container_id:
+                return 0  # not set up here (or a forged status): reported, nothing touched
+            state.log(event="stale-netns", pod=topo.name, net_ns=sb.netns)
+            state.sandboxes.drop(topo.key, sb.container_id)
+            state.sandboxes.release(sb)
             state.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
             return 0
         topo = self.blocks.move_if_lost(topo)
         st = topo.status
-        ns_name = netns.resolve(st.net_ns)
+        ns_name = netns.resolve(path)
         plan = plan_pod(topo, ns_name, state.node, state.pod_states(namespace_topologies))
         errors: dict[int, str] = {}
         uids = {p.uid for p in plan.links} | {s.uid for s in st.links}

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 
 from meshnet.daemon import netns
+from meshnet.daemon.sandboxes import SandboxRecord
 from meshnet.executor import Executor
 from meshnet.model import Impairments, Topology, TopologyStatus
 from meshnet.plan import NodeInfo, PodState
@@ -35,12 +36,14 @@ def alive_on(status: TopologyStatus, node_name: str) -> bool:
 
 class NodeState:
     def __init__(self, node: NodeInfo, store: Store, executor: Executor, *, grpc_port: int,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None, sandboxes: SandboxRecord | None = None) -> None:
         self.node = node
         self.store = store
         self.executor = executor
         self.grpc_port = grpc_port
         self.log: Log = log or (lambda **_: None)
+        # The namespaces of this node's pods as the CNI calls handed them (never the store's net_ns).
+        self.sandboxes = sandboxes if sandboxes is not None else SandboxRecord("", self.log)
         self.lock = threading.Lock()
         self._seen: dict[PodKey, Topology] = {}  # guarded by `lock`
         self._link_locks: dict[tuple[str, int], threading.Lock] = {}
@@ -54,16 +57,30 @@ class NodeState:
         """The store says the pod runs on this node (its sandbox may still have vanished)."""
         return alive_on(status, self.node.name)
 
+    def netns_here(self, topo: Topology) -> str:
+        """The namespace path of a pod the store puts on this node, as this daemon's own record has
+        it for the same container ("" when it has none: the pod is not set up here, nothing is
+        touched). The store's `status.net_ns` is never used: anyone who can write a status wrote it."""
+        st = topo.status
+        path = self.sandboxes.netns_of(topo.key, st.container_id)
+        if not path:
+            sb = self.sandboxes.get(topo.key)
+            self.sandboxes.report_once(topo.key, "no sandbox of this pod set up here" if sb is None else
+                                       f"container {st.container_id[:12] or 'none'} is not the one set up here"
+                                       if sb.container_id != st.container_id else f"namespace {sb.netns} vanished")
+        return path
+
     def pod_states(self, topologies: Iterable[Topology]) -> dict[str, PodState]:
-        """What planning needs about each pod, by name. A pod on this node whose namespace vanished
-        is not alive, whatever the store says."""
+        """What planning needs about each pod, by name. A pod on this node whose namespace vanished,
+        or that this daemon did not set up, is not alive, whatever the store says."""
         states: dict[str, PodState] = {}
         for t in topologies:
             st = t.status
             ns_name = ""
-            if self.alive_here(st) and netns.exists(st.net_ns):
+            if self.alive_here(st):
+                path = self.netns_here(t)
                 try:
-                    ns_name = netns.resolve(st.net_ns)
+                    ns_name = netns.resolve(path) if path else ""
                 except netns.NetnsError:
                     ns_name = ""
             alive = st.alive and (st.node != self.node.name or bool(ns_name))
