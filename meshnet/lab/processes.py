@@ -155,8 +155,10 @@ class Supervisor:
         pid = self.file.reload().daemons.get(node, 0)
         while time.monotonic() < deadline:
             if not alive(pid):
-                # Another command may have restarted it meanwhile: wait for that one instead.
-                others = self.daemon_pids(node)
+                # Another command may be restarting it: looked for under the lab's lock, which a
+                # restart holds from the kill to the start of the new daemon.
+                with self.file.locked():
+                    others = self.daemon_pids(node)
                 if not others:
                     tail = self.names.log(node).read_text(errors="replace")[-2000:]
                     raise LabError(f"meshnetd on {node} exited:\n{tail}")
