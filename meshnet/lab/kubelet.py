@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -98,7 +99,8 @@ class Kubelet:
         # runs while meshnetd is down, e.g. the bridge plugin) stays inside the node's namespace,
         # never on this machine's own network.
         node_ns = NETNS_DIR / self.names.node_netns(st.nodes.index(rec.node))
-        argv = ["nsenter", f"--net={node_ns}", "--", *st.cni_bin]
+        # nsenter looked up on this process's PATH: the CNI binary's may lack it (a host without Python).
+        argv = [shutil.which("nsenter") or "nsenter", f"--net={node_ns}", "--", *st.cni_bin]
         proc = subprocess.run(argv, input=json.dumps(conf).encode(),
                               env=env, capture_output=True, timeout=600, check=False)
         try:

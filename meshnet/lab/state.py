@@ -131,6 +131,7 @@ class StateFile:
         self._depth = 0  # transactions of this process nest (the lock is re-entrant, the flock taken once)
         self._fd = -1
         self._in_transaction = False  # guarded by `_lock`
+        self._loaded: tuple[int, int, int, int] | None = None  # the file as this process last read or wrote it
 
     @property
     def path(self) -> Path:
@@ -143,10 +144,15 @@ class StateFile:
     def exists(self) -> bool:
         return self.path.exists()
 
+    def _stamp(self) -> tuple[int, int, int, int]:
+        st = os.stat(self.path)
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
     def _load(self) -> LabState:
         if not self.path.exists():
             raise LabError(f"no lab named {self._names.name!r} (no {self.path})")
         try:
+            self._loaded = self._stamp()
             return LabState.load(self.path)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise LabError(f"lab {self._names.name}: state file {self.path} is damaged ({type(e).__name__}: {e}); "
@@ -187,7 +193,9 @@ class StateFile:
         Nested in another transaction of this process, it is part of that one."""
         with self.locked():
             inner = self._in_transaction
-            if not inner:
+            if not inner and (self._state is None or not self.path.exists() or self._stamp() != self._loaded):
+                # Another process wrote it since this one read or wrote it last. Otherwise this
+                # process's copy is the file's (with whatever a caller changed in it in place).
                 self._state = self._load()
             self._in_transaction = True
             try:
@@ -209,7 +217,9 @@ class StateFile:
 
     def _save(self) -> None:
         self.state.save(self.path)
+        self._loaded = self._stamp()
 
     def forget(self) -> None:
         """The lab is gone: the next access reads the file again (and finds none)."""
         self._state = None
+        self._loaded = None
