@@ -17,7 +17,7 @@ IMAGE   ?= meshnet/meshnet:$(VERSION)
 CLUSTER ?= meshnet
 OVERLAY ?= kind
 
-.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto cri-proto demo demo-down bench clean-netns cni-binary up docker install e2e-kind down
+.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto cri-proto demo demo-down bench chaos clean-netns cni-binary up docker install e2e-kind down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,11 @@ test: setup ## set everything up and run the whole suite (root tests included wh
 
 test-unit: setup ## only the tests that need no root
 	$(PYTEST) -q -m "not root"
+
+SEED   ?= 13
+ROUNDS ?= 20
+chaos: setup ## a chaos soak on a 3-node lab (root): make chaos SEED=7 ROUNDS=20 (the suite runs 3 rounds of seed 13)
+	MESHNET_CHAOS_SEED=$(SEED) MESHNET_CHAOS_ROUNDS=$(ROUNDS) $(PYTEST) -q -p no:cacheprovider tests/test_chaos.py
 
 lint: setup ## ruff, mypy and the import contracts (the design's layers; pyproject.toml)
 	$(VENV)/bin/ruff check meshnet tests benchmarks scripts

@@ -68,8 +68,8 @@ def test_daemon_down_del_completes_and_pods_without_topology_start(tmp_path: Pat
         assert _leases(lab, old)
         lab.del_pod("r2")
         assert _leases(lab, old) == []
-        # ADD of a pod with a Topology: error 11, as before.
-        rec = lab.add_pod("r2")
+        # ADD of a pod with a Topology: error 11, as before (asked once: the kubelet's retries aside).
+        rec = lab.add_pod("r2", retry_for=0)
         assert rec.state == "failed" and "CNI error 11" in rec.error and "has a Topology" in rec.error
         failed = rec.container_id
         lab.del_pod("r2")  # the runtime cleans the failed sandbox up: also without the daemon

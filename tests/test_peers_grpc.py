@@ -290,3 +290,13 @@ def listening(port: int) -> set[str]:
 def test_server_listens_only_on_the_address_it_is_given(edge: Edge) -> None:
     port = int(edge.address.rsplit(":", 1)[1])
     assert listening(port) == {"127.0.0.1"}
+
+
+def test_second_server_on_the_same_address_fails(edge: Edge) -> None:
+    """grpc's Python server sets SO_REUSEPORT unless told not to: two daemons for one node would
+    then both listen on the port and share the peers' calls (issue 13)."""
+    port = int(edge.address.rsplit(":", 1)[1])
+    with pytest.raises(PeerError, match=f"gRPC cannot listen on 127.0.0.1:{port}"):
+        serve(cast(NodeDaemon, FakeCore()), "127.0.0.1", port, lambda **_: None)
+    # The first one still answers.
+    assert edge.client.update(edge.address, LINK) == "created"

@@ -170,13 +170,23 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_pod_restart(args: argparse.Namespace) -> int:
-    rec = _lab(args).restart_pod(args.pod, args.node)
+    from meshnet.lab.state import LabError
+
+    try:
+        rec = _lab(args).restart_pod(args.pod, args.node)
+    except LabError as e:
+        return output.fail("lab pod restart", e)
     print(f"{rec.name}: {rec.state} ({rec.links} link(s), {rec.seconds:.2f}s){' ' + rec.error if rec.error else ''}")
     return 0 if rec.state == "up" else 1
 
 
 def _cmd_daemon_restart(args: argparse.Namespace) -> int:
-    _lab(args).restart_daemon(args.node)
+    from meshnet.lab.state import LabError
+
+    try:
+        _lab(args).restart_daemon(args.node)
+    except LabError as e:
+        return output.fail("lab daemon restart", e)
     print(f"meshnetd on {args.node} restarted")
     return 0
 

@@ -67,7 +67,8 @@ class CniVerbs:
     @property
     def busy(self) -> bool:
         """A CNI call is being served: the pods it touches are about to settle by themselves."""
-        return self._inflight > 0
+        with self._lock:  # read by the reconcile thread, written by the CNI threads
+            return self._inflight > 0
 
     def _pod(self, req: CniRequest) -> PodKey:
         name = req.pod_name

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshnet import naming
 from meshnet.cni.offline import DEFAULT_INDEX
@@ -114,3 +116,36 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str] | None = None)
     return DaemonConfig(a.node_name, a.host_ip, a.host_intf, a.grpc_port, a.grpc_bind.strip(), a.socket, a.store,
                         a.cni_path, a.journal, a.resync, a.single_node, tls, parents,
                         a.topology_index, a.state_dir)
+
+
+def lock_paths(cfg: DaemonConfig) -> tuple[Path, Path]:
+    """The files whose locks make a meshnetd the only one for its socket and for its node: next to the
+    socket, so that nodes emulated side by side (labs, each with its own directory) do not collide."""
+    sock = Path(cfg.socket_path)
+    node = cfg.node_name.replace("/", "_")  # a file name even for an odd hostname; the lock is all it names
+    return sock.with_name(sock.name + ".lock"), sock.with_name(f"meshnetd-{node}.lock")
+
+
+def hold_instance_locks(cfg: DaemonConfig) -> list[int]:
+    """Take the socket's and the node's lock for the life of this process (the kernel drops them when
+    it exits, however it exits), before anything else is touched: a second meshnetd for one node would
+    unlink the first one's socket, reconcile the same pods and answer the same peers (issue 13).
+    Raises SystemExit naming the holder (its pid, written into the file) when another daemon holds one."""
+    fds: list[int] = []
+    for path, what in zip(lock_paths(cfg), (f"socket {cfg.socket_path}", f"node {cfg.node_name}"), strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            for held in fds:
+                os.close(held)
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise SystemExit(f"meshnetd: another meshnetd ({who}) already serves {what} (it holds {path}); "
+                             "one meshnetd per node: stop that one first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        fds.append(fd)
+    return fds

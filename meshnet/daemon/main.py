@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from meshnet import naming
-from meshnet.daemon.config import DaemonConfig, parse_args
+from meshnet.daemon.config import DaemonConfig, hold_instance_locks, parse_args
 from meshnet.executor import Executor, Journal, open_journal
 from meshnet.plan import DEFAULT_MTU, NodeInfo
 
@@ -119,6 +119,8 @@ class ReconcileLoop:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    # Before the journal, the socket or the kernel is touched: one meshnetd per node (issue 13).
+    locks = hold_instance_locks(cfg)  # noqa: F841 - held, by their open descriptors, until the process ends
     # Heavy imports only after the arguments are known to be good.
     from meshnet.daemon.api import ApiServer
     from meshnet.daemon.node import NodeDaemon

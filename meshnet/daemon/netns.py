@@ -62,5 +62,21 @@ def detach(name: str) -> None:
     target.unlink(missing_ok=True)
 
 
+def release(path: str) -> bool:
+    """Undo `resolve`'s bind mount for a runtime path whose namespace is gone (the sandbox vanished
+    without a DEL): the mount alone would keep the namespace, and meshnet's interfaces in it, alive.
+    True when a mount was released."""
+    if not path or Path(path).exists():
+        return False
+    p = Path(path)
+    if str(p.parent) in NETNS_DIRS and not naming.netns_problem(p.name):
+        return False  # named by the runtime itself: never attached, not ours
+    name = naming.attached_netns_name(path)
+    if not (NETNS_DIR / name).exists():
+        return False
+    detach(name)
+    return True
+
+
 def exists(path: str) -> bool:
     return bool(path) and Path(path).exists()

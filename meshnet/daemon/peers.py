@@ -98,7 +98,10 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
 def serve(core: NodeDaemon, bind: str, port: int, log: Callable[..., None], tls: TlsPaths | None = None) -> grpc.Server:
     """Serve on `bind` (an address, never every address without TLS: see config.WILDCARD_BINDS)."""
     credentials = server_credentials(tls) if tls is not None else None  # unreadable files: no server at all
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
+    # grpc's Python server sets SO_REUSEPORT by default: a second daemon for the same node would then
+    # bind the same port and the kernel would share the peers' calls between the two (issue 13).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
+                         options=[("grpc.so_reuseport", 0)])
     meshnet_pb2_grpc.add_PeerServicer_to_server(PeerServicer(core, log), server)
     address = naming.host_port(bind, port)
     try:

@@ -122,6 +122,7 @@ class Reconciler:
         # Pods queued only because their status looked unsettled (Touched.if_unsettled): skipped
         # at the pass if their status has settled by then. Guarded by `_lock` (watch and pass).
         self._skip_if_settled: set[PodKey] = set()
+        self._failed: set[PodKey] = set()  # pods whose last pass raised (guarded by `_lock`)
         self._lock = threading.Lock()
 
     # --- events ----------------------------------------------------------------------------------
@@ -167,6 +168,8 @@ class Reconciler:
         them far ends may be asked again."""
         due = self.blocks.retries_due() | self.peers.owed_due()
         with self._lock:
+            due |= self._failed
+            self._failed = set()
             self._skip_if_settled -= due  # they are looked at, whatever their status seems to say
         return due
 
@@ -202,7 +205,13 @@ class Reconciler:
             if wanted is not None and (topo.key not in wanted or self._settled_since_queued(topo, alive)):
                 continue
             if state.alive_here(topo.status):
-                changed += self.reconcile_pod(topo, by_namespace[topo.namespace])
+                try:
+                    changed += self.reconcile_pod(topo, by_namespace[topo.namespace])
+                except Exception as e:  # one pod's trouble never stops the pass for the others (issue 13)
+                    state.log(event="reconcile-pod-error", pod=f"{topo.namespace}/{topo.name}",
+                              error=f"{type(e).__name__}: {e}")
+                    with self._lock:
+                        self._failed.add(topo.key)  # looked at again at the loop's next turn
         return changed
 
     def reconcile_pod(self, topo: Topology, namespace_topologies: Iterable[Topology]) -> int:
@@ -217,6 +226,8 @@ class Reconciler:
             state.sandboxes.drop(topo.key, sb.container_id)
             state.sandboxes.release(sb)
             state.store.update_status(topo.namespace, topo.name, _forget_vanished(st.container_id))
+            if netns.release(st.net_ns):  # our bind mount would keep the dead sandbox's namespace alive
+                state.log(event="netns-released", pod=topo.name, net_ns=st.net_ns)
             return 0
         topo = self.blocks.move_if_lost(topo)
         st = topo.status

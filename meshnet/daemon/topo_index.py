@@ -42,6 +42,10 @@ class TopologyIndex:
         self._keys: set[Key] | None = None  # None until the first full list: never write a partial index
         self._generation = 0
         self._records: dict[str, offline.Record] = {}  # container id -> record, as last read from disk
+        # One lock per pod, held across an adoption's ADD and across the runtime's own ADD/DEL of the
+        # pod: a DEL arriving while the sandbox is adopted waits for it (and then undoes it), and an
+        # adoption after the DEL finds the record gone. Guarded by `_lock`; never removed (few pods).
+        self._pod_locks: dict[Key, threading.Lock] = {}
 
     # --- the index ---------------------------------------------------------------------------------
 
@@ -111,7 +115,18 @@ class TopologyIndex:
             for rec in by_key.get(topo.key, ()):
                 self._adopt(topo, rec)
 
+    def _pod_lock(self, key: Key) -> threading.Lock:
+        with self._lock:
+            return self._pod_locks.setdefault(key, threading.Lock())
+
     def _adopt(self, topo: Topology, rec: offline.Record) -> None:
+        with self._pod_lock(topo.key):
+            with self._lock:
+                if rec.container_id not in self._records:
+                    return  # the runtime's DEL or a newer ADD made it stale meanwhile
+            self._adopt_locked(topo, rec)
+
+    def _adopt_locked(self, topo: Topology, rec: offline.Record) -> None:
         st = topo.status
         if not os.path.exists(rec.netns):
             self._log(event="pending-dropped", pod=topo.name, container=rec.container_id[:12], why="netns gone")
@@ -141,16 +156,18 @@ class TopologyIndex:
         the sandbox, or an ADD of it or of a newer sandbox of the same pod."""
 
         def handled(command: str, env: Mapping[str, str], stdin: str) -> Any:
-            if command in ("ADD", "DEL") and self._records:
-                cid = env.get("CNI_CONTAINERID", "")
-                args = dict(p.partition("=")[::2] for p in env.get("CNI_ARGS", "").split(";") if p)
-                key = (args.get("K8S_POD_NAMESPACE") or "default", args.get("K8S_POD_NAME", ""))
+            if command not in ("ADD", "DEL"):
+                return handle(command, env, stdin)
+            cid = env.get("CNI_CONTAINERID", "")
+            args = dict(p.partition("=")[::2] for p in env.get("CNI_ARGS", "").split(";") if p)
+            key = (args.get("K8S_POD_NAMESPACE") or "default", args.get("K8S_POD_NAME", ""))
+            with self._pod_lock(key):  # not while an adoption of this pod runs
                 with self._lock:
                     stale = [c for c, r in self._records.items()
                              if c == cid or (command == "ADD" and (r.namespace, r.pod) == key)]
                 for c in stale:
                     self._drop(c)
-            return handle(command, env, stdin)
+                return handle(command, env, stdin)
 
         return handled
 

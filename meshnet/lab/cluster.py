@@ -12,6 +12,7 @@ its rooms — `state` (names, the state file), `processes` (the daemons), `kubel
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -163,6 +164,7 @@ class Lab:
             if store == "kube":
                 self.forward_loopback_api(kubeconfig)
             self.load_topologies(manifest)
+            self._keep_applied(Path(manifest_path).read_text())
             for i in range(nodes):
                 self.start_daemon(f"node{i}")
             for i in range(nodes):
@@ -174,6 +176,13 @@ class Lab:
             raise
         self.save()
         return self.summary(time.monotonic() - started)
+
+    def _keep_applied(self, text: str) -> None:
+        """Keep the text the lab now runs: the next `lab apply` compares with it (the file it came from
+        may be edited in place). Written whole or not at all."""
+        tmp = self.names.applied.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(self.names.applied)
 
     def _build_infra(self, manifest: Manifest, nodes: int) -> None:
         infos = tuple(self.node_info(i) for i in range(nodes))
@@ -200,43 +209,48 @@ class Lab:
     def apply(self, manifest_path: str, workers: int = 8) -> dict[str, list[str]]:
         """Hot change: make the running lab match an edited manifest.
 
+        Compared with what the lab last applied (its own copy: the file may have been edited in place).
         Topologies are written to the store (the daemons watch it and rewire running pods), removed
         ones deleted; new pods are added like a kubelet would, pods gone from the file are deleted.
+        The comparison, the store and the state file change under the lab's lock; the CNI calls
+        run after it (other commands on other pods go on meanwhile).
         """
         from meshnet.store import open_store
 
+        text = Path(manifest_path).read_text()
         manifest = lab_manifest(manifest_path)
-        old = self.manifest()
-        new_keys = {t.key for t in manifest.topologies}
-        store = open_store(self.state.store_url)
         changed: list[str] = []
         removed: list[str] = []
-        try:
-            for t in manifest.topologies:
-                before = old.topology(t.namespace, t.name)
-                if before is None or before.links != t.links:
-                    store.apply(Topology(t.name, t.namespace, t.links))
-                    changed.append(t.name)
-            for t in old.topologies:
-                if t.key not in new_keys:
-                    store.delete(t.namespace, t.name)
-                    removed.append(t.name)
-        finally:
-            store.close()
-        new_pods = {p.name: p for p in manifest.pods}
-        gone = [name for name in self.state.pods if name not in new_pods]
+        with self.file.transaction() as st:
+            old = self.manifest()
+            new_keys = {t.key for t in manifest.topologies}
+            store = open_store(st.store_url)
+            try:
+                for t in manifest.topologies:
+                    before = old.topology(t.namespace, t.name)
+                    if before is None or before.links != t.links:
+                        store.apply(Topology(t.name, t.namespace, t.links))
+                        changed.append(t.name)
+                for t in old.topologies:
+                    if t.key not in new_keys:
+                        store.delete(t.namespace, t.name)
+                        removed.append(t.name)
+            finally:
+                store.close()
+            new_pods = {p.name: p for p in manifest.pods}
+            gone = [name for name in st.pods if name not in new_pods]
+            added = [p.name for p in manifest.pods if p.name not in st.pods]
+            for i, name in enumerate(added):
+                p = new_pods[name]
+                rr = st.nodes[(len(st.pods) + i) % len(st.nodes)]
+                node = p.node_name if p.node_name in st.nodes else rr
+                st.pods[name] = PodRecord(name, p.namespace, node, self.pod_netns(name))
+            st.manifest = str(Path(manifest_path).resolve())
+            self._keep_applied(text)
         for name in gone:
             self.del_pod(name)
-            del self.state.pods[name]
-        added = [p.name for p in manifest.pods if p.name not in self.state.pods]
-        nodes = len(self.state.nodes)
-        for i, name in enumerate(added):
-            p = new_pods[name]
-            rr = self.state.nodes[(len(self.state.pods) + i) % nodes]
-            node = p.node_name if p.node_name in self.state.nodes else rr
-            self.state.pods[name] = PodRecord(name, p.namespace, node, self.pod_netns(name))
-        self.state.manifest = str(Path(manifest_path).resolve())
-        self.save()
+            with self.file.transaction() as st:
+                st.pods.pop(name, None)
         if added:
             self.add_pods(added, workers=workers)
         return {"changed": changed, "removed": removed, "pods_added": added, "pods_removed": gone}
@@ -266,8 +280,8 @@ class Lab:
     def cni(self, command: str, rec: PodRecord) -> tuple[int, dict[str, Any]]:
         return self.kubelet.cni(command, rec)
 
-    def add_pod(self, pod: str) -> PodRecord:
-        return self.kubelet.add_pod(pod)
+    def add_pod(self, pod: str, *, retry_for: float | None = None) -> PodRecord:
+        return self.kubelet.add_pod(pod, retry_for=retry_for)
 
     def add_pods(self, pods: list[str], workers: int = 8) -> None:
         self.kubelet.add_pods(pods, workers)
@@ -295,11 +309,16 @@ class Lab:
     # --- tear-down -----------------------------------------------------------------------------------
 
     def down(self) -> list[str]:
-        """DEL every pod like a kubelet, stop the daemons, remove every namespace and file."""
+        """DEL every pod like a kubelet, stop the daemons, remove every namespace and file. Also when
+        the state file is damaged or missing: the lab's daemons and relay are found by their command
+        lines, its namespaces by the `mnl-<lab>-` prefix."""
         problems: list[str] = []
         if self.exists():
-            problems = self.kubelet.del_all()
-            self.processes.stop_all()
+            try:
+                problems = self.kubelet.del_all()
+            except LabError as e:  # damaged: no DEL, but everything is removed by name below
+                problems = [str(e)]
+        self.processes.stop_all()
         leftovers = sorted(p.name for p in NETNS_DIR.glob(f"{self.prefix}*")) if NETNS_DIR.exists() else []
         if leftovers:
             self.executor.run_best_effort([Command(None, ("netns", "del", n)) for n in leftovers])

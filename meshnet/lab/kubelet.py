@@ -4,6 +4,8 @@ network config on stdin, delegating eth0 to the real `bridge` + `host-local` plu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -11,8 +13,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,9 @@ from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
 
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", DEFAULT_BIN_DIR)  # Debian's plugins first
+# A kubelet retries a sandbox whose network failed with back-off; CNI error 11 ("try again later")
+# is what the shim answers while meshnetd restarts. 0.2 s doubling to 5 s, for up to a minute.
+RETRY_FIRST, RETRY_MAX, RETRY_FOR = 0.2, 5.0, 60.0
 
 
 def default_cni_bin() -> list[str]:
@@ -52,6 +58,7 @@ class Kubelet:
         self.file = file
         self.executor = executor
         self._progress = progress
+        self.retry_for = RETRY_FOR  # how long an ADD answering CNI error 11 is retried
 
     def cni_config(self, node: str) -> dict[str, Any]:
         name, lab_dir = self.names.name, self.names.dir
@@ -103,23 +110,60 @@ class Kubelet:
             answer = {"code": 999, "msg": "CNI plugin printed no JSON", "details": proc.stdout[-500:].decode()}
         return proc.returncode, answer
 
-    def add_pod(self, pod: str) -> PodRecord:
-        rec = self.file.state.pods[pod]
+    @contextlib.contextmanager
+    def _pod_lock(self, pod: str) -> Iterator[None]:
+        """One operation at a time on a pod (a kubelet's per-pod worker), across processes; operations
+        on different pods run in parallel."""
+        d = self.names.dir / "pods"
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / f"{pod}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _record(self, pod: str, **changes: Any) -> PodRecord:
+        """Change a pod's record in the state file (read again, changed, written back under the lab's lock)."""
+        with self.file.transaction() as st:
+            rec = st.pods.get(pod)
+            if rec is None:
+                raise LabError(f"no pod {pod!r} in lab {self.names.name}")
+            for k, v in changes.items():
+                setattr(rec, k, v)
+            return replace(rec)
+
+    def add_pod(self, pod: str, *, retry_for: float | None = None) -> PodRecord:
+        """A new sandbox for `pod` and its ADD; an ADD that answers CNI error 11 (try again later:
+        meshnetd restarting) is retried with back-off, as a kubelet does, for up to `retry_for` seconds."""
+        with self._pod_lock(pod):
+            return self._add(pod, self.retry_for if retry_for is None else retry_for)
+
+    def _add(self, pod: str, retry_for: float) -> PodRecord:
         started = time.monotonic()
+        # Recorded before the ADD: whoever looks next (a `down`, say) DELs this sandbox.
+        rec = self._record(pod, container_id=secrets.token_hex(32), result={}, state="adding", error="")
         if not (NETNS_DIR / rec.netns).exists():
             self.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
                                         Command(rec.netns, ("link", "set", "lo", "up"))])
-        rec.container_id, rec.result = secrets.token_hex(32), {}
-        rc, answer = self.cni("ADD", rec)
-        rec.seconds = round(time.monotonic() - started, 3)
+        delay = RETRY_FIRST
+        while True:
+            rc, answer = self.cni("ADD", rec)
+            waited = time.monotonic() - started
+            if rc == 0 or answer.get("code") != 11 or waited + delay > retry_for:
+                break
+            self._progress(f"{pod}: CNI error 11 ({answer.get('msg')}); retrying in {delay:.1f}s")
+            # As a runtime does with a sandbox whose network failed: DEL it before the next try.
+            self.cni("DEL", rec)
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+        seconds = round(time.monotonic() - started, 3)
         if rc == 0:
-            rec.state, rec.error, rec.result = "up", "", answer
-            rec.links = sum(1 for i in answer.get("interfaces", []) if i.get("sandbox") and i.get("name") != "eth0")
-        else:
-            rec.state = "failed"
-            rec.error = f"CNI error {answer.get('code')}: {answer.get('msg')}" + (
-                f": {answer['details']}" if answer.get("details") else "")
-        return rec
+            links = sum(1 for i in answer.get("interfaces", []) if i.get("sandbox") and i.get("name") != "eth0")
+            return self._record(pod, state="up", error="", result=answer, links=links, seconds=seconds)
+        error = f"CNI error {answer.get('code')}: {answer.get('msg')}" + (
+            f": {answer['details']}" if answer.get("details") else "")
+        return self._record(pod, state="failed", error=error, links=0, seconds=seconds)
 
     def add_pods(self, pods: list[str], workers: int = 8) -> None:
         done = 0
@@ -131,19 +175,23 @@ class Kubelet:
                 # Links whose peers were up at its ADD; the others are built by the peers' ADDs.
                 extra = f"{rec.links} link(s) in its ADD result" if rec.state == "up" else rec.error
                 self._progress(f"[{done}/{len(pods)}] {rec.name} on {rec.node}: {mark} ({extra}, {rec.seconds:.2f}s)")
-                self.file.save()
 
     def del_pod(self, pod: str, *, remove_netns: bool = True) -> PodRecord:
-        rec = self.file.state.pods[pod]
+        with self._pod_lock(pod):
+            return self._del(pod, remove_netns)
+
+    def _del(self, pod: str, remove_netns: bool) -> PodRecord:
+        found = self.file.reload().pods.get(pod)
+        if found is None:
+            raise LabError(f"no pod {pod!r} in lab {self.names.name}")
+        rec = replace(found)
         if rec.container_id:
             rc, answer = self.cni("DEL", rec)
             if rc != 0:
                 raise LabError(f"CNI DEL of {pod} failed: {answer.get('msg')}: {answer.get('details', '')}")
         if remove_netns:
             self.executor.run_best_effort([Command(None, ("netns", "del", rec.netns))])
-        rec.state, rec.container_id, rec.links, rec.result = "down", "", 0, {}
-        self.file.save()
-        return rec
+        return self._record(pod, state="down", container_id="", links=0, result={})
 
     def restart_pod(self, pod: str, node: str = "") -> PodRecord:
         """What a pod restart does to the network: DEL, a new sandbox (new netns), ADD — on `node`
@@ -151,16 +199,15 @@ class Kubelet:
         st = self.file.state
         if node and node not in st.nodes:
             raise LabError(f"no node {node!r} in lab {self.names.name} (nodes: {', '.join(st.nodes)})")
-        self.del_pod(pod)
-        if node:
-            st.pods[pod].node = node
-        rec = self.add_pod(pod)
-        self.file.save()
-        return rec
+        with self._pod_lock(pod):
+            self._del(pod, True)
+            if node:
+                self._record(pod, node=node)
+            return self._add(pod, self.retry_for)
 
     def del_all(self) -> list[str]:
         """DEL every pod that has a sandbox, 8 at a time; what failed, as `pod: error` lines."""
-        up = [r.name for r in self.file.state.pods.values() if r.container_id]
+        up = [r.name for r in self.file.reload().pods.values() if r.container_id]
         problems: list[str] = []
         with ThreadPoolExecutor(max_workers=8) as pool:
             for pod, err in zip(up, pool.map(self._del_quietly, up), strict=True):

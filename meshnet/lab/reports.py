@@ -36,7 +36,9 @@ class Reports:
         self.executor = executor
 
     def manifest(self) -> Manifest:
-        return load_manifest(self.file.state.manifest)
+        """What the lab last applied (its own copy; the file named in the state may have been edited since)."""
+        applied = self.names.applied
+        return load_manifest(applied if applied.exists() else self.file.state.manifest)
 
     def kernel_links(self, netns: str) -> dict[str, dict[str, Any]]:
         try:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ class PodRecord:
     node: str
     netns: str
     container_id: str = ""
-    state: str = "new"  # new | up | failed | down
+    state: str = "new"  # new | adding | up | failed | down
     error: str = ""
     links: int = 0
     seconds: float = 0.0
@@ -56,13 +59,15 @@ class LabState:
     cni_env_path: str = ""
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=1))
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> LabState:
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict) or not isinstance(raw.get("pods", {}), dict):
+            raise ValueError("not a lab state object")
         raw["pods"] = {k: PodRecord(**v) for k, v in raw.get("pods", {}).items()}
         return cls(**raw)
 
@@ -95,6 +100,11 @@ class LabNames:
         """The node's index of Topologies, kept by its meshnetd, read by the shim while it is down."""
         return self.dir / f"{node}.topologies.json"
 
+    @property
+    def applied(self) -> Path:
+        """A copy of the manifest text the lab last applied: `lab apply` compares an edited file with it."""
+        return self.dir / "applied.yml"
+
     def log(self, node: str) -> Path:
         return self.dir / f"{node}.log"
 
@@ -107,37 +117,109 @@ class LabNames:
 
 
 class StateFile:
-    """The one in-memory copy of a lab's state and its file. Saved under a lock: pods are added
-    and deleted from worker threads, and each of them saves."""
+    """A lab's state file and this process's copy of it.
+
+    Any number of `meshnetctl lab` processes may work on one lab at once, each with threads of its
+    own: every change is a `transaction` — under an exclusive `flock` on `<lab>/lock` (and a thread
+    lock), the file is read again, changed and written back atomically — so no process's change
+    overwrites another's. Nothing slow (a CNI call, waiting for a daemon) runs inside one."""
 
     def __init__(self, names: LabNames) -> None:
         self._names = names
         self._state: LabState | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0  # transactions of this process nest (the lock is re-entrant, the flock taken once)
+        self._fd = -1
+        self._in_transaction = False  # guarded by `_lock`
+        self._loaded: tuple[int, int, int, int] | None = None  # the file as this process last read or wrote it
 
     @property
     def path(self) -> Path:
         return self._names.state_path
 
+    @property
+    def lock_path(self) -> Path:
+        return self._names.dir / "lock"
+
     def exists(self) -> bool:
         return self.path.exists()
 
+    def _stamp(self) -> tuple[int, int, int, int]:
+        st = os.stat(self.path)
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+    def _load(self) -> LabState:
+        if not self.path.exists():
+            raise LabError(f"no lab named {self._names.name!r} (no {self.path})")
+        try:
+            self._loaded = self._stamp()
+            return LabState.load(self.path)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise LabError(f"lab {self._names.name}: state file {self.path} is damaged ({type(e).__name__}: {e}); "
+                           f"`meshnetctl lab down --name {self._names.name}` still removes the lab") from e
+
     @property
     def state(self) -> LabState:
+        """This process's copy (read on first use, refreshed by every transaction)."""
         if self._state is None:
-            if not self.path.exists():
-                raise LabError(f"no lab named {self._names.name!r} (no {self.path})")
-            self._state = LabState.load(self.path)
+            self._state = self._load()
         return self._state
 
+    def reload(self) -> LabState:
+        """What the file says now (other processes may have changed it)."""
+        with self.transaction() as st:
+            return st
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The lab's inter-process lock (re-entrant within this process)."""
+        with self._lock:
+            if self._depth == 0:
+                self._names.dir.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    os.close(self._fd)  # drops the flock
+                    self._fd = -1
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[LabState]:
+        """Read the file again, let the caller change it, write it back: all under the lab's lock.
+        Nested in another transaction of this process, it is part of that one."""
+        with self.locked():
+            inner = self._in_transaction
+            if not inner and (self._state is None or not self.path.exists() or self._stamp() != self._loaded):
+                # Another process wrote it since this one read or wrote it last. Otherwise this
+                # process's copy is the file's (with whatever a caller changed in it in place).
+                self._state = self._load()
+            self._in_transaction = True
+            try:
+                yield self.state
+                if not inner:
+                    self._save()
+            finally:
+                self._in_transaction = inner
+
     def create(self, state: LabState) -> None:
-        self._state = state
-        self.save()
+        with self.locked():
+            self._state = state
+            self._save()
 
     def save(self) -> None:
-        with self._lock:
-            self.state.save(self.path)
+        """Write this process's copy as it is (for a single-process caller that changed it in place)."""
+        with self.locked():
+            self._save()
+
+    def _save(self) -> None:
+        self.state.save(self.path)
+        self._loaded = self._stamp()
 
     def forget(self) -> None:
         """The lab is gone: the next access reads the file again (and finds none)."""
         self._state = None
+        self._loaded = None
