@@ -17,7 +17,7 @@ IMAGE   ?= meshnet/meshnet:$(VERSION)
 CLUSTER ?= meshnet
 OVERLAY ?= kind
 
-.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto cri-proto demo demo-down bench chaos clean-netns cni-binary up docker install e2e-kind down
+.PHONY: help setup deps deps-lab _apt venv test test-unit lint golden proto cri-proto demo demo-wan demo-down bench bench-quick chaos clean-netns cni-binary up docker install e2e-kind down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN{FS=":.*## "}{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -89,8 +89,11 @@ demo-wan: deps-lab venv ## run the example WAN (tests/wan.yml: per-link delay, r
 demo-down: venv ## remove the demo lab
 	$(VENV)/bin/meshnetctl lab down --name $(LAB)
 
-bench: setup ## measure the speed targets and write docs/performance.md
-	$(PY) -m benchmarks.run --write docs/performance.md
+bench: setup ## measure the speed targets and write docs/performance.md (ISP-sized labs included: long)
+	$(PY) -m benchmarks.run --write docs/performance.md $(BENCH_ARGS)
+
+bench-quick: setup ## the speed targets without the ISP-sized labs (minutes each)
+	$(PY) -m benchmarks.run --write docs/performance.md --skip isp
 
 clean-netns: ## remove namespaces left by an interrupted test or lab (prefixes mnt-, mnl-, mnb-)
 	scripts/cleanup

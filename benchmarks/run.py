@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs and 300 links instead of 1500 (a smoke test)")
     parser.add_argument("--only", default="", metavar="PREFIX",
                         help="run only the benchmarks whose key starts with PREFIX (e.g. isp, isp3s, kube)")
+    parser.add_argument("--skip", action="append", default=[], metavar="PREFIX",
+                        help="leave out the benchmarks whose key starts with PREFIX (repeatable; e.g. isp: the "
+                             "ISP-sized labs take minutes each)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks.run: needs root (network namespaces)", file=sys.stderr)
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         ("isp6s", lambda: lab_bench.isp(6, "sqlite")),
         ("isp6k", lambda: lab_bench.isp(6, "kube")),
     ]
-    steps = [(key, fn) for key, fn in steps if key.startswith(args.only)]
+    steps = [(key, fn) for key, fn in steps
+             if key.startswith(args.only) and not any(key.startswith(p) for p in args.skip)]
     if not steps:
         parser.error(f"--only: no benchmark key starts with {args.only!r}")
     started = time.monotonic()
