@@ -28,8 +28,8 @@ from tests.test_daemon_core import NS, Node, kernel, node, paper, set_alive, sto
 def test_a_pod_whose_pass_raises_does_not_stop_the_others(node: Node, paper: Any,  # noqa: F811
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     db = node.core.state.store
-    set_alive(db, "a", "node0", "198.51.100.1", paper.make("ns-a"), "ca")
-    set_alive(db, "b", "node0", "198.51.100.1", paper.make("ns-b"), "cb")
+    set_alive(db, "a", "node0", "198.51.100.1", paper.make("ns-a"), "ca", here=node.core)
+    set_alive(db, "b", "node0", "198.51.100.1", paper.make("ns-b"), "cb", here=node.core)
     reconciler = node.core.reconciler
     real = reconciler.reconcile_pod
     seen: list[str] = []

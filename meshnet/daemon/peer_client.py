@@ -85,7 +85,8 @@ class PeerBackoff:
         return entry is None or self._clock() >= entry[1]
 
 
-def _ip(value: object) -> str:
+def wire_ip(value: object) -> str:
+    """A link address as peer requests carry it: "" for none."""
     return "" if value is None else str(value)
 
 
@@ -112,7 +113,7 @@ class PeerNotifier:
         link = topo.link(uid)
         assert link is not None
         return PeerLink(topo.namespace, link.peer_pod, topo.name, uid, vni, link.peer_intf, link.local_intf,
-                        _ip(link.peer_ip), _ip(link.local_ip), self.state.node.vtep_ip)
+                        wire_ip(link.peer_ip), wire_ip(link.local_ip), self.state.node.vtep_ip)
 
     def build_far_ends(self, topo: Topology, plan: PodPlan) -> dict[int, str]:
         """Ask each remote peer's daemon to build its vxlan ends — one call per node, all its links

@@ -10,7 +10,7 @@ from meshnet import naming
 from meshnet.command import Command
 from meshnet.daemon import kernel, netns, peer_auth
 from meshnet.daemon.link_status import LinkStatusWriter, end_status
-from meshnet.daemon.peer_client import PeerLink
+from meshnet.daemon.peer_client import PeerLink, wire_ip
 from meshnet.daemon.state import NodeState, PodKey
 from meshnet.model import LinkStatus, ManifestError, Topology
 from meshnet.plan import PodState, pending_reason, plan_remote_end
@@ -20,10 +20,6 @@ from meshnet.store.base import StoreError
 
 class PeerDenied(Exception):
     """A peer request the store does not back; nothing was done."""
-
-
-def _ip(value: object) -> str:
-    return "" if value is None else str(value)
 
 
 class PeerService:
@@ -57,7 +53,7 @@ class PeerService:
                     continue
                 if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
                     raise PeerDenied(f"{namespace}/{pod} has no link uid {req.uid} to {req.peer_pod}")
-                want = (link.local_intf, link.peer_intf, _ip(link.local_ip), _ip(link.peer_ip), req.uid)
+                want = (link.local_intf, link.peer_intf, wire_ip(link.local_ip), wire_ip(link.peer_ip), req.uid)
                 # The VNI's block depends on both pods' status: `update` checks it exactly; here
                 # it must at least be this link's VNI in some block.
                 got = (req.local_intf, req.peer_intf, req.local_ip, req.peer_ip, req.vni % naming.VNI_BLOCK_SIZE)
