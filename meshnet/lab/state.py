@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,11 @@ class LabState:
     cni_env_path: str = ""
 
     def save(self, path: Path) -> None:
+        # Written after every pod's ADD and DEL (under the lab's lock, so in turn): no deep copy
+        # (`asdict` copies every kept ADD result) and no indentation, which cost more than the ADD.
+        raw = {**vars(self), "pods": {k: vars(v) for k, v in self.pods.items()}}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.write_text(json.dumps(raw, separators=(",", ":")))
         tmp.replace(path)
 
     @classmethod
