@@ -177,7 +177,7 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
 
 # Hand-written sections of docs/performance.md (figures of long runs, with their circumstances) that
 # a regenerated report keeps, before its raw results.
-KEPT_SECTIONS = ("## ISP-sized labs",)
+KEPT_SECTIONS = ("## ISP-sized labs", "## Wave 2: what the new safety costs")
 
 
 def keep_kept_sections(old: str, new: str) -> str:
