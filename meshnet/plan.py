@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Literal
 
 from meshnet import naming
@@ -79,7 +80,12 @@ class PodState:
     links: tuple[Link, ...] = ()
 
     def link(self, uid: int) -> Link | None:
-        return next((lnk for lnk in self.links if lnk.uid == uid), None)
+        return self._by_uid.get(uid)
+
+    @cached_property
+    def _by_uid(self) -> dict[int, Link]:
+        # Planning looks each link's far end up by uid: O(1), not a scan per link (1500 links).
+        return {lnk.uid: lnk for lnk in self.links}
 
     @classmethod
     def from_topology(cls, topo: Topology, netns: str = "") -> PodState:

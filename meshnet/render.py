@@ -62,15 +62,18 @@ def _slotted(value: Any, slots: list[str]) -> Any:
         slots.append(value)
         return f"\x00{len(slots) - 1}\x00"
     if isinstance(value, (tuple, list)):
-        return type(value)(_slotted(v, slots) for v in value)
+        items = [_slotted(v, slots) for v in value]
+        # Unchanged (the usual case: every value a plain word): the value itself, no copy.
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
     names = _SLOT_FIELDS.get(type(value))
     if names is None:  # once per type: a plan or an endpoint has fields, a leaf value has none
         is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
         names = _SLOT_FIELDS[type(value)] = tuple(f.name for f in dataclasses.fields(value)) if is_record else ()
     if names:
         # `kind` chooses the template and is never a value in a line.
-        return type(value)(*[getattr(value, n) if n == "kind" else _slotted(getattr(value, n), slots)
-                             for n in names])
+        old = [getattr(value, n) for n in names]
+        new = [v if n == "kind" else _slotted(v, slots) for n, v in zip(names, old, strict=True)]
+        return value if all(a is b for a, b in zip(new, old, strict=True)) else type(value)(*new)
     return value
 
 
