@@ -4,7 +4,7 @@ calls in here; errors leave as `PeerDenied`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from meshnet import naming
 from meshnet.command import Command
@@ -67,7 +67,8 @@ class PeerService:
         `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
         state = self.state
         groups = self._group_backed_by_store(reqs)
-        self._authorize("update", reqs, caller)
+        read = self._reader()
+        self._authorize("update", reqs, caller, read)
         work = []
         for topo, items in groups:
             st = topo.status
@@ -76,7 +77,7 @@ class PeerService:
             callers: dict[str, PodState] = {}
             for _, req in items:
                 if req.peer_pod not in callers:
-                    far = state.store.get(req.namespace, req.peer_pod)
+                    far = read(req.namespace, req.peer_pod)
                     if far is None or not far.status.alive or far.status.src_ip != req.peer_vtep \
                             or far.status.node == state.node.name:
                         raise PeerDenied(f"{req.namespace}/{req.peer_pod} is not alive behind VTEP {req.peer_vtep}")
@@ -109,8 +110,11 @@ class PeerService:
                         commands += change
                         actions[i] = "updated" if change else "unchanged"
                     else:
-                        commands += render([plan], "update" if entry else "add", caps)
-                        actions[i] = "updated" if entry else "created"
+                        # Remade only over an end of ours; anything else by that name makes the add
+                        # fail (reported), it is never deleted (as kernel.differences).
+                        remake = kernel.ours(entry)
+                        commands += render([plan], "update" if remake else "add", caps)
+                        actions[i] = "updated" if remake else "created"
                 if commands:
                     state.executor.apply(commands)
                 state.record_applied(kernel.in_force_after([p for _, p in plans], caps))
@@ -124,8 +128,8 @@ class PeerService:
         state = self.state
         actions = ["absent"] * len(reqs)
         groups = self._group_backed_by_store(reqs, gone_ok=True)
-        self._authorize("remove", reqs, caller, {(t.namespace, t.name, r.uid) for t, items in groups
-                                                 for _, r in items if t.link(r.uid) is None})
+        self._authorize("remove", reqs, caller, self._reader(), {(t.namespace, t.name, r.uid) for t, items in groups
+                                                                 for _, r in items if t.link(r.uid) is None})
         for topo, items in groups:
             st = topo.status
             path = state.netns_here(topo) if state.alive_here(st) else ""  # never the store's net_ns
@@ -149,7 +153,20 @@ class PeerService:
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
 
+    def _reader(self) -> Callable[[str, str], Topology | None]:
+        """The store's Topologies for one batch, each read once (authorising and applying a batch
+        look at the same far pods)."""
+        seen: dict[tuple[str, str], Topology | None] = {}
+
+        def read(namespace: str, pod: str) -> Topology | None:
+            if (namespace, pod) not in seen:
+                seen[(namespace, pod)] = self.state.store.get(namespace, pod)
+            return seen[(namespace, pod)]
+
+        return read
+
     def _authorize(self, kind: peer_auth.Kind, reqs: Sequence[PeerLink], caller: peer_auth.Caller,
+                   read: Callable[[str, str], Topology | None],
                    gone: set[tuple[str, str, int]] | None = None) -> None:
         """Refuse the batch unless `caller` is the node hosting each far pod (peer_auth); `gone`:
         links (namespace, pod, uid) the spec no longer has."""
@@ -157,7 +174,7 @@ class PeerService:
             raise PeerDenied(f"{kind}: no caller")
 
         def far_pod(namespace: str, pod: str) -> peer_auth.FarPod | None:
-            return peer_auth.far_pod_of(self.state.store.get(namespace, pod))
+            return peer_auth.far_pod_of(read(namespace, pod))
 
         verdict = peer_auth.authorize_batch(kind, caller, reqs, far_pod, gone or set())
         if not verdict.allowed:
