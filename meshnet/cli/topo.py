@@ -72,38 +72,40 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_create(args: argparse.Namespace) -> int:
+def _on_cluster(args: argparse.Namespace, verb: str, action: str, **load: Any) -> dict[str, Any] | None:
+    """Load the manifest, connect, run `kube.<action>` with the user's credentials; None after a
+    reported failure. Create and destroy differ only in the action and the summary."""
     from meshnet.topo import kube
 
     try:
-        objects = kube.load(args.file, namespace=args.namespace, init_image=args.init_image)
+        objects = kube.load(args.file, namespace=args.namespace, **load)
         client = kube.api_client(args.kubeconfig)
     except (ManifestError, kube.TopoKubeError) as e:
-        return output.fail("topo create", e)
+        output.fail(verb, e)
+        return None
     try:
-        summary = kube.create(objects, client, timeout=args.timeout, progress=output.to_stderr)
+        summary: dict[str, Any] = getattr(kube, action)(objects, client, timeout=args.timeout,
+                                                         progress=output.to_stderr)
+        return summary
     except kube.TopoKubeError as e:
-        return output.fail("topo create", e)
+        output.fail(verb, e)
+        return None
     finally:
         client.close()
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    summary = _on_cluster(args, "topo create", "create", init_image=args.init_image)
+    if summary is None:
+        return 1
     print(f"{summary['pods']} pods Running, {summary['topologies']} Topologies, in {summary['seconds']:.1f}s")
     return 0
 
 
 def _cmd_destroy(args: argparse.Namespace) -> int:
-    from meshnet.topo import kube
-
-    try:
-        objects = kube.load(args.file, namespace=args.namespace)
-        client = kube.api_client(args.kubeconfig)
-    except (ManifestError, kube.TopoKubeError) as e:
-        return output.fail("topo destroy", e)
-    try:
-        summary = kube.destroy(objects, client, timeout=args.timeout, progress=output.to_stderr)
-    except kube.TopoKubeError as e:
-        return output.fail("topo destroy", e)
-    finally:
-        client.close()
+    summary = _on_cluster(args, "topo destroy", "destroy")
+    if summary is None:
+        return 1
     print(f"deleted {summary['pods deleted']} pods and {summary['topologies deleted']} Topologies "
           f"in {summary['seconds']:.1f}s")
     return 0
