@@ -90,6 +90,8 @@ def test_lab_status_reads_the_same_as_through_ip(tmp_path: Path, monkeypatch: py
 
         fast, slow = both()
         assert fast == slow and {s for _, _, s in fast} == {"up"}
+        for node in lab.state.nodes:  # nobody sets it up again between the two readings
+            lab.stop_daemon(node)
         subprocess.run(["ip", "-n", lab.pod_netns("r1"), "link", "set", "eth1", "down"], check=True)
         fast, slow = both()
         assert fast == slow and "down" in {s for _, _, s in fast}
