@@ -99,8 +99,8 @@ def bench_lab(tag: str, manifest: str, nodes: int, **up: Any) -> Iterator[tuple[
             raise RuntimeError(f"lab {tag}: pods failed: {failed}")
         yield lab, marks
     finally:
-        # Daemons first: then the DELs of `down` fail fast and the namespaces go whole. Deleting
-        # thousands of links one by one (a CNI DEL) costs ~25 ms per link in the kernel.
+        # `down` stops the daemons itself and removes the namespaces whole (no DEL per pod);
+        # stopped here first all the same, so a harness failure above never leaves one running.
         stop_daemons(lab)
         lab.down()
         shutil.rmtree(root, ignore_errors=True)
@@ -312,26 +312,39 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of `pids` so far, in seconds."""
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds of `pids` so far: their own (utime + stime) and their reaped children's (cutime +
+    cstime: the `ip` processes a daemon runs), each summed over the pids."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    own = children = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / ticks
+        own += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        children += int(fields[13]) + int(fields[14])  # cutime, cstime (16 and 17)
+    return own / ticks, children / ticks
 
 
 def isp(nodes: int, store: str = "sqlite", routers: int = 750, links: int = 900, seed: int = 7,
-        idle_seconds: float = 35.0) -> dict[str, Any]:
+        idle_seconds: float = 35.0, small_routers: int = 40) -> dict[str, Any]:
     """An ISP-sized lab: the topology builder's seeded random backbone (`routers`, `links`, with
     loopbacks), pods round-robin over `nodes`. Timed: first ADD until every link is up (with its
-    floor), the routes (computed alone, and installed with `--routes`' code), the idle daemons'
-    CPU over one resync period, meshnetd's peak RSS, and `lab down`.
+    floor), the routes (computed alone, and installed with `--routes`' code), one `lab status`
+    (the harness's "every link up" poll), the idle daemons' CPU over one resync period,
+    meshnetd's peak RSS, and `lab down`. Then the same shape at `small_routers` (links in the
+    same ratio), brought up the same way: the cost per link at both sizes shows whether it is flat.
 
     `lab down` is timed last, after the floor's bare replay has rebuilt every link in the pods'
-    namespaces and the daemons were started again: the same DELs against the same kernel state
+    namespaces and the daemons were started again: the same teardown against the same kernel state
     (the floor needs the lab's namespaces, so it cannot come after `down`)."""
+    result = _isp(nodes, store, routers, links, seed, idle_seconds)
+    if small_routers and small_routers < routers:
+        small = _isp(nodes, store, small_routers, round(links * small_routers / routers), seed, 0.0, light=True)
+        result["small"] = {k: small[k] for k in ("routers", "links", "figure_s", "per_link_ms")}
+    return result
+
+
+def _isp(nodes: int, store: str, routers: int, links: int, seed: int, idle_seconds: float,
+         light: bool = False) -> dict[str, Any]:
     from meshnet.model import parse_manifest
     from meshnet.topo.builder import build, render
     from meshnet.topo.routes import compute_routes, install_routes, loopbacks_from_text
@@ -366,13 +379,22 @@ def isp(nodes: int, store: str = "sqlite", routers: int = 750, links: int = 900,
         if failed:
             raise RuntimeError(f"isp lab: {len(failed)} pods failed, e.g. {next(iter(failed.items()))}")
         figure = cold_add_seconds(lab, marks)
+        link_total = sum(len(t.links) for t in parsed.topologies) // 2
+        if light:
+            return {"routers": routers, "links": link_total, "figure_s": round(figure, 3),
+                    "per_link_ms": round(1000 * figure / link_total, 1)}
+        t0 = time.perf_counter()
+        lab.status()
+        status_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         routed = install_routes(lab)
         routes_s = time.perf_counter() - t0
         pids = [lab.state.daemons[n] for n in lab.state.nodes]
-        cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+        (own0, kids0), t0 = _cpu_seconds(pids), time.perf_counter()
         time.sleep(idle_seconds)  # longer than one 30 s resync
-        idle = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0) / len(pids)
+        own1, kids1 = _cpu_seconds(pids)
+        per_daemon = (time.perf_counter() - t0) * len(pids)
+        idle, idle_children = (own1 - own0 + kids1 - kids0) / per_daemon, (kids1 - kids0) / per_daemon
         rss = peak_rss_mib(lab)
         batches = journal_batches(lab, 0, time.time() + 0.5)
         # The routes' batches are not part of bring-up: only what came before them is replayed.
@@ -386,9 +408,9 @@ def isp(nodes: int, store: str = "sqlite", routers: int = 750, links: int = 900,
         problems = lab.down()
         down_s = time.perf_counter() - t0
     flo = _median(floor)
-    link_total = sum(len(t.links) for t in parsed.topologies) // 2
     return {"nodes": nodes, "store": store, "routers": routers, "links": link_total, "figure_s": round(figure, 3),
             "floor_s": flo, "ratio": round(figure / flo, 2), "per_link_ms": round(1000 * figure / link_total, 1),
             "batches": len(batches), "routes_compute_s": round(compute_s, 3), "routes_install_s": round(routes_s, 3),
             "routes": routed["routes"], "unreachable": len(plan.unreachable), "down_s": round(down_s, 3),
-            "down_problems": len(problems), "peak_rss_mib": rss, "idle_cpu_per_daemon_pct": round(100 * idle, 2)}
+            "down_problems": len(problems), "status_s": round(status_s, 3), "peak_rss_mib": rss,
+            "idle_cpu_per_daemon_pct": round(100 * idle, 2), "idle_cpu_children_pct": round(100 * idle_children, 2)}

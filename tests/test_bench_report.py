@@ -21,3 +21,14 @@ def test_isp_rows_name_nodes_store_and_targets() -> None:
     rows = rows_from({"isp3s": r})
     assert len(rows) == 4 and all("750 routers, 900 links, 3 nodes, sqlite" in row["what"] for row in rows)
     assert [row["verdict"] for row in rows] == ["(reported)", "**MISSED**", "met", "**MISSED**"]
+
+
+def test_isp_rows_show_the_small_lab_per_link_and_the_daemons_ip_processes() -> None:
+    r = {"routers": 200, "links": 240, "nodes": 3, "store": "kube", "per_link_ms": 50.0, "figure_s": 12.0,
+         "floor_s": 3.0, "ratio": 4.0, "down_s": 3.0, "routes_compute_s": 0.2, "routes_install_s": 1.0,
+         "peak_rss_mib": 90.0, "idle_cpu_per_daemon_pct": 3.0, "idle_cpu_children_pct": 1.5,
+         "small": {"routers": 40, "links": 48, "figure_s": 1.5, "per_link_ms": 31.2}}
+    rows = rows_from({"isp3k": r})
+    assert "50.0 ms per link; 31.2 ms per link at 40 routers" in rows[0]["what"]
+    assert "3.0 % of a core (1.5 % in its `ip` processes)" in rows[3]["figure"]
+    assert rows[1]["verdict"] == "met"

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,32 @@ def test_down_removes_everything_without_a_usable_state_file(tmp_path: Path, how
             assert len(problems) == 1 and "state file" in problems[0] and "damaged" in problems[0], problems
         else:
             assert problems == []
+
+
+def test_down_with_dead_daemons_removes_everything(tmp_path: Path) -> None:
+    """Daemons killed (no DEL could be served): `down` still removes every namespace and link."""
+    with lab_up(tmp_path, TESTS / "3node.yml", nodes=2) as lab:
+        netns = [rec.netns for rec in lab.state.pods.values()]
+        for pid in list(lab.state.daemons.values()):
+            os.kill(pid, signal.SIGKILL)
+        problems = Lab(lab.name, root=lab.dir.parent).down()
+        assert problems == []
+        assert lab_leftovers(lab) == []
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert not [ns for ns in netns if ns in listed]
+
+
+def test_down_resets_the_pods_status_in_a_kube_store(tmp_path: Path, kube_api: Any) -> None:
+    """The kube store outlives the lab: each pod's Topology status is emptied, as its DEL would."""
+    with lab_up(tmp_path, TESTS / "3node.yml", nodes=2, store="kube", kubeconfig=kube_api.kubeconfig) as lab:
+        names = list(lab.state.pods)
+        assert all(kube_api.get_object("topologies", "default", n)["status"].get("container_id") for n in names
+                   if kube_api.get_object("topologies", "default", n) is not None)
+        assert lab.down() == []
+        assert lab_leftovers(lab) == []
+    for n in names:
+        topo = kube_api.get_object("topologies", "default", n)
+        assert topo is None or not (topo.get("status") or {}).get("container_id"), (n, topo.get("status"))
 
 
 def test_down_from_the_cli_with_a_damaged_state_file(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from meshnet.topo.builder import build, render
 from meshnet.topo.graph import graph_data
 from meshnet.topo.routes import (
     Route,
+    RouteBatches,
     RoutingPlan,
     adjacency,
     compute_routes,
@@ -76,6 +77,23 @@ def test_a_line_routes_through_the_middle() -> None:
         ("addr", "replace", "192.0.2.1/32", "dev", "lo"),
         ("route", "replace", "192.0.2.2/32", "via", "10.0.1.2", "dev", "eth1")]
 
+
+
+def test_route_batches_are_the_commands_of_each_pod_as_batch_lines() -> None:
+    """`install_routes` hands `ip -batch` lines made from checked pieces: the same as the commands."""
+    text = render(build(30, 40, seed=5))
+    plan = _plan(text)
+    batches = RouteBatches(plan)
+    for pod in plan.routes:
+        assert batches.lines(pod) == [" ".join(c.argv) for c in pod_commands("ns", pod, plan)]
+
+
+def test_route_batches_refuse_a_bad_device_before_anything_runs() -> None:
+    plan = _plan(LINE)
+    bad = RoutingPlan({"a": (Route(ipaddress.ip_network("192.0.2.2/32"), ipaddress.ip_address("10.0.1.2"),
+                                   "eth1\nlink del eth0"),)}, plan.loopbacks, {})
+    with pytest.raises(Exception, match="eth1"):
+        RouteBatches(bad)
 
 PAIR = """
 kind: Pod
@@ -232,6 +250,19 @@ def test_routed_20_router_lab_on_3_nodes_every_loopback_answers_every_router(tmp
         summary = install_routes(lab)
         assert summary["pods"] == 20 and summary["loopbacks"] == 20 and summary["unreachable"] == {}
         pods = {name: rec.netns for name, rec in lab.state.pods.items()}
+        # In every namespace: forwarding on, the loopback on lo, every planned route in the kernel.
+        plan = compute_routes(lab.manifest().topologies, loopbacks)
+        for name, ns in pods.items():
+            fwd = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_forward"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            assert fwd == "1", name
+            kernel = subprocess.run(["ip", "-n", ns, "route", "show", "proto", "boot"], capture_output=True,
+                                    text=True, check=True).stdout
+            got = {ipaddress.ip_network(line.split()[0]) for line in kernel.splitlines()}
+            assert got >= {r.destination for r in plan.routes[name]}, name
+            lo = subprocess.run(["ip", "-n", ns, "addr", "show", "dev", "lo"], capture_output=True, text=True,
+                                check=True).stdout
+            assert str(loopbacks[name]) in lo, name
         checks = [(src, dst) for src in pods for dst in pods if src != dst]
         assert len(checks) == 20 * 19
         with ThreadPoolExecutor(max_workers=24) as pool:

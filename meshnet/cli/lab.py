@@ -215,7 +215,7 @@ def add_parsers(sub: Any) -> None:
     p = with_name(lsub.add_parser("apply", help="hot change: update the lab's store and pods from an edited FILE"))
     p.add_argument("file")
     p.set_defaults(func=_cmd_apply)
-    p = with_name(lsub.add_parser("down", help="DEL every pod, stop the daemons, remove everything"))
+    p = with_name(lsub.add_parser("down", help="stop the daemons, remove every namespace and file of the lab"))
     p.set_defaults(func=_cmd_down)
     p = with_name(lsub.add_parser("status", help="nodes, pods and every link with kind and state"))
     p.add_argument("--json", action="store_true")

@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from meshnet.lab.kubelet import POD_SUBNET, Kubelet, check_cni_plugins, default_
 from meshnet.lab.processes import Supervisor
 from meshnet.lab.reports import Reports
 from meshnet.lab.state import LAB_ROOT, LabError, LabNames, LabState, PodRecord, StateFile, check_lab_name
-from meshnet.model import Manifest, Topology, load_manifest
+from meshnet.model import Manifest, Topology, TopologyStatus, load_manifest
 from meshnet.plan import NodeInfo
 
 
@@ -309,20 +310,69 @@ class Lab:
     # --- tear-down -----------------------------------------------------------------------------------
 
     def down(self) -> list[str]:
-        """DEL every pod like a kubelet, stop the daemons, remove every namespace and file. Also when
-        the state file is damaged or missing: the lab's daemons and relay are found by their command
-        lines, its namespaces by the `mnl-<lab>-` prefix."""
+        """Stop the daemons, then remove every namespace and file of the lab at once. Also when the
+        state file is damaged or missing: the lab's daemons and relay are found by their command
+        lines, its namespaces by the `mnl-<lab>-` prefix.
+
+        No CNI DEL per pod: everything a DEL undoes goes with the lab as a whole — the pod
+        namespaces with every link in them (a veth's far end and the VXLANs with them), the node
+        namespaces with the eth0 bridge, the IPAM files and the SQLite store in the lab's directory.
+        750 DELs one pod at a time (8 at once) took minutes, removing links one by one in the
+        kernel and telling every peer. The daemons stop first, so nothing rebuilds or reports
+        while the namespaces go. Only a Kubernetes store outlives the lab: there each pod's
+        Topology status is reset as its DEL would have reset it."""
         problems: list[str] = []
+        st: LabState | None = None
         if self.exists():
             try:
-                problems = self.kubelet.del_all()
-            except LabError as e:  # damaged: no DEL, but everything is removed by name below
-                problems = [str(e)]
+                st = self.file.reload()
+            except LabError as e:  # damaged: everything is still removed by name below
+                problems.append(str(e))
         self.processes.stop_all()
         leftovers = sorted(p.name for p in NETNS_DIR.glob(f"{self.prefix}*")) if NETNS_DIR.exists() else []
         if leftovers:
-            self.executor.run_best_effort([Command(None, ("netns", "del", n)) for n in leftovers])
+            problems += self.executor.run_best_effort([Command(None, ("netns", "del", n)) for n in leftovers])
+        if st is not None and not st.store_url.startswith("sqlite:"):
+            problems += self._forget_statuses(st)
         problems += limits.restore_limits(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.file.forget()
+        return problems
+
+    def _forget_statuses(self, st: LabState) -> list[str]:
+        """What each pod's DEL does in the store: its Topology's status emptied, unless a sandbox
+        other than the lab's own owns it. One LIST per namespace, then one status write per pod."""
+        from meshnet.store import open_store
+        from meshnet.store.base import StoreError
+
+        mine = {(r.namespace, r.name): r.container_id for r in st.pods.values() if r.container_id}
+        if not mine:
+            return []
+        problems: list[str] = []
+        try:
+            store = open_store(st.store_url)
+        except (StoreError, OSError, ValueError) as e:
+            return [f"store {st.store_url.split('?')[0]}: cannot reset the pods' status: {e}"]
+        try:
+            known = [t for ns in sorted({ns for ns, _ in mine}) for t in store.list(ns)
+                     if t.key in mine and t.status.container_id]
+
+            def reset(t: Topology) -> str:
+                def clear(cur: Topology) -> TopologyStatus | None:
+                    if cur.status.container_id not in ("", mine[t.key]):
+                        return None  # a sandbox the lab did not make owns the pod now
+                    return None if cur.status == TopologyStatus() else TopologyStatus()
+
+                try:
+                    store.update_status(t.namespace, t.name, clear, known=t)
+                except (StoreError, OSError) as e:
+                    return f"Topology {t.namespace}/{t.name}: resetting its status failed: {e}"
+                return ""
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                problems += [p for p in pool.map(reset, known) if p]
+        except (StoreError, OSError) as e:
+            problems.append(f"store {st.store_url.split('?')[0]}: cannot reset the pods' status: {e}")
+        finally:
+            store.close()
         return problems

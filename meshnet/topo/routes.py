@@ -12,6 +12,7 @@ every link subnet.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import subprocess
 from collections import deque
@@ -248,34 +249,105 @@ def pod_commands(netns: str, pod: str, plan: RoutingPlan) -> list[Command]:
     return cmds
 
 
-def forwarding_argv(netns: str, ipv6: bool) -> list[str]:
-    keys = ["net.ipv4.ip_forward=1"] + (["net.ipv6.conf.all.forwarding=1"] if ipv6 else [])
-    return ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *keys]
+FORWARDING_KEYS = {4: "net/ipv4/ip_forward", 6: "net/ipv6/conf/all/forwarding"}
 
 
-def install_routes(lab: Lab, workers: int = 8) -> dict[str, Any]:
+class RouteBatches:
+    """Each pod's routes as the lines of one `ip -batch`, made from pieces checked once.
+
+    A 750-router plan has ~1.2 million routes; one `Command` per route, each checked by the
+    executor, cost more than the kernel took to install them (13 s to make, 11 s to check, under
+    load). Every line is `route replace <destination> via <gateway> dev <device>`: the
+    executor's checks run once on one command per distinct destination and one per distinct
+    (gateway, device), so each piece of every line has passed them before anything runs."""
+
+    def __init__(self, plan: RoutingPlan) -> None:
+        from meshnet.command import Command
+        from meshnet.executor import check_commands
+
+        self.plan = plan
+        # Keyed by the objects' ids (the plan holds them, so the ids stay theirs): hashing an
+        # ipaddress object runs Python code, and there are two per route.
+        dests: dict[int, str] = {}
+        hops: dict[tuple[int, str], str] = {}
+        probe_dests: list[str] = []
+        probe_hops: list[tuple[str, str]] = []
+        for routes in plan.routes.values():
+            for dest, via, dev in routes:
+                if id(dest) not in dests:
+                    dests[id(dest)] = text = str(dest)
+                    probe_dests.append(text)
+                if (id(via), dev) not in hops:
+                    hops[(id(via), dev)] = f" via {via} dev {dev}"
+                    probe_hops.append((str(via), dev))
+        checks = [Command(None, ("route", "replace", d, "via", probe_hops[0][0], "dev", probe_hops[0][1]))
+                  for d in probe_dests] if probe_hops else []
+        checks += [Command(None, ("route", "replace", probe_dests[0], "via", via, "dev", dev))
+                   for via, dev in probe_hops]
+        checks += [Command(None, ("addr", "replace", str(lo), "dev", "lo")) for lo in plan.loopbacks.values()]
+        check_commands(checks, set_up=True)
+        self._dests = dests
+        self._hops = hops
+
+    def lines(self, pod: str) -> list[str]:
+        out = []
+        lo = self.plan.loopbacks.get(pod)
+        if lo is not None:
+            out.append(f"addr replace {lo} dev lo")
+        dests, hops = self._dests, self._hops
+        out.extend(f"route replace {dests[id(dest)]}{hops[(id(via), dev)]}"
+                   for dest, via, dev in self.plan.routes.get(pod, ()))
+        return out
+
+
+def _enable_forwarding(netns: str, versions: Iterable[int]) -> None:
+    """Forwarding on in `netns`, written in-process: a thread enters the namespace (`setns` moves
+    only the calling thread; /proc/sys/net is the namespace of the thread that opens it) and leaves
+    again. `ip netns exec sysctl` per pod was a second process (and a remount of /sys) per pod."""
+    from meshnet.lab.netns_thread import in_netns
+
+    def write() -> None:
+        for v in versions:
+            with open(f"/proc/sys/{FORWARDING_KEYS[v]}", "w") as fh:
+                fh.write("1\n")
+
+    in_netns(netns, write)
+
+
+def install_routes(lab: Lab, workers: int = 0) -> dict[str, Any]:
     """Turn a lab that is up into a routed network: forwarding on, loopbacks on `lo`, static routes.
 
-    Idempotent (`addr replace`, `route replace`), so it can run again after a pod restart.
+    Idempotent (`addr replace`, `route replace`), so it can run again after a pod restart. One
+    `ip -n <pod> -batch` per pod (a batch line cannot change namespace), as many at once as the
+    machine has cores (the kernel's work is most of it once the lines are made).
     """
-    from meshnet.executor import Executor
+    from meshnet import naming
 
     manifest = lab.manifest()
     plan = compute_routes(manifest.topologies, read_loopbacks(lab.state.manifest))
-    executor: Executor = lab.executor
+    batches = RouteBatches(plan)
     up = [rec for rec in lab.state.pods.values() if rec.state == "up"]
+    for rec in up:
+        why = naming.netns_problem(rec.netns)
+        if why:
+            raise RouteError(f"{rec.name}: namespace {rec.netns!r}: {why}")
     ipv6 = any(r.destination.version == 6 for rs in plan.routes.values() for r in rs)
+    versions = (4, 6) if ipv6 else (4,)
 
     def one(rec: Any) -> int:
-        proc = subprocess.run(forwarding_argv(rec.netns, ipv6), capture_output=True, text=True, check=False,
-                              timeout=30)
-        if proc.returncode != 0:
-            raise RouteError(f"{rec.name}: enabling forwarding failed: {proc.stderr.strip()}")
-        cmds = pod_commands(rec.netns, rec.name, plan)
-        if cmds:
-            executor.run_sequence(cmds)
+        try:
+            _enable_forwarding(rec.netns, versions)
+        except OSError as e:
+            raise RouteError(f"{rec.name}: enabling forwarding failed: {e}") from e
+        lines = batches.lines(rec.name)
+        if lines:
+            proc = subprocess.run(["ip", "-n", rec.netns, "-batch", "-"], input="\n".join(lines) + "\n",
+                                  capture_output=True, text=True, check=False, timeout=300)
+            if proc.returncode != 0:
+                raise RouteError(f"{rec.name}: installing routes failed: {proc.stderr.strip()[-500:]}")
         return len(plan.routes.get(rec.name, ()))
 
+    workers = workers or (os.cpu_count() or 1) + 1
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(up) or 1))) as pool:
         counts = list(pool.map(one, up))
     return {"pods": len(up), "routes": sum(counts), "loopbacks": sum(1 for r in up if r.name in plan.loopbacks),
