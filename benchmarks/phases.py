@@ -9,7 +9,8 @@ Python + shim + the daemon's work). Printed: the median of each phase over the A
 concurrent case the sum over all ADDs too (what the 2 cores spent, not wall time).
 
 Cases: `add`, the 4-link hub ADD of `lab_bench.add_latency` (peers up, DEL between ADDs);
-`random`, the 100 pods / 300 links of `lab_bench.random_topology` (8 ADDs at a time, 3 nodes).
+`random`, the 100 pods / 300 links of `lab_bench.random_topology` (8 ADDs at a time, 3 nodes);
+`links1`, `links2`, the 2 pods x 1500 links of `lab_bench.many_links` on one and two nodes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 os.environ["MESHNET_TIMING"] = "1"  # before the lab (and its daemons' environment) is made
 
+from benchmarks.foundation import manifest_text as two_pod_manifest
 from benchmarks.lab_bench import bench_lab, cold_add_seconds, hub_manifest, random_manifest
 from meshnet.lab.cluster import Lab
 
@@ -153,15 +155,25 @@ def random_pods() -> dict[str, Any]:
         Lab.add_pods = add_pods  # type: ignore[method-assign]
 
 
+def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:
+    with bench_lab(f"pl{nodes}", two_pod_manifest(links), nodes) as (lab, marks):
+        figure = cold_add_seconds(lab, marks)
+        print(f"2 pods x {links} links, {nodes} node(s): first ADD -> every link up {figure:.3f} s")
+        return {**report(lab), "figure_s": figure}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--only", choices=["add", "random"])
+    ap.add_argument("--only", choices=["add", "random", "links1", "links2"])
     args = ap.parse_args()
     if args.only in (None, "add"):
         hub_add(args.runs)
     if args.only in (None, "random"):
         random_pods()
+    for nodes in (1, 2):
+        if args.only in (None, f"links{nodes}"):
+            many_links(nodes)
     return 0
 
 
