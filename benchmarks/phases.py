@@ -70,7 +70,7 @@ def _table(title: str, rows: list[dict[str, float]], totals: bool) -> list[str]:
 def report(lab: Lab, skip_first: int = 0, totals: bool = False) -> dict[str, Any]:
     adds, eth0 = _daemon_events(lab)
     kube = _kubelet_events(lab)
-    adds, kube = adds[skip_first:], kube[skip_first:]
+    adds = adds[skip_first:]  # the kubelet's log holds only the ADDs measured
     daemon_rows = [{**e["phases"], "TOTAL (daemon)": e["total_ms"]} for e in adds]
     # What the CNI binary's wall time holds beyond the daemon's own work: nsenter, Python start,
     # the shim's imports, the socket and JSON both ways.
