@@ -1,9 +1,9 @@
 """Executor against a faked `ip` (pytest-subprocess): batching, stdin, dry-run, errors, rollback, journal.
 
 plumbum resolves `local["ip"]` to its full path (/usr/sbin/ip), so the fakes are registered with
-`fp.program("ip")`, which matches any path ending in `ip`. plumbum hands a batch's stdin to Popen
-as a temporary file and closes it as soon as Popen returns; the `ip_calls` fixture reads it while
-the fake process is being set up, so every test sees the exact argv and stdin of every `ip`.
+`fp.program("ip")`, which matches any path ending in `ip`. The executor writes a batch to the
+process's stdin pipe through `communicate`; the `ip_calls` fixture records what each fake process
+was given there, so every test sees the exact argv and stdin of every `ip`.
 """
 
 from __future__ import annotations
@@ -36,21 +36,15 @@ Call = tuple[tuple[str, ...], str]  # (argv, stdin)
 def ip_calls(fp: FakeProcess, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
     calls: list[Call] = []
     lock = threading.Lock()
-    configure = FakePopen.configure
+    communicate = FakePopen.communicate
 
-    def capturing_configure(self: FakePopen, **kwargs: Any) -> None:
-        stdin = kwargs.get("stdin")
-        text = ""
-        if stdin is not None and hasattr(stdin, "read"):
-            stdin.seek(0)
-            data = stdin.read()
-            stdin.seek(0)
-            text = data.decode() if isinstance(data, bytes) else str(data)
+    def capturing_communicate(self: FakePopen, input: Any = None, timeout: float | None = None) -> Any:
+        text = input.decode() if isinstance(input, bytes) else str(input or "")
         with lock:
             calls.append((tuple(str(a) for a in self.args), text))
-        configure(self, **kwargs)
+        return communicate(self, input, timeout)
 
-    monkeypatch.setattr(FakePopen, "configure", capturing_configure)
+    monkeypatch.setattr(FakePopen, "communicate", capturing_communicate)
     return calls
 
 

@@ -17,7 +17,7 @@ from meshnet import naming
 from meshnet.cni import delegate, protocol, results
 from meshnet.cni.protocol import CniError, CniRequest
 from meshnet.command import Command
-from meshnet.daemon import kernel, netns, sandboxes, vni
+from meshnet.daemon import kernel, netns, phases, sandboxes, vni
 from meshnet.daemon.link_status import LinkStatusWriter, veth_ends_built, veth_ends_lost
 from meshnet.daemon.peer_client import PeerNotifier
 from meshnet.daemon.state import NodeState, PodKey
@@ -113,15 +113,19 @@ class CniVerbs:
         """eth0 (the delegate) and meshnet's links are independent: they are built at the same time.
         If either fails, both are undone — a failed ADD leaves nothing behind."""
         started = time.monotonic()
-        eth0_future = self._delegates.submit(self.run_eth0_delegate, req, "ADD")
+        timing = phases.start()  # MESHNET_TIMING=1: each phase's wall time, logged as one event
+        eth0_future = self._delegates.submit(self._timed_eth0, req)
         try:
             links = self._add_links(req)
         except BaseException:
+            phases.finish(timing, self.state.log, failed=True)
             self._undo_eth0(req, eth0_future)
             raise
         try:
             eth0 = eth0_future.result()
+            timing.mark("wait eth0 delegate")
         except BaseException:
+            phases.finish(timing, self.state.log, failed=True)
             if links is not None:
                 self._undo_links(req)
             raise
@@ -132,9 +136,20 @@ class CniVerbs:
             ifaces.append(iface)
             if address is not None:
                 ips.append(results.IPConfig(address, interface=len(ifaces) - 1))
+        timing.mark("result")
+        phases.finish(timing, self.state.log, verb="ADD", container=req.container_id[:12])
         self.state.log(event="add", container=req.container_id[:12],
                        ms=round((time.monotonic() - started) * 1000, 1))
         return replace(base, interfaces=tuple(ifaces), ips=tuple(ips)).to_dict(req.conf.cni_version)
+
+    def _timed_eth0(self, req: CniRequest) -> dict[str, Any] | None:
+        if not phases.ENABLED:
+            return self.run_eth0_delegate(req, "ADD")
+        t0 = time.perf_counter()
+        try:
+            return self.run_eth0_delegate(req, "ADD")
+        finally:
+            self.state.log(event="timing-eth0", ms=round((time.perf_counter() - t0) * 1000, 2))
 
     def _undo_eth0(self, req: CniRequest, eth0_future: Future[dict[str, Any] | None]) -> None:
         try:
@@ -180,14 +195,19 @@ class CniVerbs:
         """Mark the pod alive and build its links; None when the pod has no Topology."""
         state = self.state
         store = state.store
+        timing = phases.current()
         namespace, pod = self._pod(req)
+        timing.mark("parse request")
         topo = store.get(namespace, pod) if pod else None
+        timing.mark("store get")
         if topo is None:
             return None
         check_macvlan_parents(topo, state.node)  # before the pod is marked alive: nothing to undo
         ns_name = self._vouched(req.netns)
+        timing.mark("netns vouch")
         self._release_replaced_sandbox(topo, req, ns_name)
         block = self.blocks.choose(topo)
+        timing.mark("vni block")
 
         def mark_alive(cur: Topology) -> TopologyStatus:
             return replace(cur.status, src_ip=state.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
@@ -195,12 +215,18 @@ class CniVerbs:
 
         # The namespace comes from this call, recorded node-locally: never read back from the store.
         state.sandboxes.put(topo.key, req.container_id, req.netns)
+        timing.mark("sandbox record")
         # `topo` was read just now: it stands in for the store's read before the write.
         topo = store.update_status(namespace, pod, mark_alive, known=topo) or topo
+        timing.mark("status write (alive)")
         failure: ExecError | None = None
         for pause in (*vni.VNI_CLASH_PAUSES, None):
             listed = store.list(namespace)
-            plan = plan_pod(topo, ns_name, state.node, state.pod_states(listed))
+            timing.mark("store list")
+            pod_states = state.pod_states(listed)
+            timing.mark("pod states")
+            plan = plan_pod(topo, ns_name, state.node, pod_states)
+            timing.mark("plan")
             try:
                 self.build(namespace, plan.links)
                 failure = None
@@ -222,10 +248,13 @@ class CniVerbs:
                 if cur.status.container_id == req.container_id else None)
             raise CniError(protocol.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
         remote_errors = self.peers.build_far_ends(topo, plan)
+        timing.mark("peer call")
         self.peers.note_owed(topo.key, plan, remote_errors)
         self.link_status.write_outcome(topo, req.container_id, plan, remote_errors)
+        timing.mark("status write (outcome)")
         caps = state.executor.capabilities()
         self.link_status.tell_veth_peers(listed, veth_ends_built(topo, plan, listed, caps))
+        timing.mark("veth peers' status")
         for lp in plan.links:
             for report in plan_reports(lp, caps):
                 if report.message:  # the link is up; what this node cannot apply is said once, here
@@ -257,9 +286,15 @@ class CniVerbs:
         executor = state.executor
         # What this kernel can do: without netem a delay is reported unavailable, not a failed ADD.
         caps = executor.capabilities()
+        timing = phases.current()
+        timing.mark("capabilities")
         with state.link_locks(namespace, (p.uid for p in plans)):
+            timing.mark("link locks")
             try:
-                executor.apply(render(plans, "add", caps))
+                batch = render(plans, "add", caps)
+                timing.mark("render")
+                executor.apply(batch)
+                timing.mark("ip (executor)")
             except LinkExists:
                 # A concurrent ADD, a restarted daemon or a re-ADD got there first: look. Logged as
                 # handled, so the batch's "File exists" above it does not read as a failure.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -30,6 +31,9 @@ CNI_PLUGIN_DIRS = ("/usr/lib/cni", DEFAULT_BIN_DIR)  # Debian's plugins first
 # A kubelet retries a sandbox whose network failed with back-off; CNI error 11 ("try again later")
 # is what the shim answers while meshnetd restarts. 0.2 s doubling to 5 s, for up to a minute.
 RETRY_FIRST, RETRY_MAX, RETRY_FOR = 0.2, 5.0, 60.0
+# MESHNET_TIMING=1: each ADD's phases (state file, netns, the CNI binary) as one JSON line in
+# <lab>/kubelet-timing.log, for benchmarks/phases.py. Off by default.
+TIMING = os.environ.get("MESHNET_TIMING", "") == "1"
 
 
 def default_cni_bin() -> list[str]:
@@ -141,14 +145,18 @@ class Kubelet:
 
     def _add(self, pod: str, retry_for: float) -> PodRecord:
         started = time.monotonic()
+        marks: list[tuple[str, float]] = [("start", time.perf_counter())]
         # Recorded before the ADD: whoever looks next (a `down`, say) DELs this sandbox.
         rec = self._record(pod, container_id=secrets.token_hex(32), result={}, state="adding", error="")
+        marks.append(("state file (adding)", time.perf_counter()))
         if not (NETNS_DIR / rec.netns).exists():
             self.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
                                         Command(rec.netns, ("link", "set", "lo", "up"))])
+        marks.append(("sandbox netns", time.perf_counter()))
         delay = RETRY_FIRST
         while True:
             rc, answer = self.cni("ADD", rec)
+            marks.append(("CNI binary (ADD)", time.perf_counter()))
             waited = time.monotonic() - started
             if rc == 0 or answer.get("code") != 11 or waited + delay > retry_for:
                 break
@@ -160,10 +168,24 @@ class Kubelet:
         seconds = round(time.monotonic() - started, 3)
         if rc == 0:
             links = sum(1 for i in answer.get("interfaces", []) if i.get("sandbox") and i.get("name") != "eth0")
-            return self._record(pod, state="up", error="", result=answer, links=links, seconds=seconds)
-        error = f"CNI error {answer.get('code')}: {answer.get('msg')}" + (
-            f": {answer['details']}" if answer.get("details") else "")
-        return self._record(pod, state="failed", error=error, links=0, seconds=seconds)
+            done = self._record(pod, state="up", error="", result=answer, links=links, seconds=seconds)
+        else:
+            error = f"CNI error {answer.get('code')}: {answer.get('msg')}" + (
+                f": {answer['details']}" if answer.get("details") else "")
+            done = self._record(pod, state="failed", error=error, links=0, seconds=seconds)
+        if TIMING:
+            marks.append(("state file (result)", time.perf_counter()))
+            self._log_timing(pod, rec.container_id, marks)
+        return done
+
+    def _log_timing(self, pod: str, container_id: str, marks: list[tuple[str, float]]) -> None:
+        phases: dict[str, float] = {}
+        for (_, before), (phase, after) in itertools.pairwise(marks):
+            phases[phase] = round(phases.get(phase, 0.0) + (after - before) * 1000, 2)
+        line = json.dumps({"pod": pod, "container": container_id[:12], "start": marks[0][1],
+                           "total_ms": round((marks[-1][1] - marks[0][1]) * 1000, 2), "phases": phases})
+        with open(self.names.dir / "kubelet-timing.log", "a") as f:
+            f.write(line + "\n")
 
     def add_pods(self, pods: list[str], workers: int = 8) -> None:
         done = 0
