@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -67,9 +67,10 @@ class PeerClient(Protocol):
     def remove_many(self, address: str, links: Sequence[PeerLink]) -> list[str]: ...
 
 
-# Links per peer call: the receiver reads each distinct pod of a call and writes its status, so a
-# call's cost grows with its links; pages keep each call well inside its deadline.
-PEER_PAGE = 64
+# Links per peer call: the receiver reads each distinct pod of a call, looks at its namespace and
+# writes its status (measured ~75 ms a pod on a loaded 2-core lab machine), so a call's cost grows
+# with its links; pages of 32, sent one after the other, keep each call well inside its deadline.
+PEER_PAGE = 32
 # What a receiver takes in one call (callers of this version send at most PEER_PAGE).
 PEER_BATCH_MAX = 1024
 
@@ -149,7 +150,7 @@ def wire_ip(value: object) -> str:
     return "" if value is None else str(value)
 
 
-_Page = tuple[Sequence[PeerLink], "Future[list[str]]"]  # a page's links and its call
+_Page = tuple[Sequence[PeerLink], list[str] | Exception]  # a page's links and its actions or error
 
 
 class PeerNotifier:
@@ -183,16 +184,34 @@ class PeerNotifier:
         why = self.backoff.fail_fast(address)
         if why:
             raise PeerSkipped(why)
-        return method(address, links)
+        try:
+            return method(address, links)
+        except PeerError as e:
+            if e.unreachable:  # at once: the next page, and other pods' calls, need not wait too
+                self.backoff.failed(address, unreachable=True, error=str(e))
+            raise
+
+    def _pages(self, method: Callable[[str, Sequence[PeerLink]], list[str]], address: str,
+               links: Sequence[PeerLink]) -> list[_Page]:
+        """`links` to one peer in pages of at most PEER_PAGE, one after the other: pages sent at
+        once would share the receiver's time and all finish late, each page's deadline must only
+        cover its own work. A page that fails does not stop the next (it may be refused alone);
+        after one that found the peer dead the rest fail at once (PeerSkipped)."""
+        out: list[_Page] = []
+        for i in range(0, len(links), PEER_PAGE):
+            page = links[i:i + PEER_PAGE]
+            try:
+                out.append((page, self._call(method, address, page)))
+            except Exception as e:  # each page's outcome is its own
+                out.append((page, e))
+        return out
 
     def _paged(self, method: Callable[[str, Sequence[PeerLink]], list[str]],
                batches: Mapping[str, Sequence[PeerLink]]) -> dict[str, list[_Page]]:
-        """Each node's links in pages of at most PEER_PAGE, all submitted at once (the pool bounds
-        how many run): {address: [(page, future)]}."""
-        return {address: [(links[i:i + PEER_PAGE], self._pool.submit(self._call, method, address,
-                                                                    links[i:i + PEER_PAGE]))
-                          for i in range(0, len(links), PEER_PAGE)]
-                for address, links in batches.items()}
+        """Each node's pages (`_pages`), the nodes in parallel: {address: [(page, actions or error)]}."""
+        futures = {address: self._pool.submit(self._pages, method, address, links)
+                   for address, links in batches.items()}
+        return {address: fut.result() for address, fut in futures.items()}
 
     def build_far_ends(self, topo: Topology, plan: PodPlan) -> dict[int, str]:
         """Ask each remote peer's daemon to build its vxlan ends — the links towards one node in
@@ -209,12 +228,12 @@ class PeerNotifier:
         for address, pages in self._paged(self.peers.update_many, by_node).items():
             actions: list[str] = []
             failures: list[Exception] = []
-            for page, fut in pages:
-                try:
-                    actions += fut.result()
-                except Exception as e:  # any failure of one page must not hide the others
-                    failures.append(e)
-                    errors.update({lk.uid: f"peer update failed: {e}" for lk in page})
+            for page, outcome in pages:
+                if isinstance(outcome, Exception):  # any failure of one page must not hide the others
+                    failures.append(outcome)
+                    errors.update({lk.uid: f"peer update failed: {outcome}" for lk in page})
+                else:
+                    actions += outcome
             self._outcome(address, failures)
             if len(failures) < len(pages):
                 log(event="peer-update", peer=address, links=len(actions), pages=len(pages),
@@ -282,10 +301,8 @@ class PeerNotifier:
                 vni = naming.vni(topo.namespace, lnk.uid, block)
                 far.setdefault(self.address(st.src_ip), []).append(self.peer_link(topo, lnk.uid, vni))
         for address, pages in self._paged(self.peers.remove_many, far).items():
-            for _, fut in pages:
-                try:
-                    fut.result()
-                except Exception as e:  # the far end is garbage-collected later; DEL must succeed
+            for _, e in pages:
+                if isinstance(e, Exception):  # the far end is garbage-collected later; DEL must succeed
                     if isinstance(e, PeerError) and e.unreachable and not isinstance(e, PeerSkipped):
                         self.backoff.failed(address, unreachable=True, error=str(e))
                     self.state.log(event="peer-remove-skipped" if isinstance(e, PeerSkipped) else "peer-remove-failed",
