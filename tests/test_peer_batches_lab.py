@@ -16,24 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peer_batches import hub_manifest
 from meshnet.daemon.peer_client import PEER_PAGE
 from meshnet.lab.cluster import Lab
 from tests.labkit import lab_up
 
 SPOKES = 200
 GRPC_DEADLINE = 5.0  # GrpcPeerClient's default, which meshnetd uses
-
-
-def hub_manifest() -> str:
-    hub = ("apiVersion: networkop.co.uk/v1beta1\nkind: Topology\nmetadata: {name: hub}\nspec:\n  links:\n"
-           + "".join(f"  - {{uid: {i + 1}, peer_pod: s{i}, local_intf: e{i}, peer_intf: eth1}}\n"
-                     for i in range(SPOKES)))
-    docs = [hub, "{kind: Pod, apiVersion: v1, metadata: {name: hub}, spec: {nodeName: node0}}\n"]
-    for i in range(SPOKES):
-        docs.append(f"apiVersion: networkop.co.uk/v1beta1\nkind: Topology\nmetadata: {{name: s{i}}}\nspec:\n"
-                    f"  links:\n  - {{uid: {i + 1}, peer_pod: hub, local_intf: eth1, peer_intf: e{i}}}\n")
-        docs.append(f"{{kind: Pod, apiVersion: v1, metadata: {{name: s{i}}}, spec: {{nodeName: node1}}}}\n")
-    return "---\n".join(docs)
 
 
 def events(lab: Lab, node: str) -> list[dict[str, Any]]:
@@ -64,7 +53,7 @@ def wait_all_up(lab: Lab, timeout: float) -> list[dict[str, Any]]:
 
 
 def test_a_hub_with_hundreds_of_far_ends_comes_up_without_a_deadline(tmp_path: Path) -> None:
-    with lab_up(tmp_path, hub_manifest(), nodes=2) as lab:
+    with lab_up(tmp_path, hub_manifest(SPOKES), nodes=2) as lab:
         assert wait_all_up(lab, 60) == []
         t0 = time.monotonic()
         rec = lab.restart_pod("hub")  # its ADD asks node1 for all 200 far ends at once
