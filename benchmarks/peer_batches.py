@@ -68,5 +68,5 @@ def hub(spokes: int = 200, runs: int = 3) -> dict[str, Any]:
                         for n in lab.state.nodes)
         rss = peak_rss_mib(lab)
     return {"spokes": spokes, "rollout_s": round(rollout, 3), "hub_add_s": round(statistics.median(samples), 3),
-            "hub_add_samples_s": [round(s, 3) for s in samples], "pages": sent[-1]["pages"] if sent else None,
+            "hub_add_samples_s": [round(s, 3) for s in samples], "pages": sent[-1].get("pages", 1) if sent else None,
             "deadline_errors": deadlines, "peak_rss_mib": rss, "ok": deadlines == 0}
