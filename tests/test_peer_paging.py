@@ -190,6 +190,18 @@ def test_a_dead_peer_is_not_waited_on_by_a_del_within_its_back_off(hub: Hub) -> 
     assert len(hub.peers.calls) == calls
 
 
+def test_a_del_that_finds_the_peer_dead_spares_the_next_add_the_wait(hub: Hub) -> None:
+    cni(hub.core, "ADD", "hub", hub.paper.make("ph"), "cid-h")
+    calls = len(hub.peers.calls)
+    hub.peers.answer[PEER] = PeerError(f"{PEER}: UNAVAILABLE: connection refused", unreachable=True)
+    cni(hub.core, "DEL", "hub", "/var/run/netns/ph", "cid-h")
+    assert len(hub.peers.calls) == calls + 1  # its first page found the peer dead; the others knew
+    cni(hub.core, "ADD", "hub", hub.paper.make("ph"), "cid-h2")
+    assert len(hub.peers.calls) == calls + 1
+    t = hub.store.get(NS, "hub")
+    assert t is not None and "(last: " + PEER + ": UNAVAILABLE" in t.status.plumbing_error
+
+
 def test_backoff_is_per_peer_jittered_and_capped() -> None:
     now = [0.0]
     rolls = iter([1.0, 0.0, 0.5, 1.0, 0.0, 0.999, 0.25] * 3)

@@ -249,8 +249,8 @@ class PeerNotifier:
         Calls not made (PeerSkipped) say nothing new about the peer."""
         made = [e for e in failures if not isinstance(e, PeerSkipped)]
         if made:
-            unreachable = any(isinstance(e, PeerError) and e.unreachable for e in made)
-            self.backoff.failed(address, unreachable=unreachable, error=str(made[0]))
+            dead = [e for e in made if isinstance(e, PeerError) and e.unreachable]
+            self.backoff.failed(address, unreachable=bool(dead), error=str((dead or made)[0]))
         elif not failures:
             self.backoff.succeeded(address)
 
@@ -303,8 +303,6 @@ class PeerNotifier:
         for address, pages in self._paged(self.peers.remove_many, far).items():
             for _, e in pages:
                 if isinstance(e, Exception):  # the far end is garbage-collected later; DEL must succeed
-                    if isinstance(e, PeerError) and e.unreachable and not isinstance(e, PeerSkipped):
-                        self.backoff.failed(address, unreachable=True, error=str(e))
                     self.state.log(event="peer-remove-skipped" if isinstance(e, PeerSkipped) else "peer-remove-failed",
                                    peer=address, error=str(e))
 
