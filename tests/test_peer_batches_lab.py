@@ -118,7 +118,8 @@ def test_an_add_towards_a_dead_node_waits_for_it_once_then_fails_fast(tmp_path: 
             took.append(time.monotonic() - t0)
             assert rec.state == "up", rec.error  # the local ends are built; the far ends are owed
         # The first DEL found node1 dead (it waited the deadline); every ADD after it fails fast.
-        assert max(took) < GRPC_DEADLINE / 2, took
+        print(f"ADDs towards a dead node: {[round(t, 2) for t in took]} s")
+        assert max(took) < 0.6 * GRPC_DEADLINE, took
         node0 = events(lab, "node0")
         assert any(e.get("event") == "peer-update-skipped" for e in node0)
         # One wait on the dead peer per back-off window (the reconciler may try once more as the

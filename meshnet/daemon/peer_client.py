@@ -89,6 +89,7 @@ class _Failure:
     retry_at: float  # 0.0: news that the peer is back, ask at once
     unreachable: bool  # the last failure was no answer at all: calls until retry_at fail at once
     error: str
+    probing: bool = False  # unreachable, wait over: one call is trying the peer, the others wait for it
 
 
 class PeerBackoff:
@@ -115,6 +116,14 @@ class PeerBackoff:
             wait = min(PEER_RETRY_FIRST * 2 ** (count - 1), PEER_RETRY_MAX) * (1 - PEER_RETRY_JITTER * self._rand())
             self._failed[address] = _Failure(count, now + wait, unreachable, error)
 
+    def answered(self, address: str) -> None:
+        """The peer answered a call (whatever the answer): calls to it need not fail fast any more;
+        when it may be asked again for what failed stays as it was."""
+        with self._lock:
+            old = self._failed.get(address)
+            if old is not None and old.unreachable:
+                self._failed[address] = replace(old, unreachable=False, probing=False)
+
     def succeeded(self, address: str) -> None:
         with self._lock:
             self._failed.pop(address, None)
@@ -135,14 +144,22 @@ class PeerBackoff:
 
     def fail_fast(self, address: str) -> str:
         """Why `address` is not to be called now ("" if it may be): it did not answer a moment ago
-        and its back-off is not over."""
+        and its back-off is not over. Once it is over, one caller tries the peer (the one that gets
+        "") and the others still fail at once until that call's outcome (`failed`/`succeeded`):
+        a dead peer costs one deadline per back-off, not one per ADD that happens to come then."""
+        last = ""
         with self._lock:
             entry = self._failed.get(address)
             now = self._clock()
-        if entry is None or not entry.unreachable or now >= entry.retry_at:
-            return ""
-        return (f"{address} unreachable, not asked again for {entry.retry_at - now:.1f} s"
-                + (f" (last: {entry.error})" if entry.error else ""))
+            if entry is None or not entry.unreachable:
+                return ""
+            last = f" (last: {entry.error})" if entry.error else ""
+            if now < entry.retry_at:
+                return f"{address} unreachable, not asked again for {entry.retry_at - now:.1f} s{last}"
+            if not entry.probing:
+                self._failed[address] = replace(entry, probing=True)
+                return ""
+        return f"{address} unreachable, another call is trying it now{last}"
 
 
 def wire_ip(value: object) -> str:
@@ -185,11 +202,15 @@ class PeerNotifier:
         if why:
             raise PeerSkipped(why)
         try:
-            return method(address, links)
+            actions = method(address, links)
         except PeerError as e:
             if e.unreachable:  # at once: the next page, and other pods' calls, need not wait too
                 self.backoff.failed(address, unreachable=True, error=str(e))
+            else:
+                self.backoff.answered(address)
             raise
+        self.backoff.answered(address)
+        return actions
 
     def _pages(self, method: Callable[[str, Sequence[PeerLink]], list[str]], address: str,
                links: Sequence[PeerLink]) -> list[_Page]:
