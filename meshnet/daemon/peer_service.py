@@ -60,7 +60,7 @@ class PeerService:
         return out
 
     def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
-        """Build or update this node's ends of a batch of vxlan links (one batch per calling node).
+        """Build or update this node's ends of a batch of vxlan links (a page of a calling pod's links).
         `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
         state = self.state
         if len(reqs) > PEER_BATCH_MAX:
