@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import foundation, lab_bench, selfheal, shim_latency
+from benchmarks import foundation, lab_bench, peer_batches, selfheal, shim_latency
 
 
 def machine() -> dict[str, str]:
@@ -105,6 +105,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     if peaks:
         rows.append({"what": "peak RSS of meshnetd (VmHWM, after the runs above)", "figure": f"{max(peaks)} MiB",
                      "floor": "—", "ratio": "—", "target": "≤ 150 MiB", "verdict": _verdict(max(peaks) <= 150)})
+    r = results.get("peer_hub")
+    if r:
+        rows.append({"what": f"hub pod with {r['spokes']} far ends on another node (2 nodes): its ADD → every link up "
+                             f"({r['pages']} pages; rollout of the {r['spokes']} pods {_s(r['rollout_s'])})",
+                     "figure": _s(r["hub_add_s"]), "floor": "—", "ratio": "—",
+                     "target": "no deadline error", "verdict": _verdict(r["ok"])})
     for key in ("heal_daemon", "heal_daemon_wiped", "heal_pod", "heal_hot"):
         r = results.get(key)
         if r:
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ("links2", lambda: lab_bench.many_links(2, links)),
         ("random", lab_bench.random_topology),
         ("kube", lab_bench.kube_calls),
+        ("peer_hub", lambda: peer_batches.hub(100 if args.quick else 200)),
         ("heal_daemon", lambda: selfheal.daemon_restart(500)),
         ("heal_daemon_wiped", lambda: selfheal.daemon_restart(500, wipe=True)),
         ("heal_pod", selfheal.pod_restart),

@@ -308,7 +308,7 @@ def test_peer_backoff_doubles_up_to_a_minute_and_news_of_the_peer_ends_it() -> N
     from meshnet.daemon.peer_client import PeerBackoff
 
     now = [100.0]
-    b = PeerBackoff(clock=lambda: now[0])
+    b = PeerBackoff(clock=lambda: now[0], rand=lambda: 0.0)  # no jitter (tests/test_peer_paging.py)
     assert b.due("p:1")
     waits = []
     for _ in range(6):

@@ -18,7 +18,7 @@ from meshnet import pki
 from meshnet.daemon.config import TlsPaths
 from meshnet.daemon.node import NodeDaemon
 from meshnet.daemon.peer_auth import Caller, FarPod, Kind, authorize_batch
-from meshnet.daemon.peer_client import PeerError, PeerLink
+from meshnet.daemon.peer_client import PEER_BATCH_MAX, PeerError, PeerLink
 from meshnet.daemon.peer_service import PeerDenied
 from meshnet.daemon.peers import GrpcPeerClient, serve, to_message
 from meshnet.executor import ExecError
@@ -116,6 +116,7 @@ def test_permission_denied_becomes_peer_error(edge: Edge, method: str) -> None:
     with pytest.raises(PeerError, match=r"PERMISSION_DENIED: no Topology lab-ns/forged") as info:
         getattr(edge.client, method)(edge.address, forged)
     assert edge.address in str(info.value)
+    assert not info.value.unreachable  # an answer: the caller may call again at once
     assert [e["event"] for e in edge.logs] == [f"peer-{method}-denied"]
 
 
@@ -128,10 +129,21 @@ def test_plumbing_failure_becomes_internal(edge: Edge) -> None:
 def test_unreachable_peer_is_a_peer_error() -> None:
     client = GrpcPeerClient(timeout=0.3)
     try:
-        with pytest.raises(PeerError, match=r"DEADLINE_EXCEEDED|UNAVAILABLE"):
+        with pytest.raises(PeerError, match=r"DEADLINE_EXCEEDED|UNAVAILABLE") as info:
             client.update(f"127.0.0.1:{free_port()}", LINK)
+        assert info.value.unreachable  # the caller fails further calls at once within its back-off
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("method", ["update_many", "remove_many"])
+def test_a_batch_beyond_the_bound_is_refused_before_the_core_sees_it(edge: Edge, method: str) -> None:
+    links = [dataclasses.replace(LINK, uid=uid) for uid in range(PEER_BATCH_MAX + 1)]
+    with pytest.raises(PeerError, match=f"INVALID_ARGUMENT: {PEER_BATCH_MAX + 1} links in one call: at most") as info:
+        getattr(edge.client, method)(edge.address, links)
+    assert not info.value.unreachable
+    assert edge.core.received == [] and edge.core.callers == []
+    assert len(getattr(edge.client, method)(edge.address, links[:PEER_BATCH_MAX])) == PEER_BATCH_MAX
 
 
 def test_one_channel_per_peer_address(edge: Edge) -> None:

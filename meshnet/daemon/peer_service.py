@@ -10,7 +10,7 @@ from meshnet import naming
 from meshnet.command import Command
 from meshnet.daemon import kernel, netns, peer_auth
 from meshnet.daemon.link_status import LinkStatusWriter, end_status
-from meshnet.daemon.peer_client import PeerLink, wire_ip
+from meshnet.daemon.peer_client import PEER_BATCH_MAX, PeerLink, wire_ip
 from meshnet.daemon.state import NodeState, PodKey
 from meshnet.model import LinkStatus, ManifestError, Topology
 from meshnet.plan import PodState, pending_reason, plan_remote_end
@@ -27,8 +27,8 @@ class PeerService:
         self.state = state
         self.link_status = link_status
 
-    def _group_backed_by_store(self, reqs: Sequence[PeerLink], *, gone_ok: bool = False
-                               ) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
+    def _group_backed_by_store(self, reqs: Sequence[PeerLink], read: Callable[[str, str], Topology | None], *,
+                               gone_ok: bool = False) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
         """Group a batch by local pod, each with its Topology, if the store backs every request.
 
         One request the store does not back refuses the whole batch (PeerDenied) before anything
@@ -41,10 +41,7 @@ class PeerService:
             groups.setdefault((req.namespace, req.pod), []).append((i, req))
         out: list[tuple[Topology, list[tuple[int, PeerLink]]]] = []
         for (namespace, pod), items in groups.items():
-            try:
-                topo = self.state.store.get(namespace, pod)
-            except (StoreError, ManifestError) as e:
-                raise PeerDenied(f"store: {e}") from e
+            topo = read(namespace, pod)
             if topo is None:
                 raise PeerDenied(f"no Topology {namespace}/{pod}")
             for _, req in items:
@@ -63,11 +60,13 @@ class PeerService:
         return out
 
     def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
-        """Build or update this node's ends of a batch of vxlan links (one batch per calling node).
+        """Build or update this node's ends of a batch of vxlan links (a page of a calling pod's links).
         `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
         state = self.state
-        groups = self._group_backed_by_store(reqs)
+        if len(reqs) > PEER_BATCH_MAX:
+            raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
         read = self._reader()
+        groups = self._group_backed_by_store(reqs, read)
         self._authorize("update", reqs, caller, read)
         work = []
         for topo, items in groups:
@@ -126,10 +125,13 @@ class PeerService:
         """Remove this node's ends of links whose far pod (the caller's) went away, or that the spec
         no longer has."""
         state = self.state
+        if len(reqs) > PEER_BATCH_MAX:
+            raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
         actions = ["absent"] * len(reqs)
-        groups = self._group_backed_by_store(reqs, gone_ok=True)
-        self._authorize("remove", reqs, caller, self._reader(), {(t.namespace, t.name, r.uid) for t, items in groups
-                                                                 for _, r in items if t.link(r.uid) is None})
+        read = self._reader()
+        groups = self._group_backed_by_store(reqs, read, gone_ok=True)
+        self._authorize("remove", reqs, caller, read, {(t.namespace, t.name, r.uid) for t, items in groups
+                                                       for _, r in items if t.link(r.uid) is None})
         for topo, items in groups:
             st = topo.status
             path = state.netns_here(topo) if state.alive_here(st) else ""  # never the store's net_ns
@@ -153,14 +155,22 @@ class PeerService:
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
 
+    def read_topology(self, namespace: str, pod: str) -> Topology | None:
+        """The one read of a Topology that peer requests make (the store today; the daemon's watch
+        cache once there is one — a swap here, nothing else reads)."""
+        return self.state.store.get(namespace, pod)
+
     def _reader(self) -> Callable[[str, str], Topology | None]:
-        """The store's Topologies for one batch, each read once (authorising and applying a batch
-        look at the same far pods)."""
+        """The Topologies of one batch, each read once: the receiving pods and the far pods, for
+        grouping, authorising and applying alike. A read that fails refuses the batch."""
         seen: dict[tuple[str, str], Topology | None] = {}
 
         def read(namespace: str, pod: str) -> Topology | None:
             if (namespace, pod) not in seen:
-                seen[(namespace, pod)] = self.state.store.get(namespace, pod)
+                try:
+                    seen[(namespace, pod)] = self.read_topology(namespace, pod)
+                except (StoreError, ManifestError) as e:
+                    raise PeerDenied(f"store: {namespace}/{pod}: {e}") from e
             return seen[(namespace, pod)]
 
         return read

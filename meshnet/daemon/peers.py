@@ -16,7 +16,7 @@ from meshnet import naming
 from meshnet.daemon.config import TlsPaths
 from meshnet.daemon.node import NodeDaemon
 from meshnet.daemon.peer_auth import Caller, parse_peer
-from meshnet.daemon.peer_client import PeerError, PeerLink
+from meshnet.daemon.peer_client import PEER_BATCH_MAX, PeerError, PeerLink
 from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import ExecError
 from meshnet.proto import meshnet_pb2, meshnet_pb2_grpc
@@ -73,9 +73,13 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
 
     def _serve(self, fn: Callable[[Sequence[PeerLink], Caller], list[str]], request: meshnet_pb2.LinkBatch,
                context: grpc.ServicerContext, what: str) -> meshnet_pb2.BatchReply:
+        caller = caller_of(context)
+        if len(request.links) > PEER_BATCH_MAX:  # bounded work per call: callers send pages
+            self.log(event=f"peer-{what}-denied", caller=str(caller), links=len(request.links), reason="too many links")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{len(request.links)} links in one call: at most {PEER_BATCH_MAX} (send pages)")
         links = [from_message(m) for m in request.links]
         pods = sorted({f"{lk.namespace}/{lk.pod}" for lk in links})
-        caller = caller_of(context)
         try:
             actions = fn(links, caller)
         except PeerDenied as e:
@@ -124,13 +128,20 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# No answer at all: the caller fails further calls to that peer at once for its back-off
+# (peer_client.PeerBackoff); any other code is an answer.
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 class GrpcPeerClient:
     """Channels are kept per peer address: an ADD to a busy node should not pay a TCP handshake."""
 
     # Short: a peer daemon that is down builds its own end from the store when it is back (its
-    # start-up pass), so waiting long only holds up the caller's ADD.
-    def __init__(self, timeout: float = 5.0, tls: TlsPaths | None = None) -> None:
+    # start-up pass), so waiting long only holds up the caller's ADD. The deadline of a call grows
+    # with its links (`per_link`): a full page (peer_client.PEER_PAGE) gets 1.6 s more.
+    def __init__(self, timeout: float = 5.0, tls: TlsPaths | None = None, per_link: float = 0.05) -> None:
         self.timeout = timeout
+        self.per_link = per_link
         # Read once: a rotated certificate is picked up by restarting the daemon (docs/security.md).
         self._credentials = channel_credentials(tls) if tls is not None else None
         self._stubs: dict[str, meshnet_pb2_grpc.PeerStub] = {}
@@ -155,9 +166,10 @@ class GrpcPeerClient:
     def _call(self, method: str, address: str, links: Sequence[PeerLink]) -> list[str]:
         batch = meshnet_pb2.LinkBatch(links=[to_message(lk) for lk in links])
         try:
-            reply = getattr(self._stub(address), method)(batch, timeout=self.timeout, wait_for_ready=True)
+            reply = getattr(self._stub(address), method)(batch, timeout=self.timeout + self.per_link * len(links),
+                                                         wait_for_ready=True)
         except grpc.RpcError as e:
-            raise PeerError(f"{address}: {e.code().name}: {e.details()}") from e
+            raise PeerError(f"{address}: {e.code().name}: {e.details()}", unreachable=e.code() in UNREACHABLE) from e
         return [str(r.action) for r in reply.replies]
 
     def update_many(self, address: str, links: Sequence[PeerLink]) -> list[str]:

@@ -51,8 +51,9 @@ class PeerServicer:
 
     def Update(self, request, context):
         """For each link: create this node's end, update it if its attributes differ, or leave it when
-        equal. A batch holds every link the caller has towards this node (one call per pod ADD and
-        node, however many links), and is refused whole if the store does not back one of them.
+        equal. A batch is one page of the links a pod's ADD has towards this node (callers send pages
+        of at most 32 links, one after the other; a receiver refuses more than 1024 in one call), and
+        is refused whole if the store does not back one of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
