@@ -126,6 +126,14 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def _start_time(pid: int) -> str:
+    """A process's start time (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _ip_json(*args: str) -> list[dict[str, Any]]:
     proc = _run(["ip", "-j", *args])
     assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr.strip()}"
@@ -143,6 +151,8 @@ class PodmanLab:
         self.netns = recorded.read_text().strip() if recorded.exists() else ""
         if not self.netns.startswith(NETNS_PREFIX) or "/" in self.netns:  # ours, or nothing to touch
             self.netns = ""
+        if tmp is None:  # ours: a concurrent module's stale-run clean-up must leave it alone
+            (self.tmp / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}")
         self.store_url = f"sqlite://{self.tmp / 'store.db'}"
         self.socket = str(self.tmp / "meshnetd.sock")
         self.env = {**os.environ, "CONTAINERS_CONF": str(self.tmp / "containers.conf")}
@@ -305,6 +315,14 @@ class PodmanLab:
         shutil.rmtree(self.tmp, ignore_errors=True)
         return problems
 
+    def owner_alive(self) -> bool:
+        """Whether the test process that made this run still runs (it cleans up after itself)."""
+        try:
+            pid, start = (self.tmp / "owner").read_text().split()
+            return pid != str(os.getpid()) and _start_time(int(pid)) == start != ""
+        except (OSError, ValueError):
+            return False
+
     def daemon_pid(self) -> int | None:
         """The recorded meshnetd's pid if that process still runs and is still it (not a zombie)."""
         try:
@@ -335,13 +353,13 @@ class PodmanLab:
 
 def _clean_stale_runs() -> None:
     """Containers, daemon, namespace and files of runs that were killed before their clean-up.
-    A run whose meshnetd still runs is another engineer's module in progress: left alone (its
+    A run whose test process still runs is another engineer's module in progress: left alone (its
     bridge is in its own namespace, its storage, IPAM and socket in its own directory)."""
     for tmp in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
         if not tmp.is_dir():
             continue
         run = PodmanLab(tmp)
-        if run.daemon_pid() is None:
+        if not run.owner_alive():
             run.close()
 
 
