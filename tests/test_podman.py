@@ -2,15 +2,24 @@
 
 Nothing of ours plays the runtime here: podman runs busybox containers from a local root
 filesystem and calls the network's conflist (`bridge` + `host-local` for eth0, meshnet chained
-after it) itself, on `run`, `restart`, `stop`, `start` and `rm`. meshnetd runs on the host with
+after it) itself, on `run`, `restart`, `stop`, `start` and `rm`. meshnetd runs with
 `--single-node` and a private sqlite store; `meshnetctl topology apply` loads the Topologies.
+
+podman (with everything it spawns: conmon, runc, the CNI plugins, conmon's `podman container
+cleanup`) and meshnetd run inside a network namespace of the test, `mnt-pod<hex>`, entered with
+`nsenter --net` only: the bridge plugin creates the bridge `mnpodtest0` with 198.51.100.1/24 (and
+its route) where podman runs, and that must never be the machine's own namespace (this machine
+reaches its package mirror through a documentation range). The mount namespace stays the host's,
+so the `netns-*` namespaces podman bind-mounts under /run/netns are visible to meshnetd and to
+the test. meshnetd's gRPC port binds to 127.0.0.1 of that namespace (`--single-node`), so its
+loopback is brought up.
 
 Everything podman-side is private to the test: storage (`--root`/`--runroot`), containers.conf
 (via CONTAINERS_CONF: runtime, cgroup manager, ulimits, network backend, plugin and network
 config directories), the network config directory and host-local's data. What lands on the host
-is the bridge `mnpodtest0` (no real interface attached, no masquerading), podman's `netns-*`
-namespaces while containers run, and libcni's cache entries under /var/lib/cni/results (removed
-by podman on DEL). The module's last test tears it all down and checks that nothing is left.
+is the namespace `mnt-pod<hex>`, podman's `netns-*` namespaces while containers run, and libcni's
+cache entries under /var/lib/cni/results (removed by podman on DEL). The module's last test tears
+it all down and checks that nothing is left.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,10 +38,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from meshnet import cli
+from meshnet import cli, naming
 from meshnet.daemon.config import parse_args
 from meshnet.model import load_manifest
 from meshnet.standalone import (
@@ -42,11 +53,14 @@ from meshnet.standalone import (
     write_podman_network,
 )
 from meshnet.store import open_store
+from tests.labkit import host_network_trespass
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("podman", "runc", "busybox-static")
 NETWORK = "mnt-podman"
 TMP_PREFIX = "mnpod-"
+NETNS_PREFIX = "mnt-pod"  # the private network namespace podman and meshnetd run in
+NETNS_DIR = Path("/run/netns")
 BRIDGE = "mnpodtest0"
 SUBNET = "198.51.100.0/24"  # not 203.0.113.0/24: this machine reaches its package mirror there
 CNI_CACHE = Path("/var/lib/cni/results")
@@ -112,23 +126,65 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def _start_time(pid: int) -> str:
+    """A process's start time (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _ip_json(*args: str) -> list[dict[str, Any]]:
+    proc = _run(["ip", "-j", *args])
+    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr.strip()}"
+    return list(json.loads(proc.stdout or "[]"))
+
+
 class PodmanLab:
-    """A private podman setup plus one meshnetd on the host; `close()` removes all of it."""
+    """A private podman setup plus one meshnetd, both in a network namespace of their own;
+    `close()` removes all of it."""
 
     def __init__(self, tmp: Path | None = None) -> None:
         self.tmp = tmp or Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        # Recorded in the directory so that a later run can clean up after a killed one.
+        recorded = self.tmp / "netns"
+        self.netns = recorded.read_text().strip() if recorded.exists() else ""
+        if not self.netns.startswith(NETNS_PREFIX) or "/" in self.netns:  # ours, or nothing to touch
+            self.netns = ""
+        if tmp is None:  # ours: a concurrent module's stale-run clean-up must leave it alone
+            (self.tmp / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}")
         self.store_url = f"sqlite://{self.tmp / 'store.db'}"
         self.socket = str(self.tmp / "meshnetd.sock")
         self.env = {**os.environ, "CONTAINERS_CONF": str(self.tmp / "containers.conf")}
         self.daemon: subprocess.Popen[bytes] | None = None
         self.netns_seen: set[str] = set()
+        self.container_ids: set[str] = set()
         self.baseline_links = _host_links()
         self.closed = False
 
+    @property
+    def in_netns(self) -> list[str]:
+        """The argv prefix that runs a command in the private namespace. Only the network
+        namespace: podman's /run/netns bind mounts must stay visible to meshnetd and the test."""
+        assert self.netns, "no private network namespace"
+        return ["nsenter", f"--net={NETNS_DIR / self.netns}"]
+
+    def netns_up(self) -> None:
+        """Create the private namespace (idempotent) with its loopback up."""
+        if not self.netns:
+            self.netns = f"{NETNS_PREFIX}{secrets.token_hex(3)}"
+            (self.tmp / "netns").write_text(self.netns)
+        if not (NETNS_DIR / self.netns).exists():
+            proc = _run(["ip", "netns", "add", self.netns])
+            assert proc.returncode == 0, f"ip netns add {self.netns}: {proc.stderr.strip()}"
+        proc = _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        assert proc.returncode == 0, f"{self.netns}: lo up: {proc.stderr.strip()}"
+
     def setup(self) -> None:
-        if BRIDGE in self.baseline_links:  # a crashed earlier run; no one else uses this name
+        if BRIDGE in self.baseline_links:  # left on the host by a run before the private namespace
             _run(["ip", "link", "del", BRIDGE])
             self.baseline_links.discard(BRIDGE)
+        self.netns_up()
         proc = _run([sys.executable, str(ROOT / "scripts" / "podman-rootfs"), str(self.tmp / "rootfs")])
         assert proc.returncode == 0, proc.stderr
         (self.tmp / "containers.conf").write_text(CONTAINERS_CONF.format(tmp=self.tmp, network=NETWORK))
@@ -146,8 +202,8 @@ class PodmanLab:
         from meshnet.daemon.api import health_check
 
         log = open(self.tmp / "meshnetd.log", "ab")  # noqa: SIM115 - handed to the child
-        self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "meshnet.daemon.main", "--single-node", "--node-name", "podman-host",
+        self.daemon = subprocess.Popen(  # nsenter execs: the pid is meshnetd's
+            [*self.in_netns, sys.executable, "-m", "meshnet.daemon.main", "--single-node", "--node-name", "podman-host",
              "--store", self.store_url, "--socket", self.socket, "--grpc-port", str(_free_port()),
              "--journal", str(self.tmp / "journal"), "--resync", "5"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -173,16 +229,17 @@ class PodmanLab:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def podman(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = _run(["podman", "--root", str(self.tmp / "storage"), "--runroot", str(self.tmp / "run"), *args],
-                    env=self.env)
+        argv = ["podman", "--root", str(self.tmp / "storage"), "--runroot", str(self.tmp / "run"), *args]
+        proc = _run([*self.in_netns, *argv], env=self.env)
         if check and proc.returncode != 0:
             raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}\n"
                                  f"meshnetd log:\n{self.daemon_log()}\nCNI log:\n{self.cni_log()}")
         return proc
 
     def run(self, name: str) -> str:
-        self.podman("run", "-d", "--name", name, "--hostname", name, "--network", NETWORK,
-                    "--rootfs", f"{self.tmp / 'rootfs'}:O", "sleep", "100000")
+        proc = self.podman("run", "-d", "--name", name, "--hostname", name, "--network", NETWORK,
+                           "--rootfs", f"{self.tmp / 'rootfs'}:O", "sleep", "100000")
+        self.container_ids.add(proc.stdout.strip())
         return self.sandbox(name)
 
     def sandbox(self, name: str) -> str:
@@ -203,6 +260,14 @@ class PodmanLab:
                 links[ifname].append(fields[3])
         return links
 
+    def assert_private_network(self) -> None:
+        """The bridge and its address are in the private namespace; nothing of ours on the host."""
+        assert host_network_trespass() == [], "the host network namespace carries something of ours"
+        assert BRIDGE not in _host_links()
+        bridge = _ip_json("-n", self.netns, "addr", "show", "dev", BRIDGE)
+        addrs = [a.get("local") for e in bridge for a in e.get("addr_info", [])]
+        assert "198.51.100.1" in addrs, f"{BRIDGE} in {self.netns}: {addrs}"
+
     def ping(self, src: str, address: str) -> bool:
         for _ in range(3):
             if self.podman("exec", src, "ping", "-c1", "-W1", address, check=False).returncode == 0:
@@ -220,6 +285,7 @@ class PodmanLab:
         self.closed = True
         problems = []
         if (self.tmp / "storage").exists():
+            self.netns_up()  # a killed run's namespace may be gone; podman's DELs must not run on the host
             names = self.podman("ps", "-a", "--format", "{{.Names}}", check=False).stdout.split()
             for name in names:
                 proc = self.podman("rm", "-f", "-t", "0", name, check=False)
@@ -234,7 +300,10 @@ class PodmanLab:
                 self.daemon.wait()
         elif self.daemon is None:
             self._stop_stale_daemon()
-        _run(["ip", "link", "del", BRIDGE])
+        if self.netns and (NETNS_DIR / self.netns).exists():  # takes the bridge and its veths with it
+            proc = _run(["ip", "netns", "del", self.netns])
+            if proc.returncode != 0:
+                problems.append(f"ip netns del {self.netns}: {proc.stderr.strip()}")
         for path in self.netns_seen:
             if Path(path).exists():
                 problems.append(f"{path} was left; removing it")
@@ -248,14 +317,34 @@ class PodmanLab:
         shutil.rmtree(self.tmp, ignore_errors=True)
         return problems
 
-    def _stop_stale_daemon(self) -> None:
-        """The meshnetd of an earlier, killed run: by its recorded pid, if that is still it."""
+    def owner_alive(self) -> bool:
+        """Whether the test process that made this run still runs (it cleans up after itself)."""
+        try:
+            pid, start = (self.tmp / "owner").read_text().split()
+            return pid != str(os.getpid()) and _start_time(int(pid)) == start != ""
+        except (OSError, ValueError):
+            return False
+
+    def daemon_pid(self) -> int | None:
+        """The recorded meshnetd's pid if that process still runs and is still it (not a zombie)."""
         try:
             pid = int((self.tmp / "meshnetd.pid").read_text())
             if str(self.tmp) not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
-                return
+                return None
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] == "Z":
+                return None
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid
+
+    def _stop_stale_daemon(self) -> None:
+        """The meshnetd of an earlier, killed run: by its recorded pid, if that is still it."""
+        pid = self.daemon_pid()
+        if pid is None:
+            return
+        try:
             os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
+        except OSError:
             return
         deadline = time.monotonic() + 15
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -265,11 +354,15 @@ class PodmanLab:
 
 
 def _clean_stale_runs() -> None:
-    """Containers, daemon and files of runs that were killed before their clean-up (names r1.. and
-    the bridge would clash otherwise)."""
+    """Containers, daemon, namespace and files of runs that were killed before their clean-up.
+    A run whose test process still runs is another engineer's module in progress: left alone (its
+    bridge is in its own namespace, its storage, IPAM and socket in its own directory)."""
     for tmp in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
-        if tmp.is_dir():
-            PodmanLab(tmp).close()
+        if not tmp.is_dir():
+            continue
+        run = PodmanLab(tmp)
+        if not run.owner_alive():
+            run.close()
 
 
 # --- without podman: the conflist, the topology commands, the daemon flag ----------------------------
@@ -399,6 +492,7 @@ def test_3node_restart_stop_start(lab: PodmanLab) -> None:
         for name in ("r1", "r2", "r3"):
             assert_links(lab, name, want[name])
         assert assert_all_ping(lab, manifest) == 6
+        lab.assert_private_network()
 
         # restart: podman runs DEL, then ADD in a new network namespace
         before = lab.sandbox("r1")
@@ -429,7 +523,7 @@ def test_3node_restart_stop_start(lab: PodmanLab) -> None:
         assert lab.ping("r3", "23.23.23.2")
         lab.remove("r2", "r3")
         assert not [p for p in lab.netns_seen if Path(p).exists()], "a container's netns outlived it"
-        assert _host_links() - lab.baseline_links <= {BRIDGE}
+        assert _host_links() <= lab.baseline_links
     finally:
         lab.remove("r1", "r2", "r3")
         delete_topologies(manifest, lab.store_url)
@@ -448,10 +542,11 @@ def test_5node(lab: PodmanLab) -> None:
         for name in names:
             assert_links(lab, name, want[name])
         assert assert_all_ping(lab, manifest) == 16
+        lab.assert_private_network()
     finally:
         lab.remove(*names)
         delete_topologies(manifest, lab.store_url)
-    assert _host_links() - lab.baseline_links <= {BRIDGE}
+    assert _host_links() <= lab.baseline_links
 
 
 @pytest.mark.root
@@ -460,13 +555,23 @@ def test_teardown_leaves_nothing(lab: PodmanLab) -> None:
     """Last in the module: removing everything leaves no interface, namespace, process or mount."""
     tmp = str(lab.tmp)
     netns_seen = set(lab.netns_seen)
+    private = NETNS_DIR / lab.netns
+    assert lab.netns.startswith(NETNS_PREFIX) and private.exists()
     problems = lab.close()
     assert not problems
     assert lab.daemon is not None and lab.daemon.returncode is not None
     assert not [n for n in _host_links() if n.startswith("mnpod")]
     assert _host_links() <= lab.baseline_links
     assert not [p for p in netns_seen if Path(p).exists()]
-    assert not [p for p in Path("/run/netns").glob("mnp-*")], "meshnetd left an attached netns"
+    assert not private.exists(), "the private network namespace outlived the module"
+    assert host_network_trespass() == []
+    # Of this run's containers only: other engineers' labs attach namespaces of their own meanwhile.
+    attached = [naming.attached_netns_name(p) for p in netns_seen]
+    assert not [n for n in attached if (NETNS_DIR / n).exists()], "meshnetd left an attached netns"
     assert not _processes_mentioning(tmp), "a process of the test (meshnetd, conmon ...) is still running"
-    assert not list(CNI_CACHE.glob(f"{NETWORK}-*")), "podman's libcni cache kept an entry of the test network"
+    # Only this run's containers: another engineer's module may have entries of the same network name.
+    assert lab.container_ids and all(len(c) == 64 for c in lab.container_ids)
+    cached = [p.name for p in CNI_CACHE.glob(f"{NETWORK}-*")]
+    assert not [n for n in cached if any(c in n for c in lab.container_ids)], \
+        f"podman's libcni cache kept an entry of a container of ours: {cached}"
     assert not Path(tmp).exists()
