@@ -149,7 +149,7 @@ class CniVerbs:
 
     def _undo_links(self, req: CniRequest) -> None:
         namespace, pod = self._pod(req)
-        topo = self.state.store.get(namespace, pod)
+        topo = self.state.cached(namespace, pod)
         if topo is not None:
             self.delete_links(topo, req)
 
@@ -181,7 +181,9 @@ class CniVerbs:
         state = self.state
         store = state.store
         namespace, pod = self._pod(req)
-        topo = store.get(namespace, pod) if pod else None
+        # The informer's copy (a miss, e.g. a Topology created a moment ago, costs one GET); a stale
+        # one only costs the compare-and-set below a retry.
+        topo = state.cached(namespace, pod) if pod else None
         if topo is None:
             return None
         check_macvlan_parents(topo, state.node)  # before the pod is marked alive: nothing to undo
@@ -196,10 +198,10 @@ class CniVerbs:
         # The namespace comes from this call, recorded node-locally: never read back from the store.
         state.sandboxes.put(topo.key, req.container_id, req.netns)
         # `topo` was read just now: it stands in for the store's read before the write.
-        topo = store.update_status(namespace, pod, mark_alive, known=topo) or topo
+        topo = state.remember(store.update_status(namespace, pod, mark_alive, known=topo)) or topo
         failure: ExecError | None = None
         for pause in (*vni.VNI_CLASH_PAUSES, None):
-            listed = store.list(namespace)
+            listed = state.peers_of(topo)  # its peers' cached copies: no LIST
             plan = plan_pod(topo, ns_name, state.node, state.pod_states(listed))
             try:
                 self.build(namespace, plan.links)
@@ -275,7 +277,8 @@ class CniVerbs:
 
     def delete(self, req: CniRequest) -> None:
         namespace, pod = self._pod(req)
-        topo = self.state.store.get(namespace, pod) if pod else None
+        # The cached copy: if it is stale, delete_links's compare-and-set re-checks who owns the pod.
+        topo = self.state.cached(namespace, pod) if pod else None
         if topo is not None:
             owner = topo.status.container_id
             if owner and owner != req.container_id:
@@ -319,7 +322,7 @@ class CniVerbs:
             for p in problems:
                 state.log(event="del-problem", pod=topo.name, error=p)
         remote = [lnk for lnk in topo.links if not lnk.is_macvlan]
-        listed = [t for t in state.store.list(topo.namespace) if t.name in {lnk.peer_pod for lnk in remote}]
+        listed = [t for t in state.peers_of(topo) if t.name in {lnk.peer_pod for lnk in remote}]
         peers = state.pod_states(listed)
         self.link_status.tell_veth_peers(listed, veth_ends_lost(state, topo, remote, listed))
         self.peers.remove_far_ends(topo, remote, peers)
@@ -330,7 +333,7 @@ class CniVerbs:
     def gc(self, req: CniRequest) -> None:
         """Forget pods of this node whose sandbox the runtime no longer lists; remove their links."""
         valid = {a.container_id for a in req.conf.valid_attachments or ()}
-        for topo in self.state.store.list(None):
+        for topo in self.state.all_topologies():
             st = topo.status
             if st.node != self.state.node.name or not st.container_id or st.container_id in valid:
                 continue
@@ -349,14 +352,14 @@ class CniVerbs:
         if req.conf.delegate is not None:
             self.run_eth0_delegate(req, "CHECK")
         namespace, pod = self._pod(req)
-        topo = self.state.store.get(namespace, pod) if pod else None
+        topo = self.state.cached(namespace, pod) if pod else None
         if topo is None:
             return None
         if topo.status.container_id != req.container_id:
             raise CniError(protocol.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
                            f"status has container {topo.status.container_id or 'none'}")
         ns_name = self._vouched(req.netns)
-        plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.store.list(namespace)))
+        plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.peers_of(topo)))
         view = kernel.read_view(self.state.executor, [ns_name])[ns_name]  # links with their addresses, one ip call
         problems = kernel.check_problems(plan.links, view)
         if problems:
@@ -365,7 +368,8 @@ class CniVerbs:
 
     def status(self, req: CniRequest) -> None:
         try:
-            self.state.store.list("default")
+            if not self.state.cache.healthy:  # the informer's watch is not following the store: ask it
+                self.state.store.list("default")
         except StoreError as e:
             raise CniError(protocol.PLUGIN_NOT_AVAILABLE, "meshnet cannot reach its topology store", str(e)) from e
         if req.conf.delegate is not None:

@@ -57,8 +57,8 @@ class NodeDaemon:
         return self.peer_service.remove(reqs, caller)
 
     # the reconcile loop (main.py)
-    def on_store_event(self, event_type: str, topo: Topology) -> set[PodKey]:
-        return self.reconciler.on_store_event(event_type, topo)
+    def on_store_event(self, event_type: str, topo: Topology, old: Topology | None) -> set[PodKey]:
+        return self.reconciler.on_store_event(event_type, topo, old)
 
     def take_retries(self) -> set[PodKey]:
         return self.reconciler.take_retries()

@@ -22,6 +22,10 @@ class PeerDenied(Exception):
     """A peer request the store does not back; nothing was done."""
 
 
+# Seconds a peer request waits for the informer to bring a copy that backs it before one GET.
+FRESH_WAIT = 0.5
+
+
 class PeerService:
     def __init__(self, state: NodeState, link_status: LinkStatusWriter) -> None:
         self.state = state
@@ -42,7 +46,11 @@ class PeerService:
         out: list[tuple[Topology, list[tuple[int, PeerLink]]]] = []
         for (namespace, pod), items in groups.items():
             try:
-                topo = self.state.store.get(namespace, pod)
+                # Update: the informer's copy, once it shows the pod alive here with these links
+                # (else, after a short wait for the watch, one GET). Remove: the store itself, as
+                # a copy lagging behind a spec change would refuse it.
+                topo = self.state.store.get(namespace, pod) if gone_ok else self.state.cached(
+                    namespace, pod, wait=FRESH_WAIT, fresh=self._backs(items))
             except (StoreError, ManifestError) as e:
                 raise PeerDenied(f"store: {e}") from e
             if topo is None:
@@ -62,12 +70,20 @@ class PeerService:
             out.append((topo, items))
         return out
 
+    def _backs(self, items: Sequence[tuple[int, PeerLink]]) -> Callable[[Topology], bool]:
+        """A copy of a local pod fresh enough for an update: alive here, with every link asked for."""
+        def fresh(t: Topology) -> bool:
+            return self.state.alive_here(t.status) and all(t.link(r.uid) is not None for _, r in items)
+
+        return fresh
+
     def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
         """Build or update this node's ends of a batch of vxlan links (one batch per calling node).
         `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
         state = self.state
         groups = self._group_backed_by_store(reqs)
-        read = self._reader()
+        # The callers' pods came alive before they asked: wait briefly for the watch to show it.
+        read = self._reader(lambda t: t.status.alive and t.status.node != state.node.name)
         self._authorize("update", reqs, caller, read)
         work = []
         for topo, items in groups:
@@ -153,14 +169,15 @@ class PeerService:
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
 
-    def _reader(self) -> Callable[[str, str], Topology | None]:
+    def _reader(self, fresh: Callable[[Topology], bool] | None = None) -> Callable[[str, str], Topology | None]:
         """The store's Topologies for one batch, each read once (authorising and applying a batch
         look at the same far pods)."""
         seen: dict[tuple[str, str], Topology | None] = {}
 
         def read(namespace: str, pod: str) -> Topology | None:
             if (namespace, pod) not in seen:
-                seen[(namespace, pod)] = self.state.store.get(namespace, pod)
+                seen[(namespace, pod)] = self.state.store.get(namespace, pod) if fresh is None else \
+                    self.state.cached(namespace, pod, fresh=fresh, wait=FRESH_WAIT)
             return seen[(namespace, pod)]
 
         return read
