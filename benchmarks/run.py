@@ -130,8 +130,9 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     if r:
         rows.append({"what": f"Kubernetes API calls per pod ADD, kube store ({r['pods']} pods, {r['links']} links)",
                      "figure": f"{r['per_add']} per ADD, median of {len(r['rounds'])} rounds "
-                               f"({r['range_per_add'][0]}–{r['range_per_add'][1]})",
-                     "floor": "—", "ratio": "—", "target": "(reported)", "verdict": "—"})
+                               f"({r['range_per_add'][0]}–{r['range_per_add'][1]}); by verb "
+                               f"{r.get('per_pod_by_verb', {})}",
+                     "floor": "—", "ratio": "—", "target": "≤ 3", "verdict": _verdict(r["per_add"] <= 3)})
     return rows
 
 

@@ -3,10 +3,17 @@
 One writer (`write`): per-link states, the `skipped` list that goes with them (the links still
 waiting for their peer pod), only for the sandbox that owns the status, and only when anything
 changes — every write wakes every watcher in the cluster.
+
+News about some links of a pod (a peer built or lost its far end) is coalesced: with a `window`
+(meshnetd: COALESCE_SECONDS), the news for one pod's sandbox gathered within it goes out as ONE
+patch of the entries it changes, built from the freshest copy the cache has — a pod whose links
+come up one peer at a time costs the API one write per window, not one per link or per peer.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -23,9 +30,94 @@ def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up
                       report.unavailable)
 
 
+COALESCE_SECONDS = 0.25  # how long meshnetd gathers news about one pod's links before writing it
+
+_Key = tuple[str, str, str]  # (namespace, pod, container owning the status)
+
+
 class LinkStatusWriter:
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, window: float = 0.0) -> None:
         self.state = state
+        # 0: news is written at once (unit tests read the store right after); meshnetd sets it.
+        self.window = window
+        self._cond = threading.Condition()
+        # News not written yet, by pod sandbox: {uid: state} (later news of a link replaces
+        # earlier), the copy it came with, and when it is due. Guarded by `_cond`.
+        self._news: dict[_Key, dict[int, LinkStatus]] = {}
+        self._copies: dict[_Key, Topology] = {}
+        self._due: dict[_Key, float] = {}
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self.writes = 0  # news writes sent to the store (tests, benchmarks)
+
+    # --- coalescing ------------------------------------------------------------------------------
+
+    def _queue(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
+        key = (topo.namespace, topo.name, owner)
+        with self._cond:
+            if self._closed:
+                due_now = True
+            else:
+                due_now = False
+                self._news.setdefault(key, {}).update((s.uid, s) for s in states)
+                self._copies[key] = topo
+                self._due.setdefault(key, time.monotonic() + self.window)
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_loop, name="link-status", daemon=True)
+                    self._flusher.start()
+                self._cond.notify()
+        if due_now:
+            self._send(topo, owner, states)
+
+    def _take(self, everything: bool) -> list[tuple[_Key, Topology, list[LinkStatus]]]:
+        """The news that is due (or all of it), removed from the queue (caller holds `_cond`)."""
+        now = time.monotonic()
+        keys = [k for k, due in self._due.items() if everything or due <= now]
+        out = []
+        for k in keys:
+            del self._due[k]
+            out.append((k, self._copies.pop(k), sorted(self._news.pop(k).values(), key=lambda s: s.uid)))
+        return out
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (not self._due or min(self._due.values()) > time.monotonic()):
+                    self._cond.wait(min(self._due.values()) - time.monotonic() if self._due else None)
+                batch = self._take(self._closed)
+                closed = self._closed
+            for (_, _, owner), topo, states in batch:
+                try:
+                    self._send(topo, owner, states)
+                except Exception as e:  # a store failure loses this news; the next reconcile pass writes it
+                    self.state.log(event="link-status-write-failed", pod=f"{topo.namespace}/{topo.name}",
+                                   error=f"{type(e).__name__}: {e}")
+            if closed:
+                return
+
+    def _send(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
+        # The patch is built from the freshest copy this node has (its guards then rarely fail);
+        # a stale one only makes the store fall back to its compare-and-set.
+        cached = self.state.cache.get(topo.namespace, topo.name)
+        known = cached if cached is not None and cached.status.container_id == owner else topo
+        self.writes += 1
+        self.state.remember(self.state.store.update_link_states(topo.namespace, topo.name, owner, states,
+                                                                known=known))
+
+    def flush(self) -> None:
+        """Write every piece of news now (tests; the daemon's shutdown)."""
+        with self._cond:
+            batch = self._take(True)
+        for (_, _, owner), topo, states in batch:
+            self._send(topo, owner, states)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join(10)
 
     def write(self, topo: Topology, states: Sequence[LinkStatus], *, container: str | None = None,
               whole: bool = False, plumbing_error: str | None = None) -> None:
@@ -42,7 +134,10 @@ class LinkStatusWriter:
         if not whole and plumbing_error is None:
             # A peer's news about some links: only their entries change, which the store can write
             # without fighting the pod's own ADD or other peers over the rest of the status.
-            self.state.store.update_link_states(topo.namespace, topo.name, owner, states, known=topo)
+            if self.window > 0:
+                self._queue(topo, owner, states)
+            else:
+                self._send(topo, owner, states)
             return
         by_uid = {s.uid: s for s in states}
 
@@ -64,7 +159,7 @@ class LinkStatusWriter:
                 new = replace(new, plumbing_error=plumbing_error)
             return None if new == cur.status else new
 
-        self.state.store.update_status(topo.namespace, topo.name, write, known=topo)
+        self.state.remember(self.state.store.update_status(topo.namespace, topo.name, write, known=topo))
 
     def write_outcome(self, topo: Topology, container: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
         """A plan's outcome: every link up, in error (`errors`), or pending; the errors also

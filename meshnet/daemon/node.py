@@ -67,5 +67,6 @@ class NodeDaemon:
         return self.reconciler.reconcile(only)
 
     def close(self) -> None:
+        self.link_status.close()  # news still gathered is written first
         self.peer_client.close()
         self.cni.close()
