@@ -267,3 +267,72 @@ def test_status_writes_reach_the_cache_and_pods_linking_are_found(store: tuple[S
     finally:
         stopping.set()
         thread.join(10)
+
+
+# --- the daemon reads the cache, not the store ------------------------------------------------------
+
+
+class NoScans(TopologyCache):
+    """A cache that refuses to be walked whole: what uses it must go through its indexes."""
+
+    def all(self) -> list[Topology]:
+        raise AssertionError("walked every Topology")
+
+    def keys(self) -> set[tuple[str, str]]:
+        raise AssertionError("walked every Topology")
+
+
+def test_pods_touched_finds_the_pods_concerned_through_the_indexes() -> None:
+    from meshnet.daemon.reconciler import pods_touched
+
+    everything = [topo(f"x{i}", (f"x{i + 1}",), ns=f"other{i % 10}") for i in range(2000)]
+    a = topo("a", ("b",), status=alive("n0"))
+    c = topo("c", ("b",), status=alive("n1"))
+    old_b = topo("b", ("a", "c"))
+    b = topo("b", ("a", "c", "d"), rv="2")  # its spec changed: its peers here need a pass
+    cache = NoScans()
+    cache.load([*everything, a, c, old_b])
+    cache.apply(WatchEvent("MODIFIED", b))
+    touched = pods_touched("MODIFIED", old_b, b, cache, "n0")
+    mapping = {t.key: t for t in [*everything, a, c, b]}
+    assert touched == pods_touched("MODIFIED", old_b, b, mapping, "n0")
+    assert touched.pods == {("default", "a")}  # c is on another node
+
+
+class NoLists(SqliteStore):
+    def list(self, namespace: str | None = None) -> list[Topology]:
+        raise AssertionError(f"LIST {namespace}")
+
+
+def test_a_full_pass_and_status_read_the_cache_not_the_store(tmp_path: Path) -> None:
+    from meshnet.daemon.node import NodeDaemon
+    from meshnet.executor import Executor
+    from meshnet.plan import NodeInfo
+
+    store = NoLists(tmp_path / "s.db")
+    store.apply(topo("a", ("b",)))
+    store.apply(topo("b", ("a",)))
+    store.update_status("default", "a", lambda cur: alive("n0"))
+    core = NodeDaemon(NodeInfo("n0", "198.51.100.1", "lo"), store, Executor(dry_run=True), _NoPeers(),
+                      grpc_port=1)
+    try:
+        core.state.cache.load([t for key in (("default", "a"), ("default", "b"))
+                               if (t := store.get(*key)) is not None])
+        core.state.cache.healthy = True
+        assert core.reconcile() == 0  # a is "alive here" by the store, but set up by no sandbox here
+        assert core.reconcile([("default", "a")]) == 0
+        conf = '{"cniVersion": "1.1.0", "name": "m", "type": "meshnet"}'
+        assert core.handle("STATUS", {"CNI_COMMAND": "STATUS"}, conf) is None
+    finally:
+        core.close()
+        store.close()
+
+
+class _NoPeers:
+    def update(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("no peer call expected")
+
+    remove = update
+
+    def close(self) -> None:
+        pass

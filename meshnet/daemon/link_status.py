@@ -21,6 +21,7 @@ from meshnet.daemon.state import NodeState
 from meshnet.ends import end_report
 from meshnet.model import Link, LinkStatus, Skip, Topology, TopologyStatus
 from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan, PodPlan, VethPlan, pending_reason
+from meshnet.store.cache import newer
 
 
 def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up", message: str = "") -> LinkStatus:
@@ -30,7 +31,9 @@ def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up
                       report.unavailable)
 
 
-COALESCE_SECONDS = 0.25  # how long meshnetd gathers news about one pod's links before writing it
+# How long meshnetd gathers news about one pod's links: written once none came for this long (at
+# the latest four times this after the first).
+COALESCE_SECONDS = 0.25
 
 _Key = tuple[str, str, str]  # (namespace, pod, container owning the status)
 
@@ -46,6 +49,7 @@ class LinkStatusWriter:
         self._news: dict[_Key, dict[int, LinkStatus]] = {}
         self._copies: dict[_Key, Topology] = {}
         self._due: dict[_Key, float] = {}
+        self._first: dict[_Key, float] = {}
         self._flusher: threading.Thread | None = None
         self._closed = False
         self.writes = 0  # news writes sent to the store (tests, benchmarks)
@@ -61,7 +65,10 @@ class LinkStatusWriter:
                 due_now = False
                 self._news.setdefault(key, {}).update((s.uid, s) for s in states)
                 self._copies[key] = topo
-                self._due.setdefault(key, time.monotonic() + self.window)
+                # Due once no news came for `window` seconds, at the latest 4 windows after the first.
+                now = time.monotonic()
+                first = self._first.setdefault(key, now)
+                self._due[key] = min(first + 4 * self.window, now + self.window)
                 if self._flusher is None:
                     self._flusher = threading.Thread(target=self._flush_loop, name="link-status", daemon=True)
                     self._flusher.start()
@@ -76,6 +83,7 @@ class LinkStatusWriter:
         out = []
         for k in keys:
             del self._due[k]
+            self._first.pop(k, None)
             out.append((k, self._copies.pop(k), sorted(self._news.pop(k).values(), key=lambda s: s.uid)))
         return out
 
@@ -98,11 +106,17 @@ class LinkStatusWriter:
     def _send(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
         # The patch is built from the freshest copy this node has (its guards then rarely fail);
         # a stale one only makes the store fall back to its compare-and-set.
-        cached = self.state.cache.get(topo.namespace, topo.name)
-        known = cached if cached is not None and cached.status.container_id == owner else topo
         self.writes += 1
         self.state.remember(self.state.store.update_link_states(topo.namespace, topo.name, owner, states,
-                                                                known=known))
+                                                                known=self._freshest(topo, owner)))
+
+    def _freshest(self, topo: Topology, owner: str) -> Topology:
+        """The cache's copy when it is newer than `topo` and still the same sandbox's: a write
+        computed from it fails its compare less often (a stale copy costs a 409 and a GET)."""
+        cached = self.state.cache.get(topo.namespace, topo.name)
+        if cached is not None and cached.status.container_id == owner and newer(cached, topo):
+            return cached
+        return topo
 
     def flush(self) -> None:
         """Write every piece of news now (tests; the daemon's shutdown)."""
@@ -159,7 +173,8 @@ class LinkStatusWriter:
                 new = replace(new, plumbing_error=plumbing_error)
             return None if new == cur.status else new
 
-        self.state.remember(self.state.store.update_status(topo.namespace, topo.name, write, known=topo))
+        self.state.remember(self.state.store.update_status(topo.namespace, topo.name, write,
+                                                           known=self._freshest(topo, owner)))
 
     def write_outcome(self, topo: Topology, container: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
         """A plan's outcome: every link up, in error (`errors`), or pending; the errors also
