@@ -89,3 +89,21 @@ def test_news_for_a_replaced_sandbox_is_not_written(tmp_path: Path) -> None:
     got: Any = store.get(NS, "hub")
     assert got.status.container_id == "c2" and got.status.links == ()
     store.close()
+
+
+def test_news_the_freshest_copy_shows_already_costs_no_call(tmp_path: Path) -> None:
+    store, state, hub = setup(tmp_path)
+    writer = LinkStatusWriter(state, window=0.0)
+    try:
+        writer.write(hub, [up(1)])  # written (the copy handed in is the only one)
+        assert store.patches == [("hub", [1])] and writer.writes == 1
+        now = store.get(NS, "hub")
+        assert now is not None
+        state.cache.load([now])  # the watch brought the result
+        writer.write(hub, [up(1)])  # an older copy, but the cache's newer one shows the news
+        assert store.patches == [("hub", [1])] and writer.skipped == 1
+        writer.write(hub, [up(2)])  # real news is written, from the newer copy
+        assert store.patches == [("hub", [1]), ("hub", [2])]
+    finally:
+        writer.close()
+        store.close()

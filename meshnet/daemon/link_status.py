@@ -21,6 +21,7 @@ from meshnet.daemon.state import NodeState
 from meshnet.ends import end_report
 from meshnet.model import Link, LinkStatus, Skip, Topology, TopologyStatus
 from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan, PodPlan, VethPlan, pending_reason
+from meshnet.store.base import merge_link_states
 from meshnet.store.cache import newer
 
 
@@ -32,8 +33,9 @@ def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up
 
 
 # How long meshnetd gathers news about one pod's links: written once none came for this long (at
-# the latest four times this after the first).
-COALESCE_SECONDS = 0.25
+# the latest MAX_WINDOWS times this after the first).
+COALESCE_SECONDS = 0.3
+MAX_WINDOWS = 5
 
 _Key = tuple[str, str, str]  # (namespace, pod, container owning the status)
 
@@ -53,6 +55,7 @@ class LinkStatusWriter:
         self._flusher: threading.Thread | None = None
         self._closed = False
         self.writes = 0  # news writes sent to the store (tests, benchmarks)
+        self.skipped = 0  # news this node's freshest copy showed already
 
     # --- coalescing ------------------------------------------------------------------------------
 
@@ -68,7 +71,7 @@ class LinkStatusWriter:
                 # Due once no news came for `window` seconds, at the latest 4 windows after the first.
                 now = time.monotonic()
                 first = self._first.setdefault(key, now)
-                self._due[key] = min(first + 4 * self.window, now + self.window)
+                self._due[key] = min(first + MAX_WINDOWS * self.window, now + self.window)
                 if self._flusher is None:
                     self._flusher = threading.Thread(target=self._flush_loop, name="link-status", daemon=True)
                     self._flusher.start()
@@ -106,9 +109,17 @@ class LinkStatusWriter:
     def _send(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
         # The patch is built from the freshest copy this node has (its guards then rarely fail);
         # a stale one only makes the store fall back to its compare-and-set.
+        known = self._freshest(topo, owner)
+        if merge_link_states(known, owner, states) is None and known is not topo:
+            # This node's freshest copy shows the news already (or a newer sandbox): nothing is
+            # sent — as tell_veth_peers does with its copies. Confirming it with a read would cost
+            # a GET per piece of news; should the copy be stale, the pod's own node converges its
+            # entries anyway (its reconciler looks at links pending towards a live peer).
+            self.skipped += 1
+            return
         self.writes += 1
         self.state.remember(self.state.store.update_link_states(topo.namespace, topo.name, owner, states,
-                                                                known=self._freshest(topo, owner)))
+                                                                known=known))
 
     def _freshest(self, topo: Topology, owner: str) -> Topology:
         """The cache's copy when it is newer than `topo` and still the same sandbox's: a write
