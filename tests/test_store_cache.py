@@ -199,7 +199,10 @@ def test_the_informer_lists_once_and_follows_one_watch(store: tuple[Store, KubeA
             watches = [r for r in server.requests if r.query.get("watch")]
             assert len(lists(server)) == 1 and len(watches) == 1, server.requests
             assert watches[0].query.get("allowWatchBookmarks") == "true"
-            wait_for(lambda: server.bookmarks_sent > 0)
+            wait_for(lambda: server.bookmarks_sent > 1)
+            s.apply(topo("d"))  # the watch read its bookmarks and follows on, on the same connection
+            wait_for(lambda: cache.get("default", "d") is not None)
+            assert len([r for r in server.requests if r.query.get("watch")]) == 1, server.requests
     finally:
         stopping.set()
         thread.join(10)
