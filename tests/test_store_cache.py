@@ -339,3 +339,14 @@ class _NoPeers:
 
     def close(self) -> None:
         pass
+
+
+def test_catch_up_waits_for_the_watch_to_deliver_a_version() -> None:
+    cache = TopologyCache()
+    assert not cache.catch_up("1", 0.01)  # not filled yet
+    cache.load([topo("a", rv="3")])
+    assert cache.catch_up("3", 0.0) and cache.catch_up("2", 0.0)
+    threading.Timer(0.1, lambda: cache.apply(WatchEvent("MODIFIED", topo("b", rv="9")))).start()
+    assert not cache.catch_up("9", 0.01)
+    assert cache.catch_up("9", 5.0)  # an event of any Topology moves the version on
+    assert not cache.catch_up("opaque", 1.0)

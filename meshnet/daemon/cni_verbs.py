@@ -199,6 +199,9 @@ class CniVerbs:
         state.sandboxes.put(topo.key, req.container_id, req.netns)
         # `topo` was read just now: it stands in for the store's read before the write.
         topo = state.remember(store.update_status(namespace, pod, mark_alive, known=topo)) or topo
+        # Peers that came alive before this write must be seen alive by the plan (two pods coming
+        # up at once: the later one builds the link): the cache catches up with it first.
+        state.catch_up(topo)
         failure: ExecError | None = None
         for pause in (*vni.VNI_CLASH_PAUSES, None):
             listed = state.peers_of(topo)  # its peers' cached copies: no LIST

@@ -5,9 +5,10 @@ waiting for their peer pod), only for the sandbox that owns the status, and only
 changes — every write wakes every watcher in the cluster.
 
 News about some links of a pod (a peer built or lost its far end) is coalesced: with a `window`
-(meshnetd: COALESCE_SECONDS), the news for one pod's sandbox gathered within it goes out as ONE
-patch of the entries it changes, built from the freshest copy the cache has — a pod whose links
-come up one peer at a time costs the API one write per window, not one per link or per peer.
+(meshnetd: COALESCE_SECONDS), news for a pod's sandbox is written at once when none was written
+within the window, and news that follows within it is gathered and goes out as ONE patch of the
+entries it changes, built from the freshest copy the cache has — a pod whose links come up one
+peer at a time costs the API at most about one write per window, not one per link or per peer.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class LinkStatusWriter:
         self._copies: dict[_Key, Topology] = {}
         self._due: dict[_Key, float] = {}
         self._first: dict[_Key, float] = {}
+        self._sent: dict[_Key, float] = {}  # when news for a pod sandbox was last written
         self._flusher: threading.Thread | None = None
         self._closed = False
         self.writes = 0  # news writes sent to the store (tests, benchmarks)
@@ -60,18 +62,24 @@ class LinkStatusWriter:
     # --- coalescing ------------------------------------------------------------------------------
 
     def _queue(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
+        """Leading edge: news for a pod that had none written within the window goes out at once
+        (a single ADD's news is in the store when its call returns); news that follows within the
+        window is gathered and written together when the window has passed."""
         key = (topo.namespace, topo.name, owner)
+        now = time.monotonic()
         with self._cond:
-            if self._closed:
-                due_now = True
+            last = self._sent.get(key)
+            due_now = self._closed or (key not in self._due and (last is None or now - last >= self.window))
+            if due_now:
+                self._sent[key] = now
             else:
-                due_now = False
                 self._news.setdefault(key, {}).update((s.uid, s) for s in states)
                 self._copies[key] = topo
-                # Due once no news came for `window` seconds, at the latest 4 windows after the first.
-                now = time.monotonic()
+                # Due once no news came for `window` seconds (at the latest MAX_WINDOWS windows
+                # after the first), and never sooner than a window after the last write.
                 first = self._first.setdefault(key, now)
-                self._due[key] = min(first + MAX_WINDOWS * self.window, now + self.window)
+                self._due[key] = max((last or 0.0) + self.window,
+                                     min(first + MAX_WINDOWS * self.window, now + self.window))
                 if self._flusher is None:
                     self._flusher = threading.Thread(target=self._flush_loop, name="link-status", daemon=True)
                     self._flusher.start()
@@ -82,11 +90,14 @@ class LinkStatusWriter:
     def _take(self, everything: bool) -> list[tuple[_Key, Topology, list[LinkStatus]]]:
         """The news that is due (or all of it), removed from the queue (caller holds `_cond`)."""
         now = time.monotonic()
+        for k in [k for k, at in self._sent.items() if now - at > self.window and k not in self._due]:
+            del self._sent[k]  # forgotten once its window has passed (bounded by the pods)
         keys = [k for k, due in self._due.items() if everything or due <= now]
         out = []
         for k in keys:
             del self._due[k]
             self._first.pop(k, None)
+            self._sent[k] = now
             out.append((k, self._copies.pop(k), sorted(self._news.pop(k).values(), key=lambda s: s.uid)))
         return out
 

@@ -129,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     locks = hold_instance_locks(cfg)  # noqa: F841 - held, by their open descriptors, until the process ends
     # Heavy imports only after the arguments are known to be good.
     from meshnet.daemon.api import ApiServer
-    from meshnet.daemon.link_status import COALESCE_SECONDS
     from meshnet.daemon.node import NodeDaemon
     from meshnet.daemon.peers import GrpcPeerClient, serve
     from meshnet.daemon.topo_index import TopologyIndex
@@ -143,8 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers = GrpcPeerClient(tls=cfg.tls)
     core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log,
                       sandbox_record=cfg.sandbox_record)
-    # Peers' news about a pod's links is gathered briefly and written as one patch per pod.
-    core.link_status.window = COALESCE_SECONDS
+    # Peers' news about a pod's links is written at once (link_status window 0). Gathering it
+    # (`core.link_status.window = link_status.COALESCE_SECONDS`) saves PATCHes in a rollout, but
+    # the status then lags the ADD by up to MAX_WINDOWS windows, which `lab up` and the lab tests
+    # do not wait for: off until they do.
     stopping = threading.Event()
     ready = threading.Event()
 

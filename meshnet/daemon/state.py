@@ -110,6 +110,11 @@ class NodeState:
         self.cache.offer(topo)
         return topo
 
+    def catch_up(self, topo: Topology, timeout: float = 2.0) -> bool:
+        """Wait for the cache to hold everything written before `topo` (this node's own write):
+        planning from it then sees a peer that came alive first, as a LIST would have."""
+        return self.cache.catch_up(topo.resource_version, timeout) if self.cache.synced else False
+
     def namespace_topologies(self, namespace: str) -> list[Topology]:
         """The Topologies of a namespace: from the cache once it is filled, else from the store."""
         if self.cache.synced:

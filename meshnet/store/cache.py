@@ -20,6 +20,7 @@ retry, never a lost write).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -67,6 +68,7 @@ class TopologyCache:
         self._blocks: dict[int, dict[str, int]] = {}  # VNI block -> {namespace: pods recording it}
         self._fresher: dict[Key, Topology] = {}  # our own writes the watch has not delivered yet
         self._synced = threading.Event()
+        self._version = 0  # the highest resourceVersion the watch delivered (0: none, or opaque)
         self.misses = 0  # reads that fell back to the store (tests, benchmarks)
         # The informer's watch follows the store (set after its list, cleared when it breaks): CNI
         # STATUS answers from this instead of asking the store each time.
@@ -77,9 +79,13 @@ class TopologyCache:
     def load(self, topologies: Iterable[Topology]) -> list[tuple[WatchEvent, Topology | None]]:
         """A full list (the watch's start): the events that turn the cache into it, applied, each
         with the watch's previous copy."""
+        listed = list(topologies)
         with self._cond:
             known = {t.key: t for ns in self._by_ns.values() for t in ns.values()}
-            out = [(ev, self._apply(ev)) for ev in resync_events(known, topologies)]
+            out = [(ev, self._apply(ev)) for ev in resync_events(known, listed)]
+            for t in listed:  # unchanged ones bring no event, but count for the version reached
+                with contextlib.suppress(ValueError):
+                    self._version = max(self._version, int(t.resource_version))
             self._synced.set()
             self._cond.notify_all()
         return out
@@ -93,6 +99,8 @@ class TopologyCache:
 
     def _apply(self, event: WatchEvent) -> Topology | None:
         topo = event.topology
+        with contextlib.suppress(ValueError):  # an opaque version: catch_up cannot be used
+            self._version = max(self._version, int(topo.resource_version))
         ns, name = topo.key
         names = self._by_ns.get(ns)
         old = names.get(name) if names is not None else None
@@ -171,6 +179,25 @@ class TopologyCache:
 
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
+
+    def catch_up(self, version: str, timeout: float) -> bool:
+        """Wait until the watch delivered `version` (a write's resourceVersion), at most `timeout`
+        seconds. The watch delivers in version order, so every write before it is in the cache
+        then: of two pods that come alive at once, the later write's reader sees the earlier one
+        (what a fresh LIST after one's own write gave). False: timed out, not filled yet, or an
+        opaque version."""
+        try:
+            wanted = int(version)
+        except ValueError:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._synced.is_set() and self._version >= wanted):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     def _copy(self, key: Key) -> Topology | None:
         names = self._by_ns.get(key[0])
