@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import foundation, lab_bench, peer_batches, selfheal, shim_latency
+from benchmarks import cluster_scale, foundation, lab_bench, peer_batches, selfheal, shim_latency
 
 
 def machine() -> dict[str, str]:
@@ -140,8 +140,16 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     if r:
         rows.append({"what": f"Kubernetes API calls per pod ADD, kube store ({r['pods']} pods, {r['links']} links)",
                      "figure": f"{r['per_add']} per ADD, median of {len(r['rounds'])} rounds "
-                               f"({r['range_per_add'][0]}–{r['range_per_add'][1]})",
-                     "floor": "—", "ratio": "—", "target": "(reported)", "verdict": "—"})
+                               f"({r['range_per_add'][0]}–{r['range_per_add'][1]}); by verb "
+                               f"{r.get('per_pod_by_verb', {})}",
+                     "floor": "—", "ratio": "—", "target": "≤ 3", "verdict": _verdict(r["per_add"] <= 3)})
+    r = results.get("scale")
+    if r:
+        rows.append({"what": f"ADD with {r['topologies']} Topologies elsewhere vs an empty cluster (kube store); "
+                             f"meshnetd peak RSS; LISTs per ADD",
+                     "figure": f"{_s(r['full']['median_s'])} vs {_s(r['empty']['median_s'])} "
+                               f"(×{r['latency_ratio']}); {r['full']['peak_rss_mib']} MiB; {r['full']['lists']}",
+                     "floor": "—", "ratio": "—", "target": "≤ ×1.10; ≤ 150 MiB; 0", "verdict": _verdict(r["ok"])})
     return rows
 
 
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         ("random", lab_bench.random_topology),
         ("kube", lab_bench.kube_calls),
         ("peer_hub", lambda: peer_batches.hub(100 if args.quick else 200)),
+        ("scale", cluster_scale.measure),
         ("heal_daemon", lambda: selfheal.daemon_restart(500)),
         ("heal_daemon_wiped", lambda: selfheal.daemon_restart(500, wipe=True)),
         ("heal_pod", selfheal.pod_restart),

@@ -19,6 +19,7 @@ from meshnet.cni.shim import dispatch
 from meshnet.daemon.topo_index import TopologyIndex
 from meshnet.model import Link, Topology, TopologyStatus
 from meshnet.naming import mac_address
+from meshnet.store.cache import Informer, TopologyCache
 from meshnet.store.sqlite import SqliteStore
 
 CNI_PATH = "/usr/lib/cni:/opt/cni/bin"
@@ -229,7 +230,12 @@ def test_index_follows_the_store_and_adopts_recorded_pods(tmp_path: Path) -> Non
     (tmp_path / "topo.pending" / "junk.json").write_text("{")
     store.apply(_topo("r2"))
     stopping = threading.Event()
-    thread = threading.Thread(target=index.run, args=(store, stopping, 30.0))
+    # As in meshnetd: the index follows the informer's one watch, and refreshes from its cache.
+    cache = TopologyCache()
+    informer = Informer(cache, [index.on_event])
+    watcher = threading.Thread(target=informer.run, args=(store, stopping))
+    watcher.start()
+    thread = threading.Thread(target=index.run, args=(cache, stopping, 30.0))
     thread.start()
     try:
         _wait(lambda: offline.read_index(path) == {("lab", "r2")})
@@ -248,6 +254,7 @@ def test_index_follows_the_store_and_adopts_recorded_pods(tmp_path: Path) -> Non
     finally:
         stopping.set()
         thread.join(10)
+        watcher.join(10)
         store.close()
     assert {e["event"] for e in logged} >= {"pending-record-damaged", "pending-dropped", "adopted"}
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -5,6 +5,8 @@ on paper, and a fake peer client recording what would go over gRPC."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -628,34 +630,68 @@ def star(n: int) -> str:
     return "\n---\n".join(json.dumps(d) for d in docs)
 
 
-def api_calls_for_one_add(kube_api: KubeApiServer, paper: PaperNetns, links: int) -> tuple[int, int]:
+def wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def api_calls_for_one_add(kube_api: KubeApiServer, paper: PaperNetns, links: int,
+                          topologies_elsewhere: int = 0) -> tuple[int, int, list[str]]:
+    """API requests of one ADD (the hub of a star) with the daemon's informer running, as in meshnetd:
+    (requests, kernel commands planned, the requests as "METHOD path")."""
+    from meshnet.store.cache import Informer
     from meshnet.store.kube import KubeStore
 
     store = KubeStore(kubeconfig=kube_api.kubeconfig)
     node = make_node(store)
+    stopping = threading.Event()
+    watcher = threading.Thread(target=Informer(node.core.state.cache).run, args=(store, stopping))
     try:
         for t in parse_manifest(star(links)).topologies:
             store.apply(t)
+        for i in range(topologies_elsewhere):
+            store.apply(Topology(f"p{i}", f"other{i % 7}", (Link(1, f"p{i ^ 1}", "eth1", "eth1"),)))
         for i in range(1, links + 1):  # every peer alive on one of two other nodes
             vtep = VTEP1 if i % 2 else VTEP2
             set_alive(store, f"s{i}", f"node{1 + i % 2}", vtep, f"/var/run/netns/s{i}")
+        watcher.start()
+        cache = node.core.state.cache
+        want = links + 1 + topologies_elsewhere
+        wait_for(lambda: len(cache) == want and all(
+            (t := cache.get(NS, f"s{i}")) is not None and t.status.alive for i in range(1, links + 1)))
         kube_api.reset_counts()
         cni(node.core, "ADD", "hub", paper.make("hub"), "cid-hub")
         assert len(node.peers.calls) == links
         # One peer call per peer node, however many links lead there.
         assert sorted(b[1] for b in node.peers.batches) == sorted({f"{VTEP1}:{GRPC_PORT}", f"{VTEP2}:{GRPC_PORT}"})
-        return kube_api.count(), len(node.executor.recorded)
+        requests = [f"{r.method} {r.path}" for r in kube_api.requests if not r.query.get("watch")]
+        return len(requests), len(node.executor.recorded), requests
     finally:
+        stopping.set()
+        if watcher.ident is not None:
+            watcher.join(10)
         node.core.close()
         store.close()
 
 
 def test_api_calls_per_add_do_not_grow_with_links(kube_api: KubeApiServer, paper: PaperNetns,
                                                   kernel: FakeProcess) -> None:
-    few, commands_few = api_calls_for_one_add(kube_api, paper, 2)
+    few, commands_few, _ = api_calls_for_one_add(kube_api, paper, 2)
     with KubeApiServer() as other:
-        many, commands_many = api_calls_for_one_add(other, paper, 40)
+        many, commands_many, requests = api_calls_for_one_add(other, paper, 40)
     assert commands_many > commands_few  # the 40 links were really planned
     assert few == many
-    # GET the Topology, PUT it alive (from the copy just read), LIST the namespace, PUT link states.
-    assert many == 4, (few, many)
+    # The Topology and its peers come from the informer's cache (no GET, no LIST): PUT it alive
+    # (from the cached copy), PUT the link states.
+    assert many == 2, requests
+    assert not [r for r in requests if r.startswith("GET")], requests
+
+
+def test_api_calls_per_add_do_not_grow_with_the_cluster(kube_api: KubeApiServer, paper: PaperNetns,
+                                                        kernel: FakeProcess) -> None:
+    """Topologies in other namespaces cost an ADD nothing: it neither LISTs nor walks them."""
+    calls, _, requests = api_calls_for_one_add(kube_api, paper, 4, topologies_elsewhere=300)
+    assert calls == 2, requests
+    assert not [r for r in requests if r.startswith("GET")], requests

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,7 +302,7 @@ def test_the_receiver_reads_each_pod_of_a_page_once(receiver: Hub, monkeypatch: 
     reads: list[tuple[str, str]] = []
     get = receiver.store.get
 
-    def counted(namespace: str, pod: str) -> Topology | None:
+    def counted(namespace: str, pod: str, fresh: Callable[[Topology], bool] | None = None) -> Topology | None:
         reads.append((namespace, pod))
         return get(namespace, pod)
 

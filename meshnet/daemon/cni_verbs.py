@@ -164,7 +164,7 @@ class CniVerbs:
 
     def _undo_links(self, req: CniRequest) -> None:
         namespace, pod = self._pod(req)
-        topo = self.state.store.get(namespace, pod)
+        topo = self.state.cached(namespace, pod)
         if topo is not None:
             self.delete_links(topo, req)
 
@@ -198,8 +198,10 @@ class CniVerbs:
         timing = phases.current()
         namespace, pod = self._pod(req)
         timing.mark("parse request")
-        topo = store.get(namespace, pod) if pod else None
-        timing.mark("store get")
+        # The informer's copy (a miss, e.g. a Topology created a moment ago, costs one GET); a stale
+        # one only costs the compare-and-set below a retry.
+        topo = state.cached(namespace, pod) if pod else None
+        timing.mark("cached read")
         if topo is None:
             return None
         check_macvlan_parents(topo, state.node)  # before the pod is marked alive: nothing to undo
@@ -217,12 +219,16 @@ class CniVerbs:
         state.sandboxes.put(topo.key, req.container_id, req.netns)
         timing.mark("sandbox record")
         # `topo` was read just now: it stands in for the store's read before the write.
-        topo = store.update_status(namespace, pod, mark_alive, known=topo) or topo
+        topo = state.remember(store.update_status(namespace, pod, mark_alive, known=topo)) or topo
         timing.mark("status write (alive)")
+        # Peers that came alive before this write must be seen alive by the plan (two pods coming
+        # up at once: the later one builds the link): the cache catches up with it first.
+        state.catch_up(topo)
+        timing.mark("cache catch-up")
         failure: ExecError | None = None
         for pause in (*vni.VNI_CLASH_PAUSES, None):
-            listed = store.list(namespace)
-            timing.mark("store list")
+            listed = state.peers_of(topo)  # its peers' cached copies: no LIST
+            timing.mark("peers' copies")
             pod_states = state.pod_states(listed)
             timing.mark("pod states")
             plan = plan_pod(topo, ns_name, state.node, pod_states)
@@ -310,7 +316,8 @@ class CniVerbs:
 
     def delete(self, req: CniRequest) -> None:
         namespace, pod = self._pod(req)
-        topo = self.state.store.get(namespace, pod) if pod else None
+        # The cached copy: if it is stale, delete_links's compare-and-set re-checks who owns the pod.
+        topo = self.state.cached(namespace, pod) if pod else None
         if topo is not None:
             owner = topo.status.container_id
             if owner and owner != req.container_id:
@@ -354,7 +361,7 @@ class CniVerbs:
             for p in problems:
                 state.log(event="del-problem", pod=topo.name, error=p)
         remote = [lnk for lnk in topo.links if not lnk.is_macvlan]
-        listed = [t for t in state.store.list(topo.namespace) if t.name in {lnk.peer_pod for lnk in remote}]
+        listed = [t for t in state.peers_of(topo) if t.name in {lnk.peer_pod for lnk in remote}]
         peers = state.pod_states(listed)
         self.link_status.tell_veth_peers(listed, veth_ends_lost(state, topo, remote, listed))
         self.peers.remove_far_ends(topo, remote, peers)
@@ -365,7 +372,7 @@ class CniVerbs:
     def gc(self, req: CniRequest) -> None:
         """Forget pods of this node whose sandbox the runtime no longer lists; remove their links."""
         valid = {a.container_id for a in req.conf.valid_attachments or ()}
-        for topo in self.state.store.list(None):
+        for topo in self.state.all_topologies():
             st = topo.status
             if st.node != self.state.node.name or not st.container_id or st.container_id in valid:
                 continue
@@ -384,14 +391,14 @@ class CniVerbs:
         if req.conf.delegate is not None:
             self.run_eth0_delegate(req, "CHECK")
         namespace, pod = self._pod(req)
-        topo = self.state.store.get(namespace, pod) if pod else None
+        topo = self.state.cached(namespace, pod) if pod else None
         if topo is None:
             return None
         if topo.status.container_id != req.container_id:
             raise CniError(protocol.CONTAINER_UNKNOWN, f"{pod} is not set up by this container",
                            f"status has container {topo.status.container_id or 'none'}")
         ns_name = self._vouched(req.netns)
-        plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.store.list(namespace)))
+        plan = plan_pod(topo, ns_name, self.state.node, self.state.pod_states(self.state.peers_of(topo)))
         view = kernel.read_view(self.state.executor, [ns_name])[ns_name]  # links with their addresses, one ip call
         problems = kernel.check_problems(plan.links, view)
         if problems:
@@ -400,7 +407,8 @@ class CniVerbs:
 
     def status(self, req: CniRequest) -> None:
         try:
-            self.state.store.list("default")
+            if not self.state.cache.healthy:  # the informer's watch is not following the store: ask it
+                self.state.store.list("default")
         except StoreError as e:
             raise CniError(protocol.PLUGIN_NOT_AVAILABLE, "meshnet cannot reach its topology store", str(e)) from e
         if req.conf.delegate is not None:

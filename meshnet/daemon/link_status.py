@@ -3,10 +3,18 @@
 One writer (`write`): per-link states, the `skipped` list that goes with them (the links still
 waiting for their peer pod), only for the sandbox that owns the status, and only when anything
 changes — every write wakes every watcher in the cluster.
+
+News about some links of a pod (a peer built or lost its far end) is coalesced: with a `window`
+(meshnetd: COALESCE_SECONDS), news for a pod's sandbox is written at once when none was written
+within the window, and news that follows within it is gathered and goes out as ONE patch of the
+entries it changes, built from the freshest copy the cache has — a pod whose links come up one
+peer at a time costs the API at most about one write per window, not one per link or per peer.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -14,6 +22,8 @@ from meshnet.daemon.state import NodeState
 from meshnet.ends import end_report
 from meshnet.model import Link, LinkStatus, Skip, Topology, TopologyStatus
 from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan, PodPlan, VethPlan, pending_reason
+from meshnet.store.base import merge_link_states
+from meshnet.store.cache import newer
 
 
 def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up", message: str = "") -> LinkStatus:
@@ -23,9 +33,127 @@ def end_status(lp: LinkPlan, end: Endpoint, caps: Capabilities, state: str = "up
                       report.unavailable)
 
 
+# How long meshnetd gathers news about one pod's links: written once none came for this long (at
+# the latest MAX_WINDOWS times this after the first).
+COALESCE_SECONDS = 0.3
+MAX_WINDOWS = 5
+
+_Key = tuple[str, str, str]  # (namespace, pod, container owning the status)
+
+
 class LinkStatusWriter:
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, window: float = 0.0) -> None:
         self.state = state
+        # 0: news is written at once (unit tests read the store right after); meshnetd sets it.
+        self.window = window
+        self._cond = threading.Condition()
+        # News not written yet, by pod sandbox: {uid: state} (later news of a link replaces
+        # earlier), the copy it came with, and when it is due. Guarded by `_cond`.
+        self._news: dict[_Key, dict[int, LinkStatus]] = {}
+        self._copies: dict[_Key, Topology] = {}
+        self._due: dict[_Key, float] = {}
+        self._first: dict[_Key, float] = {}
+        self._sent: dict[_Key, float] = {}  # when news for a pod sandbox was last written
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self.writes = 0  # news writes sent to the store (tests, benchmarks)
+        self.skipped = 0  # news this node's freshest copy showed already
+
+    # --- coalescing ------------------------------------------------------------------------------
+
+    def _queue(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
+        """Leading edge: news for a pod that had none written within the window goes out at once
+        (a single ADD's news is in the store when its call returns); news that follows within the
+        window is gathered and written together when the window has passed."""
+        key = (topo.namespace, topo.name, owner)
+        now = time.monotonic()
+        with self._cond:
+            last = self._sent.get(key)
+            due_now = self._closed or (key not in self._due and (last is None or now - last >= self.window))
+            if due_now:
+                self._sent[key] = now
+            else:
+                self._news.setdefault(key, {}).update((s.uid, s) for s in states)
+                self._copies[key] = topo
+                # Due once no news came for `window` seconds (at the latest MAX_WINDOWS windows
+                # after the first), and never sooner than a window after the last write.
+                first = self._first.setdefault(key, now)
+                self._due[key] = max((last or 0.0) + self.window,
+                                     min(first + MAX_WINDOWS * self.window, now + self.window))
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_loop, name="link-status", daemon=True)
+                    self._flusher.start()
+                self._cond.notify()
+        if due_now:
+            self._send(topo, owner, states)
+
+    def _take(self, everything: bool) -> list[tuple[_Key, Topology, list[LinkStatus]]]:
+        """The news that is due (or all of it), removed from the queue (caller holds `_cond`)."""
+        now = time.monotonic()
+        for k in [k for k, at in self._sent.items() if now - at > self.window and k not in self._due]:
+            del self._sent[k]  # forgotten once its window has passed (bounded by the pods)
+        keys = [k for k, due in self._due.items() if everything or due <= now]
+        out = []
+        for k in keys:
+            del self._due[k]
+            self._first.pop(k, None)
+            self._sent[k] = now
+            out.append((k, self._copies.pop(k), sorted(self._news.pop(k).values(), key=lambda s: s.uid)))
+        return out
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (not self._due or min(self._due.values()) > time.monotonic()):
+                    self._cond.wait(min(self._due.values()) - time.monotonic() if self._due else None)
+                batch = self._take(self._closed)
+                closed = self._closed
+            for (_, _, owner), topo, states in batch:
+                try:
+                    self._send(topo, owner, states)
+                except Exception as e:  # a store failure loses this news; the next reconcile pass writes it
+                    self.state.log(event="link-status-write-failed", pod=f"{topo.namespace}/{topo.name}",
+                                   error=f"{type(e).__name__}: {e}")
+            if closed:
+                return
+
+    def _send(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
+        # The patch is built from the freshest copy this node has (its guards then rarely fail);
+        # a stale one only makes the store fall back to its compare-and-set.
+        known = self._freshest(topo, owner)
+        if merge_link_states(known, owner, states) is None and known is not topo:
+            # This node's freshest copy shows the news already (or a newer sandbox): nothing is
+            # sent — as tell_veth_peers does with its copies. Confirming it with a read would cost
+            # a GET per piece of news; should the copy be stale, the pod's own node converges its
+            # entries anyway (its reconciler looks at links pending towards a live peer).
+            self.skipped += 1
+            return
+        self.writes += 1
+        self.state.remember(self.state.store.update_link_states(topo.namespace, topo.name, owner, states,
+                                                                known=known))
+
+    def _freshest(self, topo: Topology, owner: str) -> Topology:
+        """The cache's copy when it is newer than `topo` and still the same sandbox's: a write
+        computed from it fails its compare less often (a stale copy costs a 409 and a GET)."""
+        cached = self.state.cache.get(topo.namespace, topo.name)
+        if cached is not None and cached.status.container_id == owner and newer(cached, topo):
+            return cached
+        return topo
+
+    def flush(self) -> None:
+        """Write every piece of news now (tests; the daemon's shutdown)."""
+        with self._cond:
+            batch = self._take(True)
+        for (_, _, owner), topo, states in batch:
+            self._send(topo, owner, states)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join(10)
 
     def write(self, topo: Topology, states: Sequence[LinkStatus], *, container: str | None = None,
               whole: bool = False, plumbing_error: str | None = None) -> None:
@@ -42,7 +170,10 @@ class LinkStatusWriter:
         if not whole and plumbing_error is None:
             # A peer's news about some links: only their entries change, which the store can write
             # without fighting the pod's own ADD or other peers over the rest of the status.
-            self.state.store.update_link_states(topo.namespace, topo.name, owner, states, known=topo)
+            if self.window > 0:
+                self._queue(topo, owner, states)
+            else:
+                self._send(topo, owner, states)
             return
         by_uid = {s.uid: s for s in states}
 
@@ -64,7 +195,8 @@ class LinkStatusWriter:
                 new = replace(new, plumbing_error=plumbing_error)
             return None if new == cur.status else new
 
-        self.state.store.update_status(topo.namespace, topo.name, write, known=topo)
+        self.state.remember(self.state.store.update_status(topo.namespace, topo.name, write,
+                                                           known=self._freshest(topo, owner)))
 
     def write_outcome(self, topo: Topology, container: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
         """A plan's outcome: every link up, in error (`errors`), or pending; the errors also

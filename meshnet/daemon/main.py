@@ -17,7 +17,8 @@ from meshnet.plan import DEFAULT_MTU, NodeInfo
 
 if TYPE_CHECKING:
     from meshnet.daemon.node import NodeDaemon
-    from meshnet.store.base import Store
+    from meshnet.model import Topology
+    from meshnet.store.base import WatchEvent
 
 _log_lock = threading.Lock()
 
@@ -51,8 +52,9 @@ def discover_node(cfg: DaemonConfig, executor: Executor) -> NodeInfo:
 
 
 class ReconcileLoop:
-    """One thread converges the node: everything at start and every `resync` seconds, and the pods
-    a store change concerns as soon as the watch reports it (changes within 50 ms are batched)."""
+    """One thread converges the node: everything at start and every `resync` seconds (the pods the
+    cache shows alive here: no API call), and the pods a store change concerns as soon as the
+    informer reports it (changes within 50 ms are batched)."""
 
     def __init__(self, core: NodeDaemon, resync: float, stopping: threading.Event, ready: threading.Event) -> None:
         self.core = core
@@ -64,22 +66,26 @@ class ReconcileLoop:
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
-    def watch(self, store: Store) -> None:
-        while not self.stopping.is_set():
-            try:
-                for ev in store.watch(None, stop=self.stopping.is_set, timeout=1.0):
-                    targets = self.core.on_store_event(ev.type, ev.topology)
-                    if targets:
-                        with self._lock:
-                            self._pending |= targets
-                        self._wake.set()
-            except Exception as e:  # a broken watch is restarted; the periodic resync covers the gap
-                log(event="watch-error", error=f"{type(e).__name__}: {e}")
-                with self._lock:
-                    self._full = True
-                self.stopping.wait(1.0)
+    def on_event(self, event: WatchEvent, old: Topology | None) -> None:
+        """An informer event (the cache has it already): queue the pods it concerns."""
+        targets = self.core.on_store_event(event.type, event.topology, old)
+        if targets:
+            with self._lock:
+                self._pending |= targets
+            self._wake.set()
+
+    def on_watch_error(self, e: Exception) -> None:
+        """The watch broke and is started again (its list is diffed against the cache, so the
+        events missed meanwhile still come); a full pass covers the gap as well."""
+        log(event="watch-error", error=f"{type(e).__name__}: {e}")
+        with self._lock:
+            self._full = True
 
     def run(self) -> None:
+        # The first pass reads the informer's cache: wait for its first list (CNI calls meanwhile
+        # read the store directly).
+        while not self.core.state.cache.wait_synced(0.5) and not self.stopping.is_set():
+            pass
         next_full = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
@@ -127,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meshnet.daemon.peers import GrpcPeerClient, serve
     from meshnet.daemon.topo_index import TopologyIndex
     from meshnet.store import open_store
+    from meshnet.store.cache import Informer
 
     journal: Journal = open_journal(cfg.journal or None)
     executor = Executor(journal=journal, log=log)
@@ -135,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers = GrpcPeerClient(tls=cfg.tls)
     core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log,
                       sandbox_record=cfg.sandbox_record)
+    # Peers' news about a pod's links is written at once (link_status window 0). Gathering it
+    # (`core.link_status.window = link_status.COALESCE_SECONDS`) saves PATCHes in a rollout, but
+    # the status then lags the ADD by up to MAX_WINDOWS windows, which `lab up` and the lab tests
+    # do not wait for: off until they do.
     stopping = threading.Event()
     ready = threading.Event()
 
@@ -160,11 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     reconciler = ReconcileLoop(core, cfg.resync_seconds, stopping, ready)
+    # ONE watch of the store feeds the cache every reader uses, the reconciler and the shim's index.
+    informer = Informer(core.state.cache, [reconciler.on_event, *([index.on_event] if index else [])],
+                        on_error=reconciler.on_watch_error)
     threading.Thread(target=reconciler.run, name="reconcile", daemon=True).start()
-    threading.Thread(target=reconciler.watch, args=(store,), name="watch", daemon=True).start()
+    threading.Thread(target=informer.run, args=(store, stopping), name="watch", daemon=True).start()
     if index is not None:
-        threading.Thread(target=index.run, args=(store, stopping, cfg.resync_seconds), name="topology-index",
-                         daemon=True).start()
+        threading.Thread(target=index.run, args=(core.state.cache, stopping, cfg.resync_seconds),
+                         name="topology-index", daemon=True).start()
     stopping.wait()
     api.stop()
     grpc_server.stop(grace=2).wait()

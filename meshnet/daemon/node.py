@@ -57,8 +57,8 @@ class NodeDaemon:
         return self.peer_service.remove(reqs, caller)
 
     # the reconcile loop (main.py)
-    def on_store_event(self, event_type: str, topo: Topology) -> set[PodKey]:
-        return self.reconciler.on_store_event(event_type, topo)
+    def on_store_event(self, event_type: str, topo: Topology, old: Topology | None) -> set[PodKey]:
+        return self.reconciler.on_store_event(event_type, topo, old)
 
     def take_retries(self) -> set[PodKey]:
         return self.reconciler.take_retries()
@@ -67,5 +67,6 @@ class NodeDaemon:
         return self.reconciler.reconcile(only)
 
     def close(self) -> None:
+        self.link_status.close()  # news still gathered is written first
         self.peer_client.close()
         self.cni.close()

@@ -22,13 +22,17 @@ class PeerDenied(Exception):
     """A peer request the store does not back; nothing was done."""
 
 
+# Seconds a peer request waits for the informer to bring a copy that backs it before one GET.
+FRESH_WAIT = 0.5
+
+
 class PeerService:
     def __init__(self, state: NodeState, link_status: LinkStatusWriter) -> None:
         self.state = state
         self.link_status = link_status
 
-    def _group_backed_by_store(self, reqs: Sequence[PeerLink], read: Callable[[str, str], Topology | None], *,
-                               gone_ok: bool = False) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
+    def _group_backed_by_store(self, reqs: Sequence[PeerLink], *, gone_ok: bool = False
+                               ) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
         """Group a batch by local pod, each with its Topology, if the store backs every request.
 
         One request the store does not back refuses the whole batch (PeerDenied) before anything
@@ -41,7 +45,10 @@ class PeerService:
             groups.setdefault((req.namespace, req.pod), []).append((i, req))
         out: list[tuple[Topology, list[tuple[int, PeerLink]]]] = []
         for (namespace, pod), items in groups.items():
-            topo = read(namespace, pod)
+            # Update: the informer's copy, once it shows the pod alive here with these links (else,
+            # after a short wait for the watch, one GET). Remove: the store itself, as a copy
+            # lagging behind a spec change would refuse it.
+            topo = self._read(namespace, pod, None if gone_ok else self._backs(items))
             if topo is None:
                 raise PeerDenied(f"no Topology {namespace}/{pod}")
             for _, req in items:
@@ -59,14 +66,22 @@ class PeerService:
             out.append((topo, items))
         return out
 
+    def _backs(self, items: Sequence[tuple[int, PeerLink]]) -> Callable[[Topology], bool]:
+        """A copy of a local pod fresh enough for an update: alive here, with every link asked for."""
+        def fresh(t: Topology) -> bool:
+            return self.state.alive_here(t.status) and all(t.link(r.uid) is not None for _, r in items)
+
+        return fresh
+
     def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
         """Build or update this node's ends of a batch of vxlan links (a page of a calling pod's links).
         `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
         state = self.state
         if len(reqs) > PEER_BATCH_MAX:
             raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
-        read = self._reader()
-        groups = self._group_backed_by_store(reqs, read)
+        groups = self._group_backed_by_store(reqs)
+        # The callers' pods came alive before they asked: wait briefly for the watch to show it.
+        read = self._reader(lambda t: t.status.alive and t.status.node != state.node.name)
         self._authorize("update", reqs, caller, read)
         work = []
         for topo, items in groups:
@@ -128,10 +143,9 @@ class PeerService:
         if len(reqs) > PEER_BATCH_MAX:
             raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
         actions = ["absent"] * len(reqs)
-        read = self._reader()
-        groups = self._group_backed_by_store(reqs, read, gone_ok=True)
-        self._authorize("remove", reqs, caller, read, {(t.namespace, t.name, r.uid) for t, items in groups
-                                                       for _, r in items if t.link(r.uid) is None})
+        groups = self._group_backed_by_store(reqs, gone_ok=True)
+        self._authorize("remove", reqs, caller, self._reader(), {(t.namespace, t.name, r.uid) for t, items in groups
+                                                                 for _, r in items if t.link(r.uid) is None})
         for topo, items in groups:
             st = topo.status
             path = state.netns_here(topo) if state.alive_here(st) else ""  # never the store's net_ns
@@ -155,22 +169,30 @@ class PeerService:
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
 
-    def read_topology(self, namespace: str, pod: str) -> Topology | None:
-        """The one read of a Topology that peer requests make (the store today; the daemon's watch
-        cache once there is one — a swap here, nothing else reads)."""
-        return self.state.store.get(namespace, pod)
+    def read_topology(self, namespace: str, pod: str, fresh: Callable[[Topology], bool] | None = None
+                      ) -> Topology | None:
+        """The one read of a Topology that peer requests make: the informer's copy once `fresh` says it
+        backs the request (after a short wait for the watch, else one GET); without `fresh` (Remove)
+        the store itself."""
+        if fresh is None:
+            return self.state.store.get(namespace, pod)
+        return self.state.cached(namespace, pod, fresh=fresh, wait=FRESH_WAIT)
 
-    def _reader(self) -> Callable[[str, str], Topology | None]:
-        """The Topologies of one batch, each read once: the receiving pods and the far pods, for
-        grouping, authorising and applying alike. A read that fails refuses the batch."""
+    def _read(self, namespace: str, pod: str, fresh: Callable[[Topology], bool] | None) -> Topology | None:
+        """`read_topology`; a read that fails refuses the batch."""
+        try:
+            return self.read_topology(namespace, pod, fresh)
+        except (StoreError, ManifestError) as e:
+            raise PeerDenied(f"store: {namespace}/{pod}: {e}") from e
+
+    def _reader(self, fresh: Callable[[Topology], bool] | None = None) -> Callable[[str, str], Topology | None]:
+        """The far pods of one batch, each read once (authorising and applying a batch look at the
+        same far pods); the receiving pods are read once each when the batch is grouped."""
         seen: dict[tuple[str, str], Topology | None] = {}
 
         def read(namespace: str, pod: str) -> Topology | None:
             if (namespace, pod) not in seen:
-                try:
-                    seen[(namespace, pod)] = self.read_topology(namespace, pod)
-                except (StoreError, ManifestError) as e:
-                    raise PeerDenied(f"store: {namespace}/{pod}: {e}") from e
+                seen[(namespace, pod)] = self._read(namespace, pod, fresh)
             return seen[(namespace, pod)]
 
         return read

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from meshnet import naming
 from meshnet.command import Command
@@ -36,7 +36,34 @@ class Touched:
     vtep_heard: str = ""  # a daemon wrote this pod's status: the daemon behind this VTEP is up
 
 
-def _unsettled(topo: Topology, seen: Mapping[PodKey, Topology], peer: str = "") -> bool:
+class Copies(Protocol):
+    """The copies `pods_touched` looks things up in: the informer's cache (indexed), or a mapping."""
+
+    def get(self, namespace: str, name: str) -> Topology | None: ...
+
+    def linking_to(self, namespace: str, pod: str) -> list[Topology]: ...
+
+    def alive_on(self, node: str) -> list[Topology]: ...
+
+
+class MappingCopies:
+    """`Copies` over a plain mapping (scans: for tests and small callers)."""
+
+    def __init__(self, seen: Mapping[PodKey, Topology]) -> None:
+        self._seen = seen
+
+    def get(self, namespace: str, name: str) -> Topology | None:
+        return self._seen.get((namespace, name))
+
+    def linking_to(self, namespace: str, pod: str) -> list[Topology]:
+        return [t for t in self._seen.values()
+                if t.namespace == namespace and any(lnk.peer_pod == pod for lnk in t.links)]
+
+    def alive_on(self, node: str) -> list[Topology]:
+        return [t for t in self._seen.values() if alive_on(t.status, node)]
+
+
+def _unsettled(topo: Topology, seen: Copies, peer: str = "") -> bool:
     """With `peer`: links of a local pod towards it that its status shows pending or in error.
     Without: links pending although their peer is alive (a status written from a plan older
     than the peer's ADD). Reconciling them again is harmless: an unchanged outcome writes
@@ -48,17 +75,20 @@ def _unsettled(topo: Topology, seen: Mapping[PodKey, Topology], peer: str = "") 
             if pod == peer and s.state in ("pending", "error"):
                 return True
             continue
-        copy = seen.get((topo.namespace, pod))
+        copy = seen.get(topo.namespace, pod)
         if s.state == "pending" and copy is not None and copy.status.alive:
             return True
     return False
 
 
-def pods_touched(event_type: str, old: Topology | None, topo: Topology, seen: Mapping[PodKey, Topology],
-                 node_name: str) -> Touched:
+def pods_touched(event_type: str, old: Topology | None, topo: Topology,
+                 seen: Copies | Mapping[PodKey, Topology], node_name: str) -> Touched:
     """Pods of node `node_name` a store change concerns. `old`: the watch's previous copy of the
-    Topology; `seen`: every copy, this event's included (a deleted one gone). Status writes that
-    only record link states (ours included) concern nobody, so reconciling never feeds itself."""
+    Topology; `seen`: every copy, this event's included (a deleted one gone) — the informer's
+    cache, whose indexes find the pods concerned without walking every Topology. Status writes
+    that only record link states (ours included) concern nobody, so reconciling never feeds itself."""
+    if isinstance(seen, Mapping):
+        seen = MappingCopies(seen)
     deleted = event_type == "DELETED"
     spec_changed = old is None or old.links != topo.links or deleted
     # A clean DEL (status emptied) removed its links itself — the far ends of veths die with
@@ -80,17 +110,15 @@ def pods_touched(event_type: str, old: Topology | None, topo: Topology, seen: Ma
     if new_block or (old_block and old_block != new_block):
         # VNI blocks are per namespace: a pod of another namespace may have to give up the block
         # this one recorded (naming.block_lost), or may have been waiting for the one it left.
-        for other in seen.values():
-            if (other.namespace != topo.namespace and alive_on(other.status, node_name)
-                    and other.status.vni_block in {new_block, old_block} - {0}):
+        for other in seen.alive_on(node_name):
+            if other.namespace != topo.namespace and other.status.vni_block in {new_block, old_block} - {0}:
                 out.add(other.key)
     if not deleted and alive_on(topo.status, node_name) and (spec_changed or _unsettled(topo, seen)):
         out.add(topo.key)
         if not spec_changed:
             if_unsettled.add(topo.key)
-    for other in seen.values():
-        if (other.namespace == topo.namespace and alive_on(other.status, node_name)
-                and any(lnk.peer_pod == topo.name for lnk in other.links)):
+    for other in seen.linking_to(topo.namespace, topo.name):
+        if alive_on(other.status, node_name):
             # A peer that came alive (or changed at all) is worth another look for links
             # still pending or in error towards it: its ADD may have raced with ours.
             if spec_changed or moved or block_changed:  # a new block: the links' VNIs change
@@ -127,21 +155,19 @@ class Reconciler:
 
     # --- events ----------------------------------------------------------------------------------
 
-    def on_store_event(self, event_type: str, topo: Topology) -> set[PodKey]:
-        """Take in a watch event; returns the pods of this node to reconcile for it. A Topology
-        deleted while its pod runs here loses meshnet's links at once."""
+    def on_store_event(self, event_type: str, topo: Topology, old: Topology | None) -> set[PodKey]:
+        """Take in a watch event (the cache has it already; `old`: the watch's previous copy); returns
+        the pods of this node to reconcile for it. A Topology deleted while its pod runs here loses
+        meshnet's links at once."""
         state = self.state
         if event_type == "DELETED":
-            old = state.unsee(topo.key)
             if old is not None and state.alive_here(old.status):
                 self._remove_all(old)
-        else:
-            old = state.see(topo)
-            if topo.status.problems and (old is None or old.status.problems != topo.status.problems):
-                # A forged or corrupt status: the pod counts as not alive (model.TopologyStatus).
-                state.log(event="status-refused", pod=f"{topo.namespace}/{topo.name}",
-                          problems=list(topo.status.problems))
-        touched = pods_touched(event_type, old, topo, {t.key: t for t in state.seen()}, state.node.name)
+        elif topo.status.problems and (old is None or old.status.problems != topo.status.problems):
+            # A forged or corrupt status: the pod counts as not alive (model.TopologyStatus).
+            state.log(event="status-refused", pod=f"{topo.namespace}/{topo.name}",
+                      problems=list(topo.status.problems))
+        touched = pods_touched(event_type, old, topo, state.cache, state.node.name)
         if touched.vtep_heard:
             address = self.peers.address(touched.vtep_heard)
             if self.peers.backoff.back(address):
@@ -175,38 +201,48 @@ class Reconciler:
 
     # --- passes ----------------------------------------------------------------------------------
 
-    def _settled_since_queued(self, topo: Topology, alive: set[PodKey]) -> bool:
+    def _settled_since_queued(self, topo: Topology) -> bool:
         with self._lock:
             if topo.key not in self._skip_if_settled:
                 return False
             self._skip_if_settled.discard(topo.key)
         peers = {lnk.uid: lnk.peer_pod for lnk in topo.links}
-        return not any(s.state in ("pending", "error") and (topo.namespace, peers.get(s.uid, "")) in alive
-                       for s in topo.status.links)
+
+        def peer_alive(uid: int) -> bool:
+            peer = self.state.cache.get(topo.namespace, peers.get(uid, ""))
+            return peer is not None and peer.status.alive
+
+        return not any(s.state in ("pending", "error") and peer_alive(s.uid) for s in topo.status.links)
+
+    def _local_pods(self, wanted: set[PodKey] | None) -> tuple[list[Topology], set[PodKey]]:
+        """The pods of a pass (all alive here, or those `wanted`), and every pod alive here: from the
+        cache's node index (no API call, no walk of the cluster), or from the store while the cache
+        is not filled (unit tests that run no watch)."""
+        state = self.state
+        if state.cache.synced:
+            local = state.cache.alive_on(state.node.name)
+            here = {t.key for t in local}
+            if wanted is None:
+                return local, here
+            return [t for key in sorted(wanted) if (t := state.cache.get(*key)) is not None], here
+        topologies = state.store.list(None)
+        here = {t.key for t in topologies if state.alive_here(t.status)}
+        return [t for t in topologies if wanted is None or t.key in wanted], here
 
     def reconcile(self, only: Iterable[PodKey] | None = None) -> int:
         """Converge the pods alive on this node (all, or those in `only`); returns links changed."""
         state = self.state
         wanted = set(only) if only is not None else None
-        topologies = state.store.list(None)
-        by_namespace: dict[str, list[Topology]] = {}
-        for t in topologies:
-            by_namespace.setdefault(t.namespace, []).append(t)
-            # Only seed what the watch has not reported yet: `on_store_event` diffs each event
-            # against the watch's previous copy, and a pass that listed a change first would make it
-            # look like no change at all (the event's pod would never be looked at).
-            state.see(t, only_if_new=True)
+        topologies, here = self._local_pods(wanted)
         changed = 0
-        alive = {t.key for t in topologies if t.status.alive}
-        here = {t.key for t in topologies if state.alive_here(t.status)}
         self.peers.forget_except(here)
         self.blocks.forget_except(here)
         for topo in topologies:
-            if wanted is not None and (topo.key not in wanted or self._settled_since_queued(topo, alive)):
+            if wanted is not None and self._settled_since_queued(topo):
                 continue
             if state.alive_here(topo.status):
                 try:
-                    changed += self.reconcile_pod(topo, by_namespace[topo.namespace])
+                    changed += self.reconcile_pod(topo, state.peers_of(topo))
                 except Exception as e:  # one pod's trouble never stops the pass for the others (issue 13)
                     state.log(event="reconcile-pod-error", pod=f"{topo.namespace}/{topo.name}",
                               error=f"{type(e).__name__}: {e}")

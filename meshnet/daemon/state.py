@@ -4,8 +4,10 @@ Locks (never held across a store or gRPC call, except the link locks):
 - `link_locks(namespace, uids)`: one lock per link, held while its kernel objects are read and
   changed, so an ADD, a peer request and a reconcile pass never interleave on one link. Taken in
   uid order, so two holders never wait on each other in a cycle.
-- `lock`: the watch's copies of every Topology (`seen`). The watch thread writes them; CNI calls
-  (choosing a VNI block) and the reconciler read them.
+- `cache` (meshnet.store.cache, its own lock): the informer's copies of every Topology, indexed.
+  The watch thread writes them; CNI calls, peer requests and the reconciler read them (`cached`,
+  `peers_of`, `namespace_topologies`), falling back to the store when the cache misses or has not
+  been filled yet (unit tests that run no watch).
 - `_applied_lock`: the impairments this daemon put in force per link end (`applied`), written
   after a successful apply by whoever built or changed the end (ADD, peer request, reconcile).
 Each room keeps its own bookkeeping under its own lock (peer back-off, owed far ends, VNI clashes,
@@ -24,6 +26,7 @@ from meshnet.executor import Executor
 from meshnet.model import Impairments, Topology, TopologyStatus
 from meshnet.plan import NodeInfo, PodState
 from meshnet.store.base import Store
+from meshnet.store.cache import TopologyCache
 
 Log = Callable[..., None]
 PodKey = tuple[str, str]  # (namespace, pod)
@@ -36,7 +39,8 @@ def alive_on(status: TopologyStatus, node_name: str) -> bool:
 
 class NodeState:
     def __init__(self, node: NodeInfo, store: Store, executor: Executor, *, grpc_port: int,
-                 log: Log | None = None, sandboxes: SandboxRecord | None = None) -> None:
+                 log: Log | None = None, sandboxes: SandboxRecord | None = None,
+                 cache: TopologyCache | None = None) -> None:
         self.node = node
         self.store = store
         self.executor = executor
@@ -44,8 +48,7 @@ class NodeState:
         self.log: Log = log or (lambda **_: None)
         # The namespaces of this node's pods as the CNI calls handed them (never the store's net_ns).
         self.sandboxes = sandboxes if sandboxes is not None else SandboxRecord("", self.log)
-        self.lock = threading.Lock()
-        self._seen: dict[PodKey, Topology] = {}  # guarded by `lock`
+        self.cache = cache if cache is not None else TopologyCache()
         self._link_locks: dict[tuple[str, int], threading.Lock] = {}
         self._link_locks_guard = threading.Lock()
         self._applied: dict[tuple[str, str], Impairments | None] = {}  # guarded by `_applied_lock`
@@ -90,28 +93,47 @@ class NodeState:
                                       t.links)
         return states
 
-    # --- the watch's copies --------------------------------------------------------------------
+    # --- the informer's copies ------------------------------------------------------------------
 
     def seen(self) -> list[Topology]:
-        """A snapshot of the watch's copies of every Topology."""
-        with self.lock:
-            return list(self._seen.values())
+        """A snapshot of the cache's copies of every Topology (a scan: not on a hot path)."""
+        return self.cache.all()
 
-    def seen_copy(self, key: PodKey) -> Topology | None:
-        with self.lock:
-            return self._seen.get(key)
+    def cached(self, namespace: str, pod: str, *, fresh: Callable[[Topology], bool] | None = None,
+               wait: float = 0.0) -> Topology | None:
+        """A pod's Topology from the cache; a miss (or a copy that is not `fresh` after waiting up to
+        `wait` seconds for the watch) costs one GET. The read API of the daemon's rooms."""
+        return self.cache.read(self.store, namespace, pod, fresh=fresh, wait=wait)
 
-    def see(self, topo: Topology, *, only_if_new: bool = False) -> Topology | None:
-        """Keep `topo` as the latest copy (or only when none is kept yet); returns the previous one."""
-        with self.lock:
-            old = self._seen.get(topo.key)
-            if old is None or not only_if_new:
-                self._seen[topo.key] = topo
-            return old
+    def remember(self, topo: Topology | None) -> Topology | None:
+        """A copy this node just wrote: read from the cache from now on (the watch brings it later)."""
+        self.cache.offer(topo)
+        return topo
 
-    def unsee(self, key: PodKey) -> Topology | None:
-        with self.lock:
-            return self._seen.pop(key, None)
+    def catch_up(self, topo: Topology, timeout: float = 2.0) -> bool:
+        """Wait for the cache to hold everything written before `topo` (this node's own write):
+        planning from it then sees a peer that came alive first, as a LIST would have."""
+        return self.cache.catch_up(topo.resource_version, timeout) if self.cache.synced else False
+
+    def namespace_topologies(self, namespace: str) -> list[Topology]:
+        """The Topologies of a namespace: from the cache once it is filled, else from the store."""
+        if self.cache.synced:
+            return self.cache.namespace(namespace)
+        return self.store.list(namespace)
+
+    def peers_of(self, topo: Topology) -> list[Topology]:
+        """`topo` and the pods it links to, as planning needs them (their cached copies, without a
+        scan; before the cache is filled, the namespace from the store)."""
+        if not self.cache.synced:
+            return self.store.list(topo.namespace)
+        names = sorted({lnk.peer_pod for lnk in topo.links} - {topo.name})
+        return [topo, *(t for n in names if (t := self.cache.get(topo.namespace, n)) is not None)]
+
+    def all_topologies(self) -> list[Topology]:
+        """Every Topology (a full pass, GC): the cache once filled, else the store."""
+        if self.cache.synced:
+            return self.cache.all()
+        return self.store.list(None)
 
     # --- per-link serialisation ------------------------------------------------------------------
 

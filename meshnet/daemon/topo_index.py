@@ -1,7 +1,8 @@
 """The node-local topology index the CNI shim reads while meshnetd is down, and the pods it left.
 
 meshnetd keeps a file listing every Topology of the cluster (``namespace/name``, with a generation
-and a timestamp; format in ``meshnet.cni.offline``) current from its own watch of the store, always
+and a timestamp; format in ``meshnet.cni.offline``) current from the informer's watch of the store
+(the one watch the daemon has: `meshnet.store.cache.Informer`), always
 written whole (tmp file + rename). With the daemon unreachable, the shim gives a pod the index does
 not list its eth0 at once and leaves a record of the sandbox; once the daemon is back, this module
 "adopts" recorded sandboxes whose pod has a Topology by then: the same ADD meshnetd would have done
@@ -21,7 +22,8 @@ from typing import Any
 
 from meshnet.cni import offline, protocol
 from meshnet.model import Topology
-from meshnet.store.base import Store
+from meshnet.store.base import Store, WatchEvent
+from meshnet.store.cache import TopologyCache
 
 Handle = Callable[[str, Mapping[str, str], str], Any]
 Log = Callable[..., None]
@@ -62,14 +64,29 @@ class TopologyIndex:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)  # a reader sees the old file or the new one, never a mix
 
-    def refresh(self, store: Store) -> None:
-        """Everything from a full list of the store; then the recorded sandboxes are looked at."""
+    def refresh(self, store: Store | TopologyCache) -> None:
+        """Everything from a full list (of the daemon's cache: no API call); then the recorded
+        sandboxes are looked at."""
+        if isinstance(store, TopologyCache):
+            keys = store.keys()
+            with self._lock:
+                self._keys = keys
+                self._write()
+            self.load_records()
+            with self._lock:
+                wanted = {(r.namespace, r.pod) for r in self._records.values()}
+            self.adopt(t for key in sorted(wanted) if (t := store.get(*key)) is not None)
+            return
         topologies = store.list(None)
         with self._lock:
             self._keys = {t.key for t in topologies}
             self._write()
         self.load_records()
         self.adopt(topologies)
+
+    def on_event(self, event: WatchEvent, _old: Topology | None) -> None:
+        """An informer event: the same watch as the reconciler's (no second watch of the store)."""
+        self.event(event.type, event.topology)
 
     def event(self, event_type: str, topo: Topology) -> None:
         with self._lock:
@@ -173,20 +190,16 @@ class TopologyIndex:
 
     # --- the thread -------------------------------------------------------------------------------------
 
-    def run(self, store: Store, stopping: threading.Event, resync: float) -> None:
-        """Follow the store: a full list (after the watch is opened, so nothing falls in between),
-        then its events; again every `resync` seconds and after any failure."""
+    def run(self, cache: TopologyCache, stopping: threading.Event, resync: float) -> None:
+        """Once the informer's cache has its first list, and every `resync` seconds after: the whole
+        index from the cache, and the recorded sandboxes looked at again. Events in between come
+        from the informer (`on_event`)."""
+        while not cache.wait_synced(0.5):
+            if stopping.is_set():
+                return
         while not stopping.is_set():
-            until = time.monotonic() + resync
-
-            def stop(until: float = until) -> bool:
-                return stopping.is_set() or time.monotonic() > until
-
             try:
-                events = store.watch(None, stop=stop, timeout=1.0)
-                self.refresh(store)
-                for ev in events:
-                    self.event(ev.type, ev.topology)
+                self.refresh(cache)
             except Exception as e:
                 self._log(event="topology-index-error", error=f"{type(e).__name__}: {e}")
-                stopping.wait(1.0)
+            stopping.wait(resync)

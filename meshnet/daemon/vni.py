@@ -4,7 +4,6 @@ bookkeeping of passes that met a clash (naming.py has the rules; this applies th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from dataclasses import replace
 
 from meshnet import naming
@@ -14,11 +13,6 @@ from meshnet.model import Topology, TopologyStatus
 # How long an ADD waits, in steps, for a VNI-block clash with another namespace to be settled.
 VNI_CLASH_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.0)
 MAX_CLASH_RETRIES = 10
-
-
-def _other_blocks(namespace: str, topologies: Iterable[Topology]) -> list[tuple[str, int]]:
-    return [(t.namespace, t.status.vni_block) for t in topologies
-            if t.namespace != namespace and t.status.vni_block]
 
 
 class VniBlocks:
@@ -33,15 +27,23 @@ class VniBlocks:
         """The VNI block `topo`'s pod records as it comes alive: its namespace's, as the other pods
         of the namespace recorded it, or a block no other namespace uses (naming.choose_vni_block).
         Read from the watch's copies of every Topology: no API call on the ADD path."""
-        seen = [t for t in self.state.seen() if t.key != topo.key] + [topo]
-        own = [t.status.vni_block for t in seen if t.namespace == topo.namespace]
-        return naming.choose_vni_block(topo.namespace, own, _other_blocks(topo.namespace, seen))
+        mates = [t for t in self.state.namespace_topologies(topo.namespace) if t.key != topo.key] + [topo]
+        own = [t.status.vni_block for t in mates]
+        return naming.choose_vni_block(topo.namespace, own, self._others(topo.namespace))
+
+    def _others(self, namespace: str) -> list[tuple[str, int]]:
+        """(namespace, block) recorded by other namespaces: the cache's block index (no walk of
+        every Topology); the store while the cache is not filled (unit tests that run no watch)."""
+        if not self.state.cache.synced:
+            return [(t.namespace, t.status.vni_block) for t in self.state.store.list(None)
+                    if t.namespace != namespace and t.status.vni_block]
+        return [(ns, b) for ns, b in self.state.cache.blocks() if ns != namespace]
 
     def lost(self, topo: Topology) -> bool:
         """The pod's recorded block is also another namespace's, which keeps it (naming.block_lost)."""
         block = topo.status.vni_block
         return bool(block) and naming.block_lost(
-            topo.namespace, block, _other_blocks(topo.namespace, self.state.seen()))
+            topo.namespace, block, self._others(topo.namespace))
 
     def move(self, topo: Topology) -> Topology:
         """Record another VNI block for a pod whose block a namespace with a smaller name also

@@ -81,8 +81,14 @@ class Store(Protocol):
         ...
 
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
-              timeout: float = 1.0) -> Iterator[WatchEvent]:
-        """Changes after the call, until stop() is true (checked at least every `timeout` seconds)."""
+              timeout: float = 1.0, on_list: Callable[[Sequence[Topology]], None] | None = None
+              ) -> Iterator[WatchEvent]:
+        """Changes after the call, until stop() is true (checked at least every `timeout` seconds).
+
+        `on_list` is given, before the call returns, the Topologies the watch starts from (the list
+        it takes anyway for its starting version): an informer fills its cache with it, so starting
+        costs one LIST. A watch that has to list again later (its version expired) reports the
+        difference as events."""
         ...
 
     def close(self) -> None: ...

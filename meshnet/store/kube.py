@@ -305,7 +305,8 @@ class KubeStore:
     # -- watch ---------------------------------------------------------------------------------
 
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
-              timeout: float = 1.0) -> Generator[WatchEvent, None, None]:
+              timeout: float = 1.0, on_list: Callable[[Sequence[Topology]], None] | None = None
+              ) -> Generator[WatchEvent, None, None]:
         """Changes after this call: lists now (for the starting resourceVersion), then follows.
 
         A reader thread holds the watch connection and feeds a queue, so `stop` is checked every
@@ -316,6 +317,8 @@ class KubeStore:
         listed = self._list_raw(namespace)
         known = {t.key: t for t in self._parse_items(listed)}
         version = str(listed.get("metadata", {}).get("resourceVersion") or "")
+        if on_list is not None:
+            on_list(list(known.values()))
         events: queue.Queue[WatchEvent | BaseException] = queue.Queue()
         reader = _WatchReader(self, namespace, version, known, events)
         reader.start()

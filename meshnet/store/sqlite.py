@@ -331,11 +331,14 @@ class SqliteStore:
     # -- watch -------------------------------------------------------------------------------------
 
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
-              timeout: float = 1.0) -> Generator[WatchEvent, None, None]:
+              timeout: float = 1.0, on_list: Callable[[Sequence[Topology]], None] | None = None
+              ) -> Generator[WatchEvent, None, None]:
         """Changes after this call (not after the first `next`): the starting point is taken now."""
         with self._read() as db:
             cursor = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM change").fetchone()[0])
             known = {t.key: t for t in self._list(db, namespace)}
+        if on_list is not None:
+            on_list(list(known.values()))
         return self._follow(namespace, cursor, known, stop, min(timeout, WATCH_POLL))
 
     def _changed(self, known: dict[tuple[str, str], Topology], change_id: int, namespace: str, name: str,

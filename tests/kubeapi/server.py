@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -284,6 +284,10 @@ class KubeApiServer:
         self._conflicts: list[_ConflictFault] = []
         self._timers: list[threading.Timer] = []
         self._stopping = False
+        # Seconds between BOOKMARK events on a watch that asked for them (allowWatchBookmarks);
+        # the real API server sends one about every minute.
+        self.bookmark_interval = 1.0
+        self.bookmarks_sent = 0
 
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -417,6 +421,18 @@ class KubeApiServer:
         with self._cond:
             self._events.clear()
             self._compacted_at = self._resource_version
+
+    def create_objects(self, api_version: str, plural: str, bodies: Iterable[Obj]) -> int:
+        """Create objects straight in the store (as a POST each would, without HTTP): seeding a
+        cluster of thousands of objects for scale tests. Returns how many were created."""
+        group = api_version.split("/")[0] if "/" in api_version else ""
+        count = 0
+        with self._cond:
+            for body in bodies:
+                namespace = body.get("metadata", {}).get("namespace")
+                self.create(Target(api_version, group, plural, namespace, None, None), body)
+                count += 1
+        return count
 
     @property
     def resource_version(self) -> int:
@@ -666,6 +682,7 @@ class KubeApiServer:
         timeout = query.get("timeoutSeconds")
         deadline = time.monotonic() + float(timeout) if timeout else None
         start = query.get("resourceVersion", "")
+        bookmarks = query.get("allowWatchBookmarks") == "true"
         with self._cond:
             if start in ("", "0"):
                 # Like the API server: a watch from "now" first lists the current state as ADDED.
@@ -675,7 +692,7 @@ class KubeApiServer:
                     for key, obj in current
                     if self._selected(target, key, obj, labels, fields)
                 ]
-                return self._follow(initial, self._resource_version, deadline, target, labels, fields)
+                return self._follow(initial, self._resource_version, deadline, target, labels, fields, bookmarks)
             if not start.isdigit():
                 raise ApiError(400, f"invalid resourceVersion {start!r}")
             if int(start) < self._compacted_at:
@@ -683,7 +700,7 @@ class KubeApiServer:
                 message = f"too old resource version: {start} ({self._compacted_at})"
                 gone = ApiError(410, message, reason="Expired")
                 return iter([{"type": "ERROR", "object": gone.status()}])
-            return self._follow([], int(start), deadline, target, labels, fields)
+            return self._follow([], int(start), deadline, target, labels, fields, bookmarks)
 
     def _follow(
         self,
@@ -693,15 +710,22 @@ class KubeApiServer:
         target: Target,
         labels: Selector,
         fields: Selector,
+        bookmarks: bool = False,
     ) -> Iterator[Obj]:
         yield from initial
+        last_sent = time.monotonic()
         while True:
             with self._cond:
                 while self._resource_version <= cursor and not self._stopping:
-                    remaining = None if deadline is None else deadline - time.monotonic()
+                    now = time.monotonic()
+                    remaining = None if deadline is None else deadline - now
                     if remaining is not None and remaining <= 0:
                         return
-                    self._cond.wait(remaining)
+                    if bookmarks and now - last_sent >= self.bookmark_interval:
+                        break
+                    waits = [w for w in (remaining, last_sent + self.bookmark_interval - now if bookmarks else None)
+                             if w is not None]
+                    self._cond.wait(min(waits) if waits else None)
                 if self._stopping:
                     return
                 first = bisect.bisect_right(self._events, cursor, key=lambda e: e.resource_version)
@@ -711,6 +735,16 @@ class KubeApiServer:
                     if self._selected(target, e.key, e.object, labels, fields)
                 ]
                 cursor = self._resource_version
+                if not batch and bookmarks and time.monotonic() - last_sent >= self.bookmark_interval:
+                    # Nothing for this watch for a while: a BOOKMARK moves its version on (as the
+                    # real server's, an object with only apiVersion, kind and resourceVersion).
+                    self.bookmarks_sent += 1
+                    batch = [{"type": "BOOKMARK", "object": {
+                        "apiVersion": target.api_version, "kind": self._kinds.get((target.api_version, target.plural),
+                                                                                  "Object"),
+                        "metadata": {"resourceVersion": str(cursor)}}}]
+            if batch:
+                last_sent = time.monotonic()
             yield from batch
 
     # -- HTTP ----------------------------------------------------------------------------------
