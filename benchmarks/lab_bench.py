@@ -18,6 +18,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -115,10 +116,21 @@ def journal_batches(lab: Lab, since: float, until: float) -> list[Batch]:
             continue
         for line in path.read_text().splitlines():
             e = json.loads(line)
-            if e["rc"] == 0 and since <= e["ts"] <= until:
-                found.append((e["ts"], (e["netns"] or lab.node_netns(i), e["commands"])))
+            if not since <= e["ts"] <= until:
+                continue
+            commands = e["commands"] if e["rc"] == 0 else _done_before_failure(e)
+            if commands:
+                found.append((e["ts"], (e["netns"] or lab.node_netns(i), commands)))
     found.sort(key=lambda item: item[0])
     return [b for _, b in found]
+
+
+def _done_before_failure(entry: dict[str, Any]) -> list[str]:
+    """The lines of a failed batch that `ip` ran before the failing one (`ip -batch` stops at the
+    first failure and names its line): two ADDs racing for one veth pair both start a batch, the
+    loser fails on "File exists" after lines that did create devices, which later batches use."""
+    m = re.search(r"Command failed -:(\d+)", str(entry.get("error", "")))
+    return list(entry["commands"][: int(m.group(1)) - 1]) if m else []
 
 
 def replay_bare(batches: list[Batch]) -> None:
