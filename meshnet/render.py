@@ -53,34 +53,46 @@ _SHAPES_TEXT = re.compile(r"[\s\x00-\x1f\x7f-\x9f'\"\\#;\[\]]")
 _SLOT_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
+_SHAPES = _SHAPES_TEXT.search
+# Types that hold no text (numbers, addresses, ...): learnt once per type, skipped without a call.
+_NO_TEXT: set[type] = set()
+
+
 def _slotted(value: Any, slots: list[str]) -> Any:
     if not value:
         return value
-    if isinstance(value, str):
-        if not _SHAPES_TEXT.search(value):
+    t = type(value)
+    if t is str:
+        if not _SHAPES(value):
             return value  # one plain word: it cannot change a line (and templates may compare it)
         slots.append(value)
         return f"\x00{len(slots) - 1}\x00"
-    if isinstance(value, (tuple, list)):
+    if t is tuple or t is list:
         items = [_slotted(v, slots) for v in value]
         # Unchanged (the usual case: every value a plain word): the value itself, no copy.
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
-    names = _SLOT_FIELDS.get(type(value))
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else t(items)
+    names = _SLOT_FIELDS.get(t)
     if names is None:  # once per type: a plan or an endpoint has fields, a leaf value has none
         is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
         # `kind` chooses the template and is never a value in a line.
-        names = _SLOT_FIELDS[type(value)] = tuple(
+        names = _SLOT_FIELDS[t] = tuple(
             f.name for f in dataclasses.fields(value) if f.name != "kind") if is_record else ()
+        if not names and not isinstance(value, (str, tuple, list)):
+            _NO_TEXT.add(t)
     if not names:
         return value
     # Only the fields whose value changes are replaced (usually none: the plan itself is used).
-    # Read from the instance's __dict__ (plans are frozen dataclasses without __slots__): a
-    # getattr per field was a third of this walk on 1500 links.
+    # Read from the instance's __dict__ (plans are frozen dataclasses without __slots__), and the
+    # common leaves (a plain word, a number, an address) checked here without a call: the walk
+    # is per rendered link.
     fields = getattr(value, "__dict__", None)
     changed: dict[str, Any] | None = None
     for n in names:
         v = fields[n] if fields is not None else getattr(value, n)
         if not v:
+            continue
+        tv = type(v)
+        if tv in _NO_TEXT or (tv is str and not _SHAPES(v)):
             continue
         new = _slotted(v, slots)
         if new is not v:

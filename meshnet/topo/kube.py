@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from meshnet.model import GROUP, KIND, PLURAL, VERSION, ManifestError, parse_manifest
+from meshnet.model import GROUP, KIND, PLURAL, VERSION, ManifestError, parse_manifest, yaml_documents
 
 DEFAULT_INIT_IMAGE = "meshnet/meshnet:latest"  # the DaemonSet's image: it carries meshnetctl
 INIT_CONTAINER = "meshnet-init-wait"
@@ -50,7 +48,7 @@ def prepare(text: str, source: str, *, namespace: str | None = None,
     manifest = parse_manifest(text, source)
     topologies: list[dict[str, Any]] = []
     pods: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(text):
+    for doc in yaml_documents(text):
         if doc is None:
             continue
         kind = doc.get("kind")

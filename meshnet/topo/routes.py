@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
-from meshnet.model import IPInterface, Link, ManifestError, Topology
+from meshnet.model import IPInterface, Link, ManifestError, Topology, yaml_documents
 from meshnet.topo.builder import LOOPBACK_ANNOTATION
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def loopbacks_from_text(text: str, source: str = "<manifest>") -> dict[str, IPIn
     """Pod name -> loopback, from the `meshnet.networkop.co.uk/loopback` pod annotations."""
     out: dict[str, IPInterface] = {}
     try:
-        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, Mapping)]
+        docs = [d for d in yaml_documents(text) if isinstance(d, Mapping)]
     except yaml.YAMLError as e:
         raise ManifestError([f"{source}: not valid YAML: {e}"]) from e
     for doc in docs:
@@ -83,7 +83,7 @@ def loopback_problems(text: str, source: str = "<manifest>") -> list[str]:
     """Every malformed loopback annotation, and every address two pods claim: what `validate`
     reports before a lab is brought up (else the routes fail after it)."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, Mapping)]
+        docs = [d for d in yaml_documents(text) if isinstance(d, Mapping)]
     except yaml.YAMLError:
         return []  # the manifest's own parse reports it
     problems: list[str] = []
@@ -172,6 +172,8 @@ def compute_routes(topologies: Iterable[Topology], loopbacks: Mapping[str, IPInt
                                     key=lambda d: (loopbacks[d].version, loopbacks[d], d))]
     routes: dict[str, tuple[Route, ...]] = {}
     unreachable: dict[str, tuple[str, ...]] = {}
+    # A Route without the NamedTuple constructor's own Python call: ~1.2 million are made.
+    new = tuple.__new__
     for src in range(n):
         first, dist = _first_hops(links, src, n)
         # The route through each of this router's links, made once per (destination, link).
@@ -179,7 +181,7 @@ def compute_routes(topologies: Iterable[Topology], loopbacks: Mapping[str, IPInt
         for dst, net in destinations:
             hop = first[dst]
             if dst != src and hop is not None:
-                out.append(Route(net, *hop))
+                out.append(new(Route, (net, *hop)))
         for net, ends in subnets:
             best = -1
             for e in ends:  # ascending: on equal distance the lower index (name) wins
@@ -193,7 +195,7 @@ def compute_routes(topologies: Iterable[Topology], loopbacks: Mapping[str, IPInt
             if best >= 0:
                 hop = first[best]
                 assert hop is not None
-                out.append(Route(net, *hop))
+                out.append(new(Route, (net, *hop)))
         routes[names[src]] = tuple(out)
         missing = tuple(names[d] for d in range(n) if d != src and dist[d] < 0)
         if missing:
