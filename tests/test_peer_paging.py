@@ -24,12 +24,14 @@ from meshnet.daemon.peer_auth import Caller
 from meshnet.daemon.peer_client import (
     PEER_BATCH_MAX,
     PEER_PAGE,
+    PEER_PAGE_LINKS,
     PEER_RETRY_FIRST,
     PEER_RETRY_JITTER,
     PEER_RETRY_MAX,
     PeerBackoff,
     PeerError,
     PeerLink,
+    paginate,
 )
 from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import Executor
@@ -130,6 +132,25 @@ def test_a_hub_s_far_ends_go_in_pages_of_bounded_size_one_after_the_other(hub: H
     assert max(hub.peers.in_flight) == 1  # pages to one node share no deadline
     assert sorted(u for _, _, uids in hub.peers.calls for u in uids) == list(range(1, SPOKES + 1))
     assert set(states(hub.store, "hub").values()) == {"up"}
+
+
+def test_pages_are_bounded_by_receiving_pods_and_by_links() -> None:
+    def links(pods: int, per_pod: int) -> list[PeerLink]:
+        return [PeerLink(NS, f"s{p}", "hub", p * per_pod + i + 1, 0, "eth1", f"e{i}", "", "", VTEP1)
+                for p in range(pods) for i in range(per_pod)]
+
+    # A hub's far ends, one pod each: PEER_PAGE pods a page.
+    many = links(2 * PEER_PAGE + 1, 1)
+    assert [len(p) for p in paginate(many)] == [PEER_PAGE, PEER_PAGE, 1]
+    # One pod's many far ends: PEER_PAGE_LINKS a page, not PEER_PAGE (47 calls for 1500 links).
+    one = links(1, 2 * PEER_PAGE_LINKS + 3)
+    assert [len(p) for p in paginate(one)] == [PEER_PAGE_LINKS, PEER_PAGE_LINKS, 3]
+    # Both bounds at once, the order of the links kept, nothing lost.
+    mixed = links(PEER_PAGE + 5, 20)
+    pages = paginate(mixed)
+    assert all(len(p) <= PEER_PAGE_LINKS and len({lk.pod for lk in p}) <= PEER_PAGE for p in pages)
+    assert [lk for p in pages for lk in p] == mixed
+    assert paginate([]) == []
 
 
 def test_a_refused_page_fails_only_its_own_links(hub: Hub) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -30,14 +31,24 @@ Applied = Mapping[tuple[str, str], Impairments | None]
 
 
 def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{netns: {ifname: entry}} for each namespace (missing ones are empty)."""
-    view: dict[str, dict[str, dict[str, Any]]] = {}
-    for ns in set(names):
+    """{netns: {ifname: entry}} for each namespace (missing ones are empty). Several namespaces are
+    read at once (one `ip` process each): a pod with veth peers waits for the slowest read, not
+    for their sum (a restarted daemon's first pass over a node's pods, a CHECK)."""
+    def one(ns: str) -> dict[str, dict[str, Any]]:
         try:
-            view[ns] = {e["ifname"]: e for e in executor.show(ns)}
+            return {e["ifname"]: e for e in executor.show(ns)}
         except ExecError:
-            view[ns] = {}
-    return view
+            return {}
+
+    unique = list(dict.fromkeys(names))
+    if len(unique) <= 1:
+        return {ns: one(ns) for ns in unique}
+    return dict(zip(unique, _READERS.map(one, unique), strict=True))
+
+
+# Shared by every caller: at most this many `ip` reads run at once (the machine's cores, not the
+# number of pods, bound what runs in parallel).
+_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kernel-read")
 
 
 def link_kind(entry: Mapping[str, Any] | None) -> str:

@@ -138,8 +138,9 @@ class GrpcPeerClient:
 
     # Short: a peer daemon that is down builds its own end from the store when it is back (its
     # start-up pass), so waiting long only holds up the caller's ADD. The deadline of a call grows
-    # with its links (`per_link`): a full page (peer_client.PEER_PAGE) gets 1.6 s more.
-    def __init__(self, timeout: float = 5.0, tls: TlsPaths | None = None, per_link: float = 0.05) -> None:
+    # with its links (`per_link`): a page of 32 links gets 0.64 s more, a full page
+    # (peer_client.PEER_PAGE_LINKS, one pod's links) 10 s more.
+    def __init__(self, timeout: float = 5.0, tls: TlsPaths | None = None, per_link: float = 0.02) -> None:
         self.timeout = timeout
         self.per_link = per_link
         # Read once: a rotated certificate is picked up by restarting the daemon (docs/security.md).

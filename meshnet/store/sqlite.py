@@ -19,7 +19,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -146,6 +145,11 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._closed = False
         self._specs = _SpecCache()
+        # Set after each write this process commits: its watches look at once instead of at their
+        # next poll (a daemon's ADD waits for its cache to hold its own write; other processes'
+        # writes are still found by polling).
+        self._written = threading.Condition()
+        self._writes = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._write() as db:
@@ -208,6 +212,9 @@ class SqliteStore:
             try:
                 yield db
                 db.execute("COMMIT")
+                with self._written:
+                    self._writes += 1
+                    self._written.notify_all()
             except BaseException:
                 if db.in_transaction:  # also after a failed COMMIT: the connection must stay usable
                     db.execute("ROLLBACK")
@@ -368,6 +375,7 @@ class SqliteStore:
             db = self._connect()
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+        seen_writes = self._writes
         try:
             while not stop() and not self._closed:
                 try:
@@ -381,7 +389,10 @@ class SqliteStore:
                 except sqlite3.Error as e:
                     raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
                 if newest == cursor:
-                    time.sleep(poll)
+                    with self._written:
+                        if self._writes == seen_writes:
+                            self._written.wait(poll)
+                        seen_writes = self._writes
                     continue
                 if oldest is not None and oldest > cursor + 1:
                     # Pruned past our cursor: changes are lost, so report the difference instead.
