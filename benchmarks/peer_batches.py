@@ -9,13 +9,13 @@ sent and the deadline errors in the daemons' logs (the figure is what matters; t
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any
 
 from benchmarks.lab_bench import bench_lab, cold_add_seconds, links_all_up, peak_rss_mib
 from meshnet.lab.cluster import Lab
+from meshnet.lab.reports import daemon_events
 
 
 def hub_manifest(spokes: int) -> str:
@@ -29,18 +29,6 @@ def hub_manifest(spokes: int) -> str:
                     f"  links:\n  - {{uid: {i + 1}, peer_pod: hub, local_intf: eth1, peer_intf: e{i}}}\n")
         docs.append(f"{{kind: Pod, apiVersion: v1, metadata: {{name: s{i}}}, spec: {{nodeName: node1}}}}\n")
     return "---\n".join(docs)
-
-
-def _events(lab: Lab, node: str) -> list[dict[str, Any]]:
-    out = []
-    for line in lab.names.log(node).read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            out.append(event)
-    return out
 
 
 def _wait_up(lab: Lab, since: float, limit: float = 300.0) -> float:
@@ -63,7 +51,8 @@ def hub(spokes: int = 200, runs: int = 3) -> dict[str, Any]:
             if rec.state != "up":
                 raise RuntimeError(f"hub ADD failed: {rec.error}")
             samples.append(_wait_up(lab, t0))
-        sent = [e for e in _events(lab, "node0") if e.get("event") == "peer-update" and e.get("links") == spokes]
+        sent = [e for e in daemon_events(lab.names, "node0")
+                if e.get("event") == "peer-update" and e.get("links") == spokes]
         deadlines = sum(lab.names.log(n).read_text(errors="replace").count("DEADLINE_EXCEEDED")
                         for n in lab.state.nodes)
         rss = peak_rss_mib(lab)

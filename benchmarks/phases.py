@@ -29,20 +29,14 @@ os.environ["MESHNET_TIMING"] = "1"  # before the lab (and its daemons' environme
 from benchmarks.foundation import manifest_text as two_pod_manifest
 from benchmarks.lab_bench import bench_lab, cold_add_seconds, hub_manifest, random_manifest
 from meshnet.lab.cluster import Lab
+from meshnet.lab.reports import daemon_events
 
 
 def _daemon_events(lab: Lab) -> tuple[list[dict[str, Any]], list[float]]:
     adds: list[dict[str, Any]] = []
     eth0: list[float] = []
     for node in lab.state.nodes:
-        path = lab.dir / f"{node}.log"
-        for line in path.read_text(errors="replace").splitlines():
-            if '"timing' not in line:
-                continue
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
+        for e in daemon_events(lab.names, node):
             if e.get("event") == "timing" and e.get("verb") == "ADD":
                 adds.append(e)
             elif e.get("event") == "timing-eth0":

@@ -10,7 +10,6 @@ processes, real VXLAN between them, the real bridge/host-local eth0.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from benchmarks.peer_batches import hub_manifest
 from meshnet.daemon.peer_client import PEER_PAGE
 from meshnet.lab.cluster import Lab
+from meshnet.lab.reports import daemon_events
 from tests.labkit import lab_up
 
 SPOKES = 200
@@ -26,15 +26,7 @@ GRPC_DEADLINE = 5.0  # GrpcPeerClient's default, which meshnetd uses
 
 
 def events(lab: Lab, node: str) -> list[dict[str, Any]]:
-    out = []
-    for line in lab.names.log(node).read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            out.append(event)
-    return out
+    return daemon_events(lab.names, node)
 
 
 def not_up(lab: Lab) -> list[dict[str, Any]]:

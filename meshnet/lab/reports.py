@@ -5,6 +5,7 @@ Reads only; changes nothing."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -157,3 +158,17 @@ class Reports:
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             return list(pool.map(ping, checks))
+
+
+def daemon_events(names: LabNames, node: str) -> list[dict[str, Any]]:
+    """The JSON events in meshnetd's log on `node`, in order; other lines (a traceback, a line cut
+    by a kill) are skipped."""
+    out = []
+    for line in names.log(node).read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            out.append(event)
+    return out
