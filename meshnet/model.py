@@ -15,8 +15,6 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from meshnet import naming
 
 GROUP = "networkop.co.uk"
@@ -855,11 +853,17 @@ def _mapping(value: object) -> Mapping[str, Any]:
 
 def yaml_documents(text: str) -> list[Any]:
     """Every YAML document of `text` (yaml.YAMLError if it is not YAML), read safely and with libyaml
-    when present: the pure-Python loader takes seconds for a 1500-link topology or a 750-router one."""
+    when present: the pure-Python loader takes seconds for a 1500-link topology or a 750-router one.
+    yaml is imported here, not at the top: meshnetd and the CNI path never read YAML, and the
+    import costs a restarted daemon ~10 ms and ~1.5 MiB."""
+    import yaml
+
     return list(yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
 def _iter_documents(text: str, source: str) -> Iterator[Mapping[str, Any]]:
+    import yaml
+
     try:
         docs = yaml_documents(text)
     except yaml.YAMLError as e:
