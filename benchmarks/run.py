@@ -79,10 +79,13 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                      "target": f"< {r['target_ms']} ms", "verdict": _verdict(r["ok"])})
     r = results.get("add")
     if r:
+        # Issue 14 raised the targets of the figures below; the wave-1 target is named beside.
+        target = 1.5 * r["floor_s"] + 0.010
         rows.append({"what": "CNI ADD of a pod with 4 links, peers up (median, real shim)",
                      "figure": _ms(r["figure_s"]), "floor": _ms(r["floor_s"]),
                      "ratio": f"{r['figure_s'] / r['floor_s']:.1f}×",
-                     "target": f"≤ 1.5× floor + 40 ms = {_ms(r['target_s'])}", "verdict": _verdict(r["ok"])})
+                     "target": f"≤ 1.5× floor + 10 ms = {_ms(target)} (wave 1: + 40 ms)",
+                     "verdict": _verdict(r["figure_s"] <= target)})
     r, plain = results.get("add_impaired"), results.get("add")
     if r and plain:
         ratio = r["figure_s"] / plain["figure_s"]
@@ -94,17 +97,18 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
         if r:
             rows.append({"what": f"2 pods × 1500 links, {label}: first ADD → every link up",
                          "figure": _s(r["figure_s"]), "floor": _s(r["floor_s"]), "ratio": f"{r['ratio']:.2f}×",
-                         "target": "≤ 2× floor", "verdict": _verdict(r["ok"])})
+                         "target": "≤ 1.3× floor (wave 1: 2×)", "verdict": _verdict(r["ratio"] <= 1.3)})
     r = results.get("random")
     if r:
         rows.append({"what": "100 pods, 300 links (seeded random graph), 3 nodes: first ADD → every link up",
                      "figure": _s(r["figure_s"]), "floor": _s(r["floor_s"]),
-                     "ratio": f"{r['figure_s'] / r['floor_s']:.1f}×", "target": "≤ 15 s",
-                     "verdict": _verdict(r["ok"])})
+                     "ratio": f"{r['figure_s'] / r['floor_s']:.1f}×", "target": "≤ 1.5× floor (wave 1: 15 s)",
+                     "verdict": _verdict(r["figure_s"] <= 1.5 * r["floor_s"])})
     peaks = [results[k]["peak_rss_mib"] for k in ("links1", "links2", "random") if results.get(k)]
     if peaks:
         rows.append({"what": "peak RSS of meshnetd (VmHWM, after the runs above)", "figure": f"{max(peaks)} MiB",
-                     "floor": "—", "ratio": "—", "target": "≤ 150 MiB", "verdict": _verdict(max(peaks) <= 150)})
+                     "floor": "—", "ratio": "—", "target": "≤ 60 MiB (wave 1: 150)",
+                     "verdict": _verdict(max(peaks) <= 60)})
     r = results.get("peer_hub")
     if r:
         rows.append({"what": f"hub pod with {r['spokes']} far ends on another node (2 nodes): its ADD → every link up "

@@ -32,3 +32,18 @@ def test_isp_rows_show_the_small_lab_per_link_and_the_daemons_ip_processes() -> 
     assert "50.0 ms per link; 31.2 ms per link at 40 routers" in rows[0]["what"]
     assert "3.0 % of a core (1.5 % in its `ip` processes)" in rows[3]["figure"]
     assert rows[1]["verdict"] == "met"
+
+
+def test_the_figures_are_judged_against_issue_14s_raised_targets() -> None:
+    results = {"add": {"figure_s": 0.030, "floor_s": 0.013},  # 1.5 × 13 + 10 = 29.5 ms
+               "links1": {"figure_s": 1.30, "floor_s": 1.0, "ratio": 1.30, "peak_rss_mib": 59.0},
+               "links2": {"figure_s": 1.31, "floor_s": 1.0, "ratio": 1.31, "peak_rss_mib": 61.0},
+               "random": {"figure_s": 3.0, "floor_s": 2.0, "peak_rss_mib": 50.0}}
+    rows = {row["what"].split(":")[0].split(" (")[0]: row for row in rows_from(results)}
+    assert rows["CNI ADD of a pod with 4 links, peers up"]["verdict"] == "**MISSED**"
+    assert "30 ms (wave 1: + 40 ms)" in rows["CNI ADD of a pod with 4 links, peers up"]["target"]
+    assert rows["2 pods × 1500 links, one node"]["verdict"] == "met"
+    assert rows["2 pods × 1500 links, two nodes"]["verdict"] == "**MISSED**"
+    assert rows["100 pods, 300 links"]["verdict"] == "met"
+    assert rows["peak RSS of meshnetd"]["verdict"] == "**MISSED**"
+    assert rows["peak RSS of meshnetd"]["figure"] == "61.0 MiB"
