@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from meshnet import naming
@@ -127,17 +128,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     # Before the journal, the socket or the kernel is touched: one meshnetd per node (issue 13).
     locks = hold_instance_locks(cfg)  # noqa: F841 - held, by their open descriptors, until the process ends
-    # Heavy imports only after the arguments are known to be good.
-    from meshnet.daemon.api import ApiServer
-    from meshnet.daemon.node import NodeDaemon
-    from meshnet.daemon.peers import GrpcPeerClient, serve
-    from meshnet.daemon.topo_index import TopologyIndex
-    from meshnet.store import open_store
-    from meshnet.store.cache import Informer
-
     journal: Journal = open_journal(cfg.journal or None)
     executor = Executor(journal=journal, log=log)
-    node = discover_node(cfg, executor)
+    # Two questions every start asks the kernel (`ip` and `tc` processes), asked while the
+    # interpreter imports the rest: a restarted daemon is ready sooner (issue 12's restart figure).
+    with ThreadPoolExecutor(2, thread_name_prefix="start") as early:
+        found = early.submit(discover_node, cfg, executor)
+        early.submit(executor.capabilities)  # cached by the executor; the first pass needs it
+        # Heavy imports only after the arguments are known to be good.
+        from meshnet.daemon.api import ApiServer
+        from meshnet.daemon.node import NodeDaemon
+        from meshnet.daemon.peers import GrpcPeerClient, serve
+        from meshnet.daemon.topo_index import TopologyIndex
+        from meshnet.store import open_store
+        from meshnet.store.cache import Informer
+
+        node = found.result()
     store = open_store(cfg.store_url)
     peers = GrpcPeerClient(tls=cfg.tls)
     core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log,
