@@ -683,9 +683,9 @@ def test_api_calls_per_add_do_not_grow_with_links(kube_api: KubeApiServer, paper
         many, commands_many, requests = api_calls_for_one_add(other, paper, 40)
     assert commands_many > commands_few  # the 40 links were really planned
     assert few == many
-    # The Topology and its peers come from the informer's cache (no GET, no LIST): PUT it alive
-    # (from the cached copy), PUT the link states.
-    assert many == 2, requests
+    # The Topology and its peers come from the informer's cache (no GET, no LIST): ONE PUT marks
+    # it alive and records its links' states (from the cached copy).
+    assert many == 1, requests
     assert not [r for r in requests if r.startswith("GET")], requests
 
 
@@ -693,5 +693,5 @@ def test_api_calls_per_add_do_not_grow_with_the_cluster(kube_api: KubeApiServer,
                                                         kernel: FakeProcess) -> None:
     """Topologies in other namespaces cost an ADD nothing: it neither LISTs nor walks them."""
     calls, _, requests = api_calls_for_one_add(kube_api, paper, 4, topologies_elsewhere=300)
-    assert calls == 2, requests
+    assert calls == 1, requests
     assert not [r for r in requests if r.startswith("GET")], requests

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from meshnet.daemon.state import NodeState
@@ -117,7 +117,7 @@ class LinkStatusWriter:
             if closed:
                 return
 
-    def _send(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> None:
+    def _send(self, topo: Topology, owner: str, states: Sequence[LinkStatus]) -> Topology | None:
         # The patch is built from the freshest copy this node has (its guards then rarely fail);
         # a stale one only makes the store fall back to its compare-and-set.
         known = self._freshest(topo, owner)
@@ -127,10 +127,10 @@ class LinkStatusWriter:
             # a GET per piece of news; should the copy be stale, the pod's own node converges its
             # entries anyway (its reconciler looks at links pending towards a live peer).
             self.skipped += 1
-            return
+            return None
         self.writes += 1
-        self.state.remember(self.state.store.update_link_states(topo.namespace, topo.name, owner, states,
-                                                                known=known))
+        return self.state.remember(self.state.store.update_link_states(topo.namespace, topo.name, owner, states,
+                                                                       known=known))
 
     def _freshest(self, topo: Topology, owner: str) -> Topology:
         """The cache's copy when it is newer than `topo` and still the same sandbox's: a write
@@ -156,30 +156,36 @@ class LinkStatusWriter:
             flusher.join(10)
 
     def write(self, topo: Topology, states: Sequence[LinkStatus], *, container: str | None = None,
-              whole: bool = False, plumbing_error: str | None = None) -> None:
-        """Record `states` in the pod's status, in one write, and only if anything changes.
+              whole: bool = False, plumbing_error: str | None = None,
+              take_over: Callable[[TopologyStatus], TopologyStatus] | None = None) -> Topology | None:
+        """Record `states` in the pod's status, in one write, and only if anything changes; returns
+        the stored Topology when it was written now (None: queued, left as it was, or gone).
 
         `whole`: they are every link's state (a plan's outcome): the pod's other recorded states go.
         Otherwise they are merged into what is recorded. `container`: the sandbox the states are
         about (default: the one `topo` shows); a newer sandbox's status is left alone.
-        `plumbing_error`: replaces the pod's error text (None: kept).
+        `plumbing_error`: replaces the pod's error text (None: kept). `take_over` (an ADD, with
+        `whole`): makes the status sandbox `container`'s first (marks the pod alive here), whoever
+        owned it — the ADD is the newest sandbox, and alive and outcome go out in one write.
         """
         if not states and not whole:
-            return
+            return None
         owner = topo.status.container_id if container is None else container
         if not whole and plumbing_error is None:
             # A peer's news about some links: only their entries change, which the store can write
             # without fighting the pod's own ADD or other peers over the rest of the status.
             if self.window > 0:
                 self._queue(topo, owner, states)
-            else:
-                self._send(topo, owner, states)
-            return
+                return None
+            return self._send(topo, owner, states)
         by_uid = {s.uid: s for s in states}
 
         def write(cur: Topology) -> TopologyStatus | None:
-            if cur.status.container_id != owner:
+            stored = cur.status
+            status = stored if take_over is None else take_over(stored)
+            if status.container_id != owner:
                 return None  # a newer sandbox owns the status now
+            cur = cur.with_status(status)
             kept = [] if whole else [s for s in cur.status.links if s.uid not in by_uid]
             links = tuple(sorted([*kept, *by_uid.values()], key=lambda s: s.uid))
             # `skipped` lists the links still waiting for their peer pod: the links' states decide.
@@ -193,20 +199,21 @@ class LinkStatusWriter:
             new = replace(cur.status, links=links, skipped=tuple(waiting))
             if plumbing_error is not None:
                 new = replace(new, plumbing_error=plumbing_error)
-            return None if new == cur.status else new
+            return None if new == stored else new
 
-        self.state.remember(self.state.store.update_status(topo.namespace, topo.name, write,
-                                                           known=self._freshest(topo, owner)))
+        return self.state.remember(self.state.store.update_status(topo.namespace, topo.name, write,
+                                                                  known=self._freshest(topo, owner)))
 
-    def write_outcome(self, topo: Topology, container: str, plan: PodPlan, errors: Mapping[int, str]) -> None:
+    def write_outcome(self, topo: Topology, container: str, plan: PodPlan, errors: Mapping[int, str], *,
+                      take_over: Callable[[TopologyStatus], TopologyStatus] | None = None) -> Topology | None:
         """A plan's outcome: every link up, in error (`errors`), or pending; the errors also
-        become the pod's plumbing error."""
+        become the pod's plumbing error. `take_over`: see `write`."""
         caps = self.state.executor.capabilities()
         states = [end_status(lp, lp.ends[0], caps, "error" if lp.uid in errors else "up", errors.get(lp.uid, ""))
                   for lp in plan.links]
         states += [LinkStatus(p.uid, "", "pending", p.reason, "") for p in plan.pending]
         error = "; ".join(f"uid {u}: {m}" for u, m in sorted(errors.items()))
-        self.write(topo, states, container=container, whole=True, plumbing_error=error)
+        return self.write(topo, states, container=container, whole=True, plumbing_error=error, take_over=take_over)
 
     def tell_veth_peers(self, listed: Iterable[Topology], news: Mapping[str, Sequence[LinkStatus]]) -> None:
         """A veth's two ends live and die together: tell each peer pod on this node (by name in
