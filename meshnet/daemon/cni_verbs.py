@@ -53,7 +53,8 @@ class CniVerbs:
         with self._lock:
             self._inflight += 1
         try:
-            return handler(req)
+            with self.link_status.working():  # the node is busy: peers' news is gathered meanwhile
+                return handler(req)
         except StoreError as e:
             raise CniError(protocol.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
         except netns.NetnsError as e:
