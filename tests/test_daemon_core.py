@@ -413,6 +413,10 @@ def test_an_add_meeting_a_vni_clash_moves_when_a_smaller_namespace_has_the_block
             store.update_status(other, "x", lambda cur: replace(cur.status, vni_block=home))
             node.core.reconcile(only=())  # what the watch does: the daemon now knows it
             raise ExecError("Error: A VXLAN device with the specified VNI already exists.")
+        # Meanwhile our block was recorded (not alive yet), so the other namespace's daemon sees
+        # both records too: were its name the larger, it would move.
+        recorded = get(store, "a").status
+        assert (recorded.vni_block, recorded.container_id, recorded.alive) == (home, "cid-a", False)
         real_build(namespace, plans)
 
     monkeypatch.setattr(node.core.cni, "build", build)

@@ -243,6 +243,10 @@ class CniVerbs:
                 # daemon sees the other's record within milliseconds and one side moves
                 # (naming.block_lost): this pod now, or the other one, whose link we then wait for.
                 state.log(event="vni-clash", pod=pod, block=block, error=str(e))
+                # Our block is not in the store yet (the ADD's one write comes after the build):
+                # recorded now, not alive, so the other namespace's daemon sees both records.
+                topo = state.remember(store.update_status(namespace, pod, lambda cur: replace(
+                    mark_alive(cur.status), src_ip="", net_ns=""), known=topo)) or topo
                 time.sleep(pause)
                 topo = state.cached(namespace, pod) or topo
                 if self.blocks.lost(planned):
