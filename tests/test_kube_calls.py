@@ -5,6 +5,7 @@ kernel; the kube store against tests/kubeapi."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from benchmarks.lab_bench import random_manifest
 from meshnet.daemon.link_status import LinkStatusWriter
 from tests.kubeapi.server import KubeApiServer
 from tests.labkit import lab_up
+
+TESTS = Path(__file__).parent
 
 
 def settled(server: KubeApiServer, quiet: float, limit: float = 60.0) -> None:
@@ -55,3 +58,31 @@ def test_a_concurrent_start_costs_at_most_3_api_calls_per_pod(tmp_path: Path, ku
         wrong = [(lk["uid"], lk["state"], lk["status"]) for lk in status["links"]
                  if lk["state"] != "up" or set(lk["status"].values()) != {"up"} or len(lk["status"]) != 2]
         assert not wrong, wrong
+
+
+def test_lab_up_waits_for_the_status_and_names_what_did_not_settle(tmp_path: Path) -> None:
+    """`lab up` returns once every link's two ends are recorded in the store; what does not settle
+    within the wait is named (pod, uid, recorded state), not waited for forever."""
+    from meshnet.model import LinkStatus, TopologyStatus
+    from meshnet.store import open_store
+
+    with lab_up(tmp_path, TESTS / "3node.yml", nodes=2) as lab:
+        assert lab.reports.unsettled() == []  # up waited for it
+        for node in list(lab.state.nodes):  # nobody writes the status any more
+            lab.stop_daemon(node)
+        store = open_store(lab.state.store_url)
+        try:
+            def pending(cur: Any) -> TopologyStatus:
+                links = tuple(LinkStatus(s.uid, "", "pending", "peer pod r3 is not up yet") if s.uid == 3 else s
+                              for s in cur.status.links)
+                return replace(cur.status, links=links)
+
+            store.update_status("default", "r2", pending)
+        finally:
+            store.close()
+        said: list[str] = []
+        lab._progress = said.append
+        started = time.monotonic()
+        assert lab.wait_settled(0.5) == ["default/r2 uid 3: pending: peer pod r3 is not up yet"]
+        assert time.monotonic() - started < 5
+        assert len(said) == 1 and "default/r2 uid 3" in said[0] and "lab status" in said[0], said

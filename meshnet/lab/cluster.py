@@ -312,8 +312,9 @@ class Lab:
         while busy and write it up to a window later (link_status.COALESCE_SECONDS). Returns what
         is still unsettled after `timeout` seconds, and says so."""
         deadline = time.monotonic() + timeout
+        manifest = self.manifest()  # read once: a big lab's manifest takes a while to parse
         while True:
-            left = self.reports.unsettled()
+            left = self.reports.unsettled(manifest)
             if not left or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)

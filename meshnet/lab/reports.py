@@ -111,16 +111,17 @@ class Reports:
                         {s.uid: s for s in t.status.links if s.admin})
                 for t in topologies}
 
-    def unsettled(self) -> list[str]:
+    def unsettled(self, manifest: Manifest | None = None) -> list[str]:
         """Links between two pods that are up whose status, as the daemons recorded it in the
         store, is not settled yet: an end with no state or still pending (its daemon may be
-        gathering news: link_status.COALESCE_SECONDS). One LIST of the store, no kernel read."""
+        gathering news: link_status.COALESCE_SECONDS). One LIST of the store, no kernel read;
+        `manifest`: the lab's, when the caller has read it already."""
         st = self.file.state
         up = {(r.namespace, r.name) for r in st.pods.values() if r.state == "up"}
         recorded = self._recorded_status()
         out: list[str] = []
         seen: set[tuple[str, int]] = set()
-        for t in self.manifest().topologies:
+        for t in (manifest or self.manifest()).topologies:
             for lnk in t.links:
                 if (t.namespace, lnk.uid) in seen:
                     continue
