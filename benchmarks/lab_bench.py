@@ -299,6 +299,7 @@ def kube_calls(manifest: str | None = None, nodes: int = 3, rounds: int = 5, pod
 
     The pods start concurrently, so who conflicts with whom varies: the median of `rounds` rounds
     is reported, with the range, and per verb (the median round's)."""
+    from meshnet.daemon.link_status import LinkStatusWriter
     from tests.kubeapi.server import KubeApiServer
 
     text = Path(manifest).read_text() if manifest else random_manifest(pods, links)
@@ -314,7 +315,8 @@ def kube_calls(manifest: str | None = None, nodes: int = 3, rounds: int = 5, pod
             _settled(server)  # the reconcilers' reactions to the DELs are not counted
             server.reset_counts()
             lab.add_pods(names)
-            _settled(server)
+            # News a daemon gathered goes out at the latest one window after it came.
+            _settled(server, quiet=LinkStatusWriter.DAEMON_WINDOW + 0.5)
             calls = list(server.requests)
             totals.append(len(calls))
             by_kind: dict[str, int] = {}

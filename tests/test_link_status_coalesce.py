@@ -1,4 +1,5 @@
-"""Peers' news about one pod's links is coalesced into one write per window (issue 14, item 2)."""
+"""Peers' news about one pod's links is coalesced while the node is busy: one write per pod per
+window, not one per link (issue 14, item 2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshnet.daemon.link_status import LinkStatusWriter
+from meshnet.daemon.link_status import IDLE_SECONDS, LinkStatusWriter
 from meshnet.daemon.state import NodeState
 from meshnet.executor import Executor
 from meshnet.model import Link, LinkStatus, Topology, TopologyStatus
@@ -44,26 +45,64 @@ def up(uid: int) -> LinkStatus:
     return LinkStatus(uid, "vxlan", "up", "", f"eth{uid}")
 
 
-def test_news_from_several_peers_within_the_window_is_one_write(tmp_path: Path) -> None:
+def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_news_from_several_peers_while_the_node_is_busy_is_one_write(tmp_path: Path) -> None:
+    store, state, hub = setup(tmp_path)
+    writer = LinkStatusWriter(state, window=30.0)
+    try:
+        with writer.working():  # e.g. an ADD being served: the node is busy
+            threads = [threading.Thread(target=writer.write, args=(hub, [up(u)])) for u in range(1, 7)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(IDLE_SECONDS + 0.1)
+            assert store.patches == []  # gathered while busy
+            assert sorted(writer.pending(NS, "hub")) == [1, 2, 3, 4, 5, 6]
+        started = time.monotonic()
+        wait_for(lambda: store.patches)  # the node went idle: written soon after, in one patch
+        assert time.monotonic() - started < 2
+        time.sleep(IDLE_SECONDS + 0.1)
+        assert store.patches == [("hub", [1, 2, 3, 4, 5, 6])]
+        assert writer.pending(NS, "hub") == {}
+        got = store.get(NS, "hub")
+        assert got is not None and [s.state for s in got.status.links] == ["up"] * 6
+    finally:
+        writer.close()
+        store.close()
+
+
+def test_lone_news_on_an_idle_node_is_written_at_once(tmp_path: Path) -> None:
+    store, state, hub = setup(tmp_path)
+    writer = LinkStatusWriter(state, window=30.0)
+    try:
+        with writer.working():  # the peer request that brings the news is this thread's own work
+            writer.write(hub, [up(1)])
+            assert store.patches == [("hub", [1])]
+    finally:
+        writer.close()
+        store.close()
+
+
+def test_a_node_busy_longer_than_the_window_writes_at_the_window_s_end(tmp_path: Path) -> None:
     store, state, hub = setup(tmp_path)
     writer = LinkStatusWriter(state, window=0.3)
     try:
-        threads = [threading.Thread(target=writer.write, args=(hub, [up(u)])) for u in range(1, 7)]
-        for t in threads:
+        with writer.working():
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (writer.write(hub, [up(1)]), writer.write(hub, [up(2)]), done.set()))
             t.start()
-        for t in threads:
             t.join()
-        # The first news went out at once (a lone ADD's news is in the store when it returns); the
-        # rest, within the window, is gathered.
-        assert len(store.patches) == 1 and len(store.patches[0][1]) == 1
-        deadline = time.monotonic() + 5
-        while len(store.patches) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.4)
-        assert len(store.patches) == 2, store.patches
-        assert sorted(store.patches[0][1] + store.patches[1][1]) == [1, 2, 3, 4, 5, 6]
-        got = store.get(NS, "hub")
-        assert got is not None and [s.state for s in got.status.links] == ["up"] * 6
+            started = time.monotonic()
+            wait_for(lambda: store.patches, timeout=3)
+            assert 0.1 < time.monotonic() - started < 2  # still busy: the window decided
+            assert store.patches == [("hub", [1, 2])]
     finally:
         writer.close()
         store.close()
@@ -72,11 +111,15 @@ def test_news_from_several_peers_within_the_window_is_one_write(tmp_path: Path) 
 def test_later_news_of_a_link_wins_and_close_writes_what_is_left(tmp_path: Path) -> None:
     store, state, hub = setup(tmp_path)
     writer = LinkStatusWriter(state, window=30.0)
-    writer.write(hub, [up(1)])  # written at once
-    writer.write(hub, [up(3)])  # gathered
-    writer.write(hub, [LinkStatus(3, "vxlan", "error", "far end failed", "eth3"), up(2)])
-    assert store.patches == [("hub", [1])]
-    writer.close()  # the daemon stops: nothing gathered is lost
+    writer.write(hub, [up(1)])  # written at once: the node is idle
+    with writer.working():  # busy: gathered
+        writer_thread = threading.Thread(target=lambda: (
+            writer.write(hub, [up(3)]),
+            writer.write(hub, [LinkStatus(3, "vxlan", "error", "far end failed", "eth3"), up(2)])))
+        writer_thread.start()
+        writer_thread.join()
+        assert store.patches == [("hub", [1])]
+        writer.close()  # the daemon stops: nothing gathered is lost
     got = store.get(NS, "hub")
     assert got is not None and [(s.uid, s.state) for s in got.status.links][:4] == [
         (1, "up"), (2, "up"), (3, "error"), (4, "pending")]
@@ -88,10 +131,14 @@ def test_news_for_a_replaced_sandbox_is_not_written(tmp_path: Path) -> None:
     store, state, hub = setup(tmp_path)
     writer = LinkStatusWriter(state, window=30.0)
     writer.write(hub, [up(1)])  # written at once
-    writer.write(hub, [up(2)])  # gathered: the sandbox is replaced before it is due
-    store.update_status(NS, "hub", lambda cur: TopologyStatus(src_ip="198.51.100.1", net_ns="/y",
-                                                              container_id="c2", node="n0"))
-    writer.close()
+    with writer.working():
+        gathered = threading.Thread(target=writer.write, args=(hub, [up(2)]))  # gathered: the node is busy
+        gathered.start()
+        gathered.join()
+        # The sandbox is replaced before the news is due.
+        store.update_status(NS, "hub", lambda cur: TopologyStatus(src_ip="198.51.100.1", net_ns="/y",
+                                                                  container_id="c2", node="n0"))
+        writer.close()
     got: Any = store.get(NS, "hub")
     assert got.status.container_id == "c2" and got.status.links == ()
     store.close()

@@ -53,7 +53,8 @@ class CniVerbs:
         with self._lock:
             self._inflight += 1
         try:
-            return handler(req)
+            with self.link_status.working():  # the node is busy: peers' news is gathered meanwhile
+                return handler(req)
         except StoreError as e:
             raise CniError(protocol.STORE_UNAVAILABLE, "topology store unavailable", str(e)) from e
         except netns.NetnsError as e:
@@ -199,7 +200,7 @@ class CniVerbs:
         namespace, pod = self._pod(req)
         timing.mark("parse request")
         # The informer's copy (a miss, e.g. a Topology created a moment ago, costs one GET); a stale
-        # one only costs the compare-and-set below a retry.
+        # one only costs the compare-and-set of the status write a retry.
         topo = state.cached(namespace, pod) if pod else None
         timing.mark("cached read")
         if topo is None:
@@ -211,27 +212,24 @@ class CniVerbs:
         block = self.blocks.choose(topo)
         timing.mark("vni block")
 
-        def mark_alive(cur: Topology) -> TopologyStatus:
-            return replace(cur.status, src_ip=state.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
+        def mark_alive(cur: TopologyStatus) -> TopologyStatus:
+            return replace(cur, src_ip=state.node.vtep_ip, net_ns=req.netns, container_id=req.container_id,
                            node=state.node.name, plumbing_error="", skipped=(), vni_block=block)
 
         # The namespace comes from this call, recorded node-locally: never read back from the store.
+        # Recorded first: a DEL of an older sandbox of this pod arriving meanwhile leaves its links
+        # alone (`delete`), and this pod counts as set up here in its own plan.
         state.sandboxes.put(topo.key, req.container_id, req.netns)
         timing.mark("sandbox record")
-        # `topo` was read just now: it stands in for the store's read before the write.
-        topo = state.remember(store.update_status(namespace, pod, mark_alive, known=topo)) or topo
-        timing.mark("status write (alive)")
-        # Peers that came alive before this write must be seen alive by the plan (two pods coming
-        # up at once: the later one builds the link): the cache catches up with it first.
-        state.catch_up(topo)
-        timing.mark("cache catch-up")
+        # Planned and built from the cache BEFORE anything is written: the pod is marked alive in
+        # the same write that records its links' outcome (one status write per ADD). Its peers'
+        # daemons do not hear of it before that write, so they ask nothing of this node early.
         failure: ExecError | None = None
         for pause in (*vni.VNI_CLASH_PAUSES, None):
-            listed = state.peers_of(topo)  # its peers' cached copies: no LIST
+            planned = topo.with_status(mark_alive(topo.status))
+            listed = state.peers_of(planned)  # its peers' cached copies: no LIST
             timing.mark("peers' copies")
-            pod_states = state.pod_states(listed)
-            timing.mark("pod states")
-            plan = plan_pod(topo, ns_name, state.node, pod_states)
+            plan = plan_pod(planned, ns_name, state.node, state.pod_states(listed))
             timing.mark("plan")
             try:
                 self.build(namespace, plan.links)
@@ -244,20 +242,52 @@ class CniVerbs:
                 # Another namespace's pod came up with the same VNI block at the same moment. Each
                 # daemon sees the other's record within milliseconds and one side moves
                 # (naming.block_lost): this pod now, or the other one, whose link we then wait for.
-                state.log(event="vni-clash", pod=pod, block=topo.status.vni_block, error=str(e))
+                state.log(event="vni-clash", pod=pod, block=block, error=str(e))
+                # Our block is not in the store yet (the ADD's one write comes after the build):
+                # recorded now, not alive, so the other namespace's daemon sees both records.
+                topo = state.remember(store.update_status(namespace, pod, lambda cur: replace(
+                    mark_alive(cur.status), src_ip="", net_ns=""), known=topo)) or topo
                 time.sleep(pause)
-                topo = self.blocks.move_if_lost(store.get(namespace, pod) or topo)
+                topo = state.cached(namespace, pod) or topo
+                if self.blocks.lost(planned):
+                    block = self.blocks.choose(planned)
         if failure is not None:
             message = f"{pod}: {failure}"
+            # Not alive (no VTEP, no namespace), but this sandbox's: its DEL is not taken for an old one's.
             store.update_status(namespace, pod, lambda cur: replace(
-                cur.status, src_ip="", net_ns="", plumbing_error=message)
-                if cur.status.container_id == req.container_id else None)
+                mark_alive(cur.status), src_ip="", net_ns="", plumbing_error=message), known=topo)
             raise CniError(protocol.LINK_PLUMBING_FAILED, "link plumbing failed", message) from failure
+        # Alive and the outcome in one write; the far ends on other nodes are asked for after it
+        # (their daemons check the store says this pod is alive there), so a vxlan link reads
+        # "up" for its own end until a failed peer call says otherwise (rare: written again).
+        written = self.link_status.write_outcome(topo, req.container_id, plan, {}, take_over=mark_alive)
+        timing.mark("status write (alive and outcome)")
+        # None: the Topology went away meanwhile; the reconciler removes what was built for it.
+        topo = written or planned
+        # Two pods coming up at once plan before either is written; the later write must build the
+        # link. Once the cache holds everything written before ours, a peer that our plan took for
+        # not alive but that is now is the other one's (or both see each other: building is
+        # idempotent, at worst twice).
+        state.catch_up(topo)
+        timing.mark("cache catch-up")
+        again = state.peers_of(topo)
+        later = plan_pod(topo, ns_name, state.node, state.pod_states(again))
+        rewrite = False
+        if {p.uid for p in later.pending} < {p.uid for p in plan.pending}:
+            came = {p.uid for p in plan.pending} - {p.uid for p in later.pending}
+            try:
+                self.build(namespace, [lp for lp in later.links if lp.uid in came])
+            except ExecError as e:  # left to the reconciler: its pass sees the link pending towards a live peer
+                state.log(event="late-peer-build-failed", pod=pod, error=str(e))
+            else:
+                plan, listed, rewrite = later, again, True
+            timing.mark("late peers")
         remote_errors = self.peers.build_far_ends(topo, plan)
         timing.mark("peer call")
         self.peers.note_owed(topo.key, plan, remote_errors)
-        self.link_status.write_outcome(topo, req.container_id, plan, remote_errors)
-        timing.mark("status write (outcome)")
+        if remote_errors or rewrite:
+            self.link_status.write_outcome(topo, req.container_id, plan, remote_errors)
+            timing.mark("status write (outcome again)")
         caps = state.executor.capabilities()
         self.link_status.tell_veth_peers(listed, veth_ends_built(topo, plan, listed, caps))
         timing.mark("veth peers' status")
@@ -320,7 +350,13 @@ class CniVerbs:
         topo = self.state.cached(namespace, pod) if pod else None
         if topo is not None:
             owner = topo.status.container_id
-            if owner and owner != req.container_id:
+            sb = self.state.sandboxes.get(topo.key)
+            if sb is not None and sb.container_id != req.container_id:
+                # This node's ADD of a newer sandbox recorded it before writing the status: the
+                # links are the new one's even if the store does not say so yet.
+                self.state.log(event="del-skipped", pod=pod, container=req.container_id[:12],
+                               owner=sb.container_id[:12])
+            elif owner and owner != req.container_id:
                 # A DEL for an old sandbox arriving after a newer ADD: the links are the new one's.
                 self.state.log(event="del-skipped", pod=pod, container=req.container_id[:12], owner=owner[:12])
             else:

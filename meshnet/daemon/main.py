@@ -148,10 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers = GrpcPeerClient(tls=cfg.tls)
     core = NodeDaemon(node, store, executor, peers, grpc_port=cfg.grpc_port, cni_path=cfg.cni_path, log=log,
                       sandbox_record=cfg.sandbox_record)
-    # Peers' news about a pod's links is written at once (link_status window 0). Gathering it
-    # (`core.link_status.window = link_status.COALESCE_SECONDS`) saves PATCHes in a rollout, but
-    # the status then lags the ADD by up to MAX_WINDOWS windows, which `lab up` and the lab tests
-    # do not wait for: off until they do.
+    # Peers' news about a pod's links is gathered while the node is busy (a rollout: one write per
+    # pod per window instead of one per link); the status then lags the kernel by up to the window,
+    # and `lab up` waits for it to settle (meshnet.lab.cluster).
+    core.link_status.window = core.link_status.DAEMON_WINDOW
     stopping = threading.Event()
     ready = threading.Event()
 

@@ -51,10 +51,12 @@ class NodeDaemon:
 
     # peer daemons (peers.py)
     def peer_update(self, reqs: Sequence[PeerLink], caller: Caller) -> list[str]:
-        return self.peer_service.update(reqs, caller)
+        with self.link_status.working():  # the node is busy: news is gathered meanwhile
+            return self.peer_service.update(reqs, caller)
 
     def peer_remove(self, reqs: Sequence[PeerLink], caller: Caller) -> list[str]:
-        return self.peer_service.remove(reqs, caller)
+        with self.link_status.working():
+            return self.peer_service.remove(reqs, caller)
 
     # the reconcile loop (main.py)
     def on_store_event(self, event_type: str, topo: Topology, old: Topology | None) -> set[PodKey]:

@@ -212,7 +212,11 @@ class Reconciler:
             peer = self.state.cache.get(topo.namespace, peers.get(uid, ""))
             return peer is not None and peer.status.alive
 
-        return not any(s.state in ("pending", "error") and peer_alive(s.uid) for s in topo.status.links)
+        # News this node gathered and has not written yet (link_status) counts: the link was just
+        # built here, its state goes out with the pod's next write.
+        gathered = self.link_status.pending(topo.namespace, topo.name)
+        return not any(gathered.get(s.uid, s).state in ("pending", "error") and peer_alive(s.uid)
+                       for s in topo.status.links)
 
     def _local_pods(self, wanted: set[PodKey] | None) -> tuple[list[Topology], set[PodKey]]:
         """The pods of a pass (all alive here, or those `wanted`), and every pod alive here: from the

@@ -44,6 +44,10 @@ from meshnet.lab.state import LAB_ROOT, LabError, LabNames, LabState, PodRecord,
 from meshnet.model import Manifest, Topology, TopologyStatus, load_manifest
 from meshnet.plan import NodeInfo
 
+# How long `lab up` waits for every link's state to reach the store, beyond the ADDs: well above
+# the window in which a busy meshnetd gathers its peers' news (link_status.COALESCE_SECONDS).
+SETTLE_SECONDS = 30.0
+
 
 def lab_manifest(path: str | Path) -> Manifest:
     """A manifest the lab can run: the lab names pods (namespaces, `lab exec POD`) by name alone,
@@ -172,6 +176,7 @@ class Lab:
                 self.wait_daemon(f"node{i}")
             self._progress(f"{nodes} meshnetd running; adding {len(manifest.pods)} pod(s)")
             self.add_pods(list(self.state.pods), workers=workers)
+            self.wait_settled()
         except BaseException:
             self.save()
             raise
@@ -300,6 +305,24 @@ class Lab:
 
     def status(self) -> dict[str, Any]:
         return self.reports.status()
+
+    def wait_settled(self, timeout: float = SETTLE_SECONDS) -> list[str]:
+        """Wait until every link between two pods that are up has both ends' state recorded in the
+        store (up, down or an error): the daemons gather their peers' news about a pod's links
+        while busy and write it up to a window later (link_status.COALESCE_SECONDS). Returns what
+        is still unsettled after `timeout` seconds, and says so."""
+        deadline = time.monotonic() + timeout
+        manifest = self.manifest()  # read once: a big lab's manifest takes a while to parse
+        while True:
+            left = self.reports.unsettled(manifest)
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if left:
+            more = f" (and {len(left) - 5} more)" if len(left) > 5 else ""
+            self._progress(f"after {timeout:.0f}s, {len(left)} link end(s) still have no settled state in the "
+                           f"store: {'; '.join(left[:5])}{more} — see `meshnetctl lab status --name {self.name}`")
+        return left
 
     def summary(self, seconds: float) -> dict[str, Any]:
         return self.reports.summary(seconds)

@@ -111,6 +111,30 @@ class Reports:
                         {s.uid: s for s in t.status.links if s.admin})
                 for t in topologies}
 
+    def unsettled(self, manifest: Manifest | None = None) -> list[str]:
+        """Links between two pods that are up whose status, as the daemons recorded it in the
+        store, is not settled yet: an end with no state or still pending (its daemon may be
+        gathering news: link_status.COALESCE_SECONDS). One LIST of the store, no kernel read;
+        `manifest`: the lab's, when the caller has read it already."""
+        st = self.file.state
+        up = {(r.namespace, r.name) for r in st.pods.values() if r.state == "up"}
+        recorded = self._recorded_status()
+        out: list[str] = []
+        seen: set[tuple[str, int]] = set()
+        for t in (manifest or self.manifest()).topologies:
+            for lnk in t.links:
+                if (t.namespace, lnk.uid) in seen:
+                    continue
+                seen.add((t.namespace, lnk.uid))
+                ends = [t.name] if lnk.is_macvlan else [t.name, lnk.peer_pod]
+                if not all((t.namespace, pod) in up for pod in ends):
+                    continue
+                for pod in ends:
+                    said = recorded.get((t.namespace, pod), ("", {}, {}))[1].get(lnk.uid, "none")
+                    if said == "none" or said.startswith("pending"):
+                        out.append(f"{t.namespace}/{pod} uid {lnk.uid}: {said}")
+        return out
+
     def summary(self, seconds: float) -> dict[str, Any]:
         status = self.status()
         kinds: dict[str, int] = {}
