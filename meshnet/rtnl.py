@@ -10,7 +10,6 @@ far, never an exception other than OSError."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Iterator
@@ -76,6 +75,11 @@ _ADDR_FLAGS = ((0x02, "nodad"), (0x04, "optimistic"), (0x08, "dadfailed"), (0x10
                (0x20, "deprecated"), (0x40, "tentative"), (0x100, "mngtmpaddr"), (0x200, "noprefixroute"),
                (0x400, "autojoin"), (0x800, "stable-privacy"))
 IFA_F_SECONDARY, IFA_F_PERMANENT = 0x01, 0x80
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 0x8  # the link dump without counters (`ip` without -s prints none)
+_LINK_ATTRS = frozenset({IFLA_ADDRESS, IFLA_BROADCAST, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_QDISC, IFLA_TXQLEN,
+                         IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_GROUP, IFLA_LINK_NETNSID})
+_ADDR_ATTRS = frozenset({IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_BROADCAST, IFA_CACHEINFO, IFA_FLAGS})
 _RECV = 1 << 18
 
 
@@ -83,15 +87,20 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+def _attrs(data: bytes, start: int, end: int, wanted: frozenset[int] | None = None) -> dict[int, bytes]:
+    """The attributes between `start` and `end` by type (only the `wanted` ones: a link carries ~50,
+    its statistics among them, and a pass over a node's pods reads thousands)."""
     out: dict[int, bytes] = {}
     i = start
-    while i + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, i)
-        if length < _RTATTR.size or i + length > end:
+    unpack = _RTATTR.unpack_from
+    while i + 4 <= end:
+        length, kind = unpack(data, i)
+        if length < 4 or i + length > end:
             break
-        out[kind & 0x3FFF] = data[i + _RTATTR.size:i + length]  # without NLA_F_NESTED / NET_BYTEORDER
-        i += _align(length)
+        kind &= 0x3FFF  # without NLA_F_NESTED / NET_BYTEORDER
+        if wanted is None or kind in wanted:
+            out[kind] = data[i + 4:i + length]
+        i += (length + 3) & ~3
     return out
 
 
@@ -202,9 +211,14 @@ def _mac(raw: bytes) -> str:
 
 
 def _ip(raw: bytes | None) -> str | None:
-    if raw is None or len(raw) not in (4, 16):
+    """An address as `ip` prints it (inet_ntop: `ip`'s own formatting, and C-fast)."""
+    if raw is None:
         return None
-    return str(ipaddress.ip_address(bytes(raw)))
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) == 16:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return None
 
 
 def _vxlan(data: dict[int, bytes]) -> dict[str, Any]:
@@ -216,10 +230,10 @@ def _vxlan(data: dict[int, bytes]) -> dict[str, Any]:
     for v4, v6, name in ((2, 16, "remote"), (4, 17, "local")):  # GROUP(6), LOCAL(6)
         raw = data.get(v4) if v4 in data else data.get(v6)
         addr = _ip(raw)
-        if addr is None or ipaddress.ip_address(addr).is_unspecified:
-            continue
-        key = "group" if name == "remote" and ipaddress.ip_address(addr).is_multicast else name
-        out[key + ("6" if v4 not in data else "")] = addr
+        if addr is None or raw is None or not any(raw):
+            continue  # absent or unspecified: `ip` prints nothing
+        multicast = raw[0] >= 0xFF if len(raw) == 16 else 224 <= raw[0] <= 239
+        out[("group" if name == "remote" and multicast else name) + ("6" if v4 not in data else "")] = addr
     port = data.get(15)  # IFLA_VXLAN_PORT, network order
     if port is not None and len(port) >= 2:
         out["port"] = _BE16.unpack_from(port)[0]
@@ -230,7 +244,7 @@ def _link_entry(data: bytes, body: int, end: int) -> dict[str, Any] | None:
     if body + _IFINFOMSG.size > end:
         return None
     _family, link_type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
-    attrs = _attrs(data, body + _IFINFOMSG.size, end)
+    attrs = _attrs(data, body + _IFINFOMSG.size, end, _LINK_ATTRS)
     name = _string(attrs.get(IFLA_IFNAME, b""))
     if not name:
         return None
@@ -282,7 +296,7 @@ def _addr_entry(data: bytes, body: int, end: int) -> tuple[int, dict[str, Any]] 
     family, prefixlen, flags8, scope, index = _IFADDRMSG.unpack_from(data, body)
     if family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    attrs = _attrs(data, body + _IFADDRMSG.size, end)
+    attrs = _attrs(data, body + _IFADDRMSG.size, end, _ADDR_ATTRS)
     flags = _u32(attrs.get(IFA_FLAGS)) or flags8
     local, peer = _ip(attrs.get(IFA_LOCAL)), _ip(attrs.get(IFA_ADDRESS))
     if local is None and peer is None:
@@ -317,8 +331,10 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
     sock.settimeout(timeout)
     sock.bind((0, 0))
     by_index: dict[int, dict[str, Any]] = {}
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-    for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), 1):
+    mask = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size + len(mask), RTM_GETLINK,
+                             NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + mask, 1):
         if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None:
             entry["addr_info"] = []
             by_index[entry["ifindex"]] = entry

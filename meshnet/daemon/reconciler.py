@@ -242,8 +242,10 @@ class Reconciler:
         changed = 0
         self.peers.forget_except(here)
         self.blocks.forget_except(here)
-        self._pass.views = kernel.PassViews(state.executor)
+        self._pass.views = views = kernel.PassViews(state.executor)
         try:
+            if wanted is None:
+                views.prefetch(self._namespaces(topologies))
             for topo in topologies:
                 if wanted is not None and self._settled_since_queued(topo):
                     continue
@@ -259,6 +261,18 @@ class Reconciler:
             self.last_pass_reads = self._pass.views.reads
             self._pass.views = None
         return changed
+
+    def _namespaces(self, topologies: Iterable[Topology]) -> list[str]:
+        """The namespaces of the pods set up here: what a full pass reads (their veth peers are
+        among them)."""
+        out = []
+        for topo in topologies:
+            if self.state.alive_here(topo.status) and (path := self.state.netns_here(topo)):
+                try:
+                    out.append(netns.resolve(path))
+                except netns.NetnsError:
+                    continue  # vanished: its pass says so
+        return out
 
     def reconcile_pod(self, topo: Topology, namespace_topologies: Iterable[Topology]) -> int:
         state = self.state
