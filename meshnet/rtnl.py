@@ -353,23 +353,24 @@ def views(names: Iterable[str], timeout: float = 5.0, tries: int = 3) -> dict[st
     link_type, address, link_index/link_netnsid, linkinfo with vxlan id/remote/local/port or macvlan
     mode, addr_info with family/local/prefixlen/scope and address flags), or the OSError that
     namespace gave (gone, a bad name, the kernel's error). One thread opens a socket in each
-    namespace in turn; the dumps are read here, each socket closed after its namespace's read."""
+    namespace of a chunk in turn; the dumps are read here, each socket closed after its namespace's
+    read (at most CHUNK open at once, whatever the number of pods)."""
     unique = list(dict.fromkeys(names))
-    if not unique:
-        return {}
     out: dict[str, dict[str, dict[str, Any]] | OSError] = {}
-    socks = in_each_netns(unique, _open)
-    try:
-        for ns, sock in zip(unique, socks, strict=True):
-            if isinstance(sock, OSError):
-                out[ns] = sock
-                continue
-            out[ns] = _read_one(ns, sock, timeout, tries)
-    finally:
-        for sock in socks:
-            if isinstance(sock, socket.socket):
-                sock.close()  # closed already unless the loop above was cut short
+    for first in range(0, len(unique), CHUNK):
+        chunk = unique[first:first + CHUNK]
+        socks = in_each_netns(chunk, _open)
+        try:
+            for ns, sock in zip(chunk, socks, strict=True):
+                out[ns] = sock if isinstance(sock, OSError) else _read_one(ns, sock, timeout, tries)
+        finally:
+            for sock in socks:
+                if isinstance(sock, socket.socket):
+                    sock.close()  # closed already unless the loop above was cut short
     return out
+
+
+CHUNK = 64
 
 
 def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[str, dict[str, Any]] | OSError:

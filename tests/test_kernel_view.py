@@ -139,11 +139,18 @@ def test_a_missing_namespace_is_empty_and_a_bad_name_never_reaches_a_path() -> N
     assert all(isinstance(v, OSError) for v in found.values())
 
 
-def test_many_namespaces_are_read_by_one_thread_and_leave_no_socket(spaces: list[str]) -> None:
+def test_many_namespaces_are_read_in_chunks_and_leave_no_socket(spaces: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rtnl, "CHUNK", 3)  # 4 namespaces and a missing one: two chunks
+    entered: list[int] = []
+    real = rtnl.in_each_netns
+    monkeypatch.setattr(rtnl, "in_each_netns", lambda names, fn: entered.append(len(names)) or real(names, fn))
     fds = len(list(Path("/proc/self/fd").iterdir()))
     for _ in range(20):
-        found = rtnl.views(spaces)
+        found = rtnl.views([*spaces, "mnt-gone-d1d1d1"])
+        assert isinstance(found.pop("mnt-gone-d1d1d1"), FileNotFoundError)
         assert set(found) == set(spaces) and all(isinstance(v, dict) and "lo" in v for v in found.values())
+    assert entered[:2] == [3, 2]
     assert len(list(Path("/proc/self/fd").iterdir())) == fds  # every socket and netns fd closed
     import threading
 
