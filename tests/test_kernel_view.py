@@ -87,7 +87,7 @@ def test_the_view_is_what_ip_shows_for_every_link_kind(spaces: list[str]) -> Non
     ip("-n", node, "addr", "add", "198.51.100.10/24", "dev", "ul0")
     for dev in ("ul0", "ul1"):
         ip("-n", node, "link", "set", dev, "up")
-    delay = Impairments(delay_ms=5, loss_pct=1.0) if caps.netem else Impairments(rate=8_000_000)
+    delay = Impairments(delay=5000, loss=1.0) if caps.netem else Impairments(rate=8_000_000)
     plans = [
         # veth: a chosen MAC, IPv4 + IPv6, impairments on one end, the other end declared down.
         VethPlan(1, Endpoint(pa, "eth1", V4[0], mac="02:78:00:00:00:01", ips=(V6[0],),
@@ -252,3 +252,34 @@ def test_a_pass_reads_each_namespace_once_and_heals(tmp_path: Path, monkeypatch:
         finally:
             core.close()
             store.close()
+
+
+def test_an_end_found_as_declared_needs_no_change_exactly_when_change_end_says_so() -> None:
+    """kernel.end_changes answers "nothing" without building the end as found; it must agree with
+    change_end on every combination of addresses, state and impairments (recorded or not)."""
+    import itertools
+
+    from meshnet.ends import change_end
+    from meshnet.plan import Capabilities
+
+    def entry(addrs: tuple[str, ...], up: bool) -> dict[str, Any]:
+        info = [{"family": "inet6" if ":" in a else "inet", "local": a.split("/")[0],
+                 "prefixlen": int(a.split("/")[1]), "scope": "link" if a.startswith("fe80") else "global"}
+                for a in addrs]
+        return {"ifname": "eth1", "flags": ["BROADCAST", "UP"] if up else ["BROADCAST"], "addr_info": info}
+
+    kernel_addrs = [(), ("10.78.0.1/24",), ("10.78.0.1/24", "fe80::1/64"), ("10.78.0.1/24", "2001:db8:78::1/64"),
+                    ("10.78.0.9/24",), ("10.78.0.1/30",)]
+    declared = [(None, ()), (V4[0], ()), (V4[0], (V6[0],)), (None, (V6[0],))]
+    impairments = [None, Impairments(rate=8_000_000), Impairments(delay=5000)]
+    checked = 0
+    for caps in (Capabilities(netem=True), Capabilities(netem=False)):
+        for addrs, up, (ip4, ips), state, imp, recorded in itertools.product(
+                kernel_addrs, (True, False), declared, ("up", "down"), impairments, [*impairments, "missing"]):
+            end = Endpoint("mnt-x", "eth1", ip4, ips=ips, state=state, impairments=imp)
+            applied = {} if recorded == "missing" else {("mnt-x", "eth1"): recorded}
+            found = entry(addrs, up)
+            expected = change_end(kernel.as_found(found, end, applied), end, 7, caps)
+            assert kernel.end_changes(found, end, 7, caps, applied) == expected, (addrs, up, end, applied)
+            checked += 1
+    assert checked == 2 * 6 * 2 * 4 * 2 * 3 * 4

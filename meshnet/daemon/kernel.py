@@ -170,6 +170,11 @@ def end_changes(entry: Mapping[str, Any], end: Endpoint, uid: int, caps: Capabil
     daemon has no record of gets its tree replaced when it declares one (idempotent)."""
     # An end missing from `applied` (daemon restarted) counts as having no tree: one that declares
     # impairments gets `tc qdisc replace`, which makes whatever is there what we want.
+    if configured(entry, end) and (in_force(applied.get((end.netns, end.intf)), caps)[0]
+                                   == in_force(end.impairments, caps)[0]):
+        # What change_end would find: the same addresses, state and tree, so nothing to do. Said
+        # here without building the end as found (most of an idle pass over 1000 ends).
+        return []
     return change_end(as_found(entry, end, applied), end, uid, caps)
 
 
