@@ -10,8 +10,10 @@ far, never an exception other than OSError."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -197,7 +199,7 @@ def _dump(sock: socket.socket, request: bytes, seq: int) -> Iterator[tuple[bytes
             interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
             if kind == NLMSG_DONE:
                 if interrupted:
-                    raise DumpInterrupted("netlink: the dump was interrupted by a change")
+                    raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
                 return
             if kind == NLMSG_ERROR:
                 code = _S32.unpack_from(data, body)[0] if end - body >= 4 else -1
@@ -348,7 +350,7 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
     return {e["ifname"]: e for e in by_index.values()}
 
 
-def views(names: Iterable[str], timeout: float = 5.0, tries: int = 3) -> dict[str, dict[str, dict[str, Any]] | OSError]:
+def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[str, dict[str, dict[str, Any]] | OSError]:
     """{netns: {ifname: entry}} for each named namespace, each entry shaped as `ip -j -d addr show`
     prints it (the keys meshnet reads: ifindex, ifname, flags, mtu, qdisc, operstate, group,
     link_type, address, link_index/link_netnsid, linkinfo with vxlan id/remote/local/port or macvlan
@@ -375,10 +377,14 @@ CHUNK = 64
 
 
 def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[str, dict[str, Any]] | OSError:
+    """One namespace's view; a dump the kernel marks interrupted (links or addresses changing
+    meanwhile, e.g. hundreds being made) is read again, and after `tries` the DumpInterrupted
+    (errno EINTR) is returned: never a partial view taken for the namespace's state."""
     last: OSError = OSError(f"namespace {ns!r}: not read")
     for attempt in range(tries):
         try:
             if attempt:  # a fresh socket in the same namespace: the old one may hold a half-read dump
+                time.sleep(0.01 * attempt)
                 sock = in_netns(ns, _open)
             with sock:
                 return _read_view(sock, timeout)

@@ -7,6 +7,7 @@ underlay only 198.51.100.0/24 inside our own node namespace."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import time
@@ -283,3 +284,19 @@ def test_an_end_found_as_declared_needs_no_change_exactly_when_change_end_says_s
             assert kernel.end_changes(found, end, 7, caps, applied) == expected, (addrs, up, end, applied)
             checked += 1
     assert checked == 2 * 6 * 2 * 4 * 2 * 3 * 4
+
+
+def test_a_dump_the_kernel_keeps_interrupting_is_read_through_ip(spaces: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never an empty view for a namespace that exists: that would read as every link missing."""
+    calls: list[int] = []
+
+    def interrupted(sock: socket.socket, timeout: float) -> dict[str, Any]:
+        calls.append(1)
+        raise rtnl.DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
+
+    monkeypatch.setattr(rtnl, "_read_view", interrupted)
+    before = kernel.STATS["ip_fallbacks"]
+    view = kernel.read_view(Executor(), spaces[:1])
+    assert "lo" in view[spaces[0]] and kernel.STATS["ip_fallbacks"] == before + 1
+    assert len(calls) == 5  # read again before giving up

@@ -39,7 +39,8 @@ def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, d
     a short-lived thread entering the namespaces to open the sockets): one `ip` process per
     namespace was most of an idle daemon's CPU. `ip -j -d addr show` through the executor only
     when rtnetlink cannot read a namespace that exists (an error other than its absence: e.g. a
-    kernel or a sandbox that refuses setns), so nothing is worse than before."""
+    kernel or a sandbox that refuses setns, or dumps the kernel kept marking interrupted), so
+    nothing is worse than before."""
     unique = list(dict.fromkeys(names))
     found = rtnl.views(unique)
     out: dict[str, dict[str, dict[str, Any]]] = {}
