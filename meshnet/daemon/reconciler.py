@@ -303,9 +303,13 @@ class Reconciler:
             stale, todo = self._work(topo, ns_name, plan, view, caps)
             if (stale or todo) and earlier:
                 # Part of the view came from an earlier pod's read, before these locks: act only on
-                # a fresh one (another ADD or peer may have changed those namespaces since).
-                view, _ = views.read(names, fresh=True)
-                stale, todo = self._work(topo, ns_name, plan, view, caps)
+                # a fresh one (another ADD or peer may have changed those namespaces since). The
+                # work is worked out again only if the kernel changed: rendering 500 missing links
+                # twice was a third of a restarted daemon's first pass.
+                fresh, _ = views.read(names, fresh=True)
+                if fresh != view:
+                    view = fresh
+                    stale, todo = self._work(topo, ns_name, plan, view, caps)
             if stale or todo:
                 views.forget(names)  # changed below: a later pod of the pass reads them again
             if stale:
