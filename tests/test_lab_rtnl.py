@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnet.lab import rtnl
+from meshnet import rtnl
 
 pytestmark = pytest.mark.root
 

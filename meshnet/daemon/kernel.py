@@ -1,20 +1,21 @@
 """The kernel's view of a node's links and how it compares with the plans.
 
-`read_view` is the only kernel read (through the executor); everything else here is a pure function
-of an `ip -j -d addr show` entry, a plan and a Topology, so the daemon's rooms ask one question one
-way: what kind a link is, whether it is configured, whether a vxlan matches, what differs, what is
-garbage.
+`read_view` is the only kernel read (over rtnetlink; `ip` through the executor as a fallback);
+everything else here is a pure function of an `ip -j -d addr show` shaped entry, a plan and a
+Topology, so the daemon's rooms ask one question one way: what kind a link is, whether it is
+configured, whether a vxlan matches, what differs, what is garbage.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from meshnet import naming
+from meshnet import naming, rtnl
 from meshnet.command import Command
 from meshnet.ends import change_end, in_force
 from meshnet.executor import ExecError, Executor
@@ -31,24 +32,75 @@ Applied = Mapping[tuple[str, str], Impairments | None]
 
 
 def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{netns: {ifname: entry}} for each namespace (missing ones are empty). Several namespaces are
-    read at once (one `ip` process each): a pod with veth peers waits for the slowest read, not
-    for their sum (a restarted daemon's first pass over a node's pods, a CHECK)."""
-    def one(ns: str) -> dict[str, dict[str, Any]]:
-        try:
-            return {e["ifname"]: e for e in executor.show(ns)}
-        except ExecError:
-            return {}
+    """{netns: {ifname: entry}} for each namespace (missing ones are empty), each entry what
+    `ip -j -d addr show` prints for the link (the keys this module reads, and more: meshnet.rtnl).
 
+    Read in-process over rtnetlink (one dump of the links and one of the addresses per namespace,
+    a short-lived thread entering the namespaces to open the sockets): one `ip` process per
+    namespace was most of an idle daemon's CPU. `ip -j -d addr show` through the executor only
+    when rtnetlink cannot read a namespace that exists (an error other than its absence: e.g. a
+    kernel or a sandbox that refuses setns, or dumps the kernel kept marking interrupted), so
+    nothing is worse than before."""
     unique = list(dict.fromkeys(names))
-    if len(unique) <= 1:
-        return {ns: one(ns) for ns in unique}
-    return dict(zip(unique, _READERS.map(one, unique), strict=True))
+    found = rtnl.views(unique)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for ns in unique:
+        view = found.get(ns)
+        if isinstance(view, dict):
+            out[ns] = view
+        elif view is None or view.errno in (None, errno.ENOENT):
+            out[ns] = {}  # gone, or not a name meshnet uses: `ip -n` would have failed the same way
+        else:
+            STATS["ip_fallbacks"] += 1
+            out[ns] = _read_with_ip(executor, ns)
+    return out
 
 
-# Shared by every caller: at most this many `ip` reads run at once (the machine's cores, not the
-# number of pods, bound what runs in parallel).
-_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kernel-read")
+# Namespaces read through `ip` because rtnetlink could not (the tests pin it at 0).
+STATS = {"ip_fallbacks": 0}
+
+
+def _read_with_ip(executor: Executor, ns: str) -> dict[str, dict[str, Any]]:
+    try:
+        return {e["ifname"]: e for e in executor.show(ns)}
+    except ExecError:
+        return {}
+
+
+class PassViews:
+    """The kernel views of one reconcile pass: each namespace read once per pass, even when it is
+    the veth peer of several pods (a node's pods share namespaces through their veths).
+
+    A view served from an earlier pod's read may be older than the pod's own link locks: a pass
+    acts on it only after `read(..., fresh=True)` (the caller asks when the old view shows work),
+    and forgets what it changed, so acting is always on a read made under the pod's locks, as
+    before, and an idle pass reads every namespace exactly once. Used by one thread at a time."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._views: dict[str, dict[str, dict[str, Any]]] = {}
+        self.reads = 0  # namespaces read (the tests count them)
+
+    def read(self, names: Iterable[str], fresh: bool = False) -> tuple[dict[str, dict[str, dict[str, Any]]], bool]:
+        """The views of `names`, and whether any of them was read before this call."""
+        unique = list(dict.fromkeys(names))
+        todo = unique if fresh else [ns for ns in unique if ns not in self._views]
+        if todo:
+            self._views.update(read_view(self._executor, todo))
+            self.reads += len(todo)
+        return {ns: self._views[ns] for ns in unique}, len(todo) < len(unique)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Read these namespaces now, all at once (one thread enters them in turn): a full pass
+        knows its pods' namespaces before it plans any of them."""
+        todo = [ns for ns in dict.fromkeys(names) if ns not in self._views]
+        if todo:
+            self._views.update(read_view(self._executor, todo))
+            self.reads += len(todo)
+
+    def forget(self, names: Iterable[str]) -> None:
+        for ns in names:
+            self._views.pop(ns, None)
 
 
 def link_kind(entry: Mapping[str, Any] | None) -> str:
@@ -78,11 +130,20 @@ def _kernel_addresses(entry: Mapping[str, Any]) -> tuple[IPInterface, ...]:
     for a in entry.get("addr_info", ()):
         if a.get("scope") == "link":
             continue
-        try:
-            out.append(ipaddress.ip_interface(f"{a.get('local')}/{a.get('prefixlen')}"))
-        except ValueError:
-            continue  # not an address meshnet could have set: the comparison will re-add ours
+        parsed = _interface(f"{a.get('local')}/{a.get('prefixlen')}")
+        if parsed is not None:  # else not an address meshnet could have set: the comparison re-adds ours
+            out.append(parsed)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=8192)
+def _interface(text: str) -> IPInterface | None:
+    """An address parsed once: every pass compares the same few per link (parsing was a tenth of
+    an idle pass)."""
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        return None
 
 
 def admin_up(entry: Mapping[str, Any]) -> bool:
@@ -110,6 +171,11 @@ def end_changes(entry: Mapping[str, Any], end: Endpoint, uid: int, caps: Capabil
     daemon has no record of gets its tree replaced when it declares one (idempotent)."""
     # An end missing from `applied` (daemon restarted) counts as having no tree: one that declares
     # impairments gets `tc qdisc replace`, which makes whatever is there what we want.
+    if configured(entry, end) and (in_force(applied.get((end.netns, end.intf)), caps)[0]
+                                   == in_force(end.impairments, caps)[0]):
+        # What change_end would find: the same addresses, state and tree, so nothing to do. Said
+        # here without building the end as found (most of an idle pass over 1000 ends).
+        return []
     return change_end(as_found(entry, end, applied), end, uid, caps)
 
 

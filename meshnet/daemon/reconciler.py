@@ -22,7 +22,7 @@ from meshnet.daemon.state import NodeState, PodKey, alive_on
 from meshnet.daemon.vni import VniBlocks
 from meshnet.executor import ExecError
 from meshnet.model import Topology, TopologyStatus
-from meshnet.plan import PodPlan, plan_pod
+from meshnet.plan import Capabilities, PodPlan, plan_pod
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,10 @@ class Reconciler:
         self._skip_if_settled: set[PodKey] = set()
         self._failed: set[PodKey] = set()  # pods whose last pass raised (guarded by `_lock`)
         self._lock = threading.Lock()
+        # The kernel views of the pass running on this thread (kernel.PassViews), and how many
+        # namespaces the last pass read (the tests count them).
+        self._pass = threading.local()
+        self.last_pass_reads = 0
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -234,25 +238,45 @@ class Reconciler:
         return [t for t in topologies if wanted is None or t.key in wanted], here
 
     def reconcile(self, only: Iterable[PodKey] | None = None) -> int:
-        """Converge the pods alive on this node (all, or those in `only`); returns links changed."""
+        """Converge the pods alive on this node (all, or those in `only`); returns links changed.
+        Each namespace's kernel view is read once for the whole pass (kernel.PassViews)."""
         state = self.state
         wanted = set(only) if only is not None else None
         topologies, here = self._local_pods(wanted)
         changed = 0
         self.peers.forget_except(here)
         self.blocks.forget_except(here)
-        for topo in topologies:
-            if wanted is not None and self._settled_since_queued(topo):
-                continue
-            if state.alive_here(topo.status):
-                try:
-                    changed += self.reconcile_pod(topo, state.peers_of(topo))
-                except Exception as e:  # one pod's trouble never stops the pass for the others (issue 13)
-                    state.log(event="reconcile-pod-error", pod=f"{topo.namespace}/{topo.name}",
-                              error=f"{type(e).__name__}: {e}")
-                    with self._lock:
-                        self._failed.add(topo.key)  # looked at again at the loop's next turn
+        self._pass.views = views = kernel.PassViews(state.executor)
+        try:
+            if wanted is None:
+                views.prefetch(self._namespaces(topologies))
+            for topo in topologies:
+                if wanted is not None and self._settled_since_queued(topo):
+                    continue
+                if state.alive_here(topo.status):
+                    try:
+                        changed += self.reconcile_pod(topo, state.peers_of(topo))
+                    except Exception as e:  # one pod's trouble never stops the pass for the others (issue 13)
+                        state.log(event="reconcile-pod-error", pod=f"{topo.namespace}/{topo.name}",
+                                  error=f"{type(e).__name__}: {e}")
+                        with self._lock:
+                            self._failed.add(topo.key)  # looked at again at the loop's next turn
+        finally:
+            self.last_pass_reads = self._pass.views.reads
+            self._pass.views = None
         return changed
+
+    def _namespaces(self, topologies: Iterable[Topology]) -> list[str]:
+        """The namespaces of the pods set up here: what a full pass reads (their veth peers are
+        among them)."""
+        out = []
+        for topo in topologies:
+            if self.state.alive_here(topo.status) and (path := self.state.netns_here(topo)):
+                try:
+                    out.append(netns.resolve(path))
+                except netns.NetnsError:
+                    continue  # vanished: its pass says so
+        return out
 
     def reconcile_pod(self, topo: Topology, namespace_topologies: Iterable[Topology]) -> int:
         state = self.state
@@ -275,12 +299,23 @@ class Reconciler:
         plan = plan_pod(topo, ns_name, state.node, state.pod_states(namespace_topologies))
         errors: dict[int, str] = {}
         uids = {p.uid for p in plan.links} | {s.uid for s in st.links}
+        views = getattr(self._pass, "views", None) or kernel.PassViews(state.executor)
+        names = [ns_name, *(e.netns for p in plan.links for e in p.ends)]
         with state.link_locks(topo.namespace, uids):
-            view = kernel.read_view(state.executor, [ns_name, *(e.netns for p in plan.links for e in p.ends)])
-            pod_view = view.get(ns_name, {})
-            stale = kernel.garbage(topo, ns_name, pod_view, self._orphans(topo, plan, pod_view))
             caps = state.executor.capabilities()
-            todo = kernel.differences(plan.links, view, caps, state.applied())
+            view, earlier = views.read(names)
+            stale, todo = self._work(topo, ns_name, plan, view, caps)
+            if (stale or todo) and earlier:
+                # Part of the view came from an earlier pod's read, before these locks: act only on
+                # a fresh one (another ADD or peer may have changed those namespaces since). The
+                # work is worked out again only if the kernel changed: rendering 500 missing links
+                # twice was a third of a restarted daemon's first pass.
+                fresh, _ = views.read(names, fresh=True)
+                if fresh != view:
+                    view = fresh
+                    stale, todo = self._work(topo, ns_name, plan, view, caps)
+            if stale or todo:
+                views.forget(names)  # changed below: a later pod of the pass reads them again
             if stale:
                 for problem in state.executor.run_best_effort(stale):
                     state.log(event="gc-problem", pod=topo.name, error=problem)
@@ -302,6 +337,13 @@ class Reconciler:
         errors.update(self.peers.retry_far_ends(topo, plan, errors))
         self.link_status.write_outcome(topo, st.container_id, plan, errors)
         return len({c.uid for c in todo}) + len(stale)
+
+    def _work(self, topo: Topology, ns_name: str, plan: PodPlan, view: kernel.KernelView,
+              caps: Capabilities) -> tuple[list[Command], list[Command]]:
+        """What the pass would do on this view: interfaces to remove, and commands to converge."""
+        pod_view = view.get(ns_name, {})
+        stale = kernel.garbage(topo, ns_name, pod_view, self._orphans(topo, plan, pod_view))
+        return stale, kernel.differences(plan.links, view, caps, self.state.applied())
 
     def _orphans(self, topo: Topology, plan: PodPlan, view: Mapping[str, Mapping[str, Any]]) -> set[str]:
         """Interfaces of links whose peer is gone (pending): a veth or vxlan end left towards a pod

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+from meshnet import rtnl
 from meshnet.daemon.kernel import link_kind
 from meshnet.dryrun import UNDERLAY
 from meshnet.executor import ExecError, Executor
-from meshnet.lab import rtnl
 from meshnet.lab.processes import alive
 from meshnet.lab.state import LabNames, StateFile
 from meshnet.model import LinkStatus, Manifest, load_manifest

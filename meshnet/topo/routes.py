@@ -306,7 +306,7 @@ def _enable_forwarding(netns: str, versions: Iterable[int]) -> None:
     """Forwarding on in `netns`, written in-process: a thread enters the namespace (`setns` moves
     only the calling thread; /proc/sys/net is the namespace of the thread that opens it) and leaves
     again. `ip netns exec sysctl` per pod was a second process (and a remount of /sys) per pod."""
-    from meshnet.lab.netns_thread import in_netns
+    from meshnet.netns_thread import in_netns
 
     def write() -> None:
         for v in versions:

@@ -1,0 +1,395 @@
+"""A namespace's links and addresses straight from the kernel over rtnetlink, without an `ip`
+process: `lab status` looks at every pod's links (`links`), and meshnetd's kernel view (`views`:
+what `ip -j -d addr show` printed, for every namespace of a reconcile pass) is read this way — one
+`ip` process per namespace made an idle daemon's 30 s pass over 250 pods cost ~10 % of a core.
+
+The netlink socket is opened inside the namespace by a short-lived thread (meshnet.netns_thread)
+and keeps that namespace; the dumps are read here and the socket closed. Everything read is the
+kernel's answer, parsed defensively: a truncated or odd message ends the dump with what was read so
+far, never an exception other than OSError."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from meshnet.netns_thread import in_each_netns, in_netns
+
+NETLINK_ROUTE = 0
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+IFLA_ADDRESS = 1
+IFLA_BROADCAST = 2
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINK = 5
+IFLA_QDISC = 6
+IFLA_TXQLEN = 13
+IFLA_OPERSTATE = 16
+IFLA_LINKINFO = 18
+IFLA_GROUP = 27
+IFLA_LINK_NETNSID = 37
+IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_LABEL = 3
+IFA_BROADCAST = 4
+IFA_CACHEINFO = 6
+IFA_FLAGS = 8
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_S32 = struct.Struct("=i")
+_BE16 = struct.Struct("!H")
+_CACHEINFO = struct.Struct("=II")  # ifa_prefered, ifa_valid (then the stamps, unused)
+
+# The interface flags (linux/if.h) in the order `ip` prints them. Not M-DOWN: `ip` derives it from
+# a lookup of the link's IFLA_LINK index in its own namespace, meaningless for a veth whose peer is
+# in another one (and nothing here reads it).
+FLAG_NAMES = (
+    (0x8, "LOOPBACK"), (0x2, "BROADCAST"), (0x10, "POINTOPOINT"), (0x1000, "MULTICAST"), (0x80, "NOARP"),
+    (0x200, "ALLMULTI"), (0x100, "PROMISC"), (0x400, "MASTER"), (0x800, "SLAVE"), (0x4, "DEBUG"),
+    (0x8000, "DYNAMIC"), (0x4000, "AUTOMEDIA"), (0x2000, "PORTSEL"), (0x20, "NOTRAILERS"), (0x1, "UP"),
+    (0x10000, "LOWER_UP"), (0x20000, "DORMANT"), (0x40000, "ECHO"))
+IFF_UP, IFF_RUNNING = 0x1, 0x40
+_OPERSTATES = ("UNKNOWN", "NOTPRESENT", "DOWN", "LOWERLAYERDOWN", "TESTING", "DORMANT", "UP")
+_LINK_TYPES = {1: "ether", 772: "loopback", 0xFFFE: "none", 0xFFFF: "void"}
+_MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
+# ifa_flags `ip -j` prints as `"name": true` (IFA_F_SECONDARY is "secondary" for IPv4, "temporary"
+# for IPv6; IFA_F_PERMANENT is printed inverted, as "dynamic").
+_ADDR_FLAGS = ((0x02, "nodad"), (0x04, "optimistic"), (0x08, "dadfailed"), (0x10, "homeaddress"),
+               (0x20, "deprecated"), (0x40, "tentative"), (0x100, "mngtmpaddr"), (0x200, "noprefixroute"),
+               (0x400, "autojoin"), (0x800, "stable-privacy"))
+IFA_F_SECONDARY, IFA_F_PERMANENT = 0x01, 0x80
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 0x8  # the link dump without counters (`ip` without -s prints none)
+_LINK_ATTRS = frozenset({IFLA_ADDRESS, IFLA_BROADCAST, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_QDISC, IFLA_TXQLEN,
+                         IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_GROUP, IFLA_LINK_NETNSID})
+_ADDR_ATTRS = frozenset({IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_BROADCAST, IFA_CACHEINFO, IFA_FLAGS})
+_RECV = 1 << 18
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attrs(data: bytes, start: int, end: int, wanted: frozenset[int] | None = None) -> dict[int, bytes]:
+    """The attributes between `start` and `end` by type (only the `wanted` ones: a link carries ~35,
+    and a pass over a node's pods walks thousands; the loop is kept tight for that)."""
+    out: dict[int, bytes] = {}
+    i = start
+    unpack = _RTATTR.unpack_from
+    while i + 4 <= end:
+        length, kind = unpack(data, i)
+        after = i + length
+        if length < 4 or after > end:
+            break
+        kind &= 0x3FFF  # without NLA_F_NESTED / NET_BYTEORDER
+        if wanted is None or kind in wanted:
+            out[kind] = data[i + 4:after]
+        i = (after + 3) & ~3
+    return out
+
+
+def _string(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _u32(raw: bytes | None) -> int | None:
+    return _U32.unpack_from(raw)[0] if raw is not None and len(raw) >= 4 else None
+
+
+def _flag_names(flags: int) -> list[str]:
+    names = [n for bit, n in FLAG_NAMES if flags & bit]
+    if flags & IFF_UP and not flags & IFF_RUNNING:
+        names.insert(0, "NO-CARRIER")  # as `ip` prints it
+    return names
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, flags, body start, message end) of each whole message in a receive buffer; a message
+    claiming more than was received (or less than a header) ends the walk."""
+    i = 0
+    while i + _NLMSGHDR.size <= len(data):
+        length, kind, flags, _seq, _pid = _NLMSGHDR.unpack_from(data, i)
+        if length < _NLMSGHDR.size or i + length > len(data):
+            yield NLMSG_ERROR, 0, i, i  # truncated: the dump ends here
+            return
+        yield kind, flags, i + _NLMSGHDR.size, i + length
+        i += _align(length)
+
+
+def parse_links(data: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """The RTM_NEWLINK messages of one receive buffer as `ip -j` shaped entries (ifname, flags,
+    linkinfo.info_kind), and whether the dump ended (DONE or an error)."""
+    out: list[dict[str, Any]] = []
+    for kind, _flags, body, end in _messages(data):
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            return out, True
+        if kind == RTM_NEWLINK and body + _IFINFOMSG.size <= end:
+            _family, _type, _index, flags, _change = _IFINFOMSG.unpack_from(data, body)
+            attrs = _attrs(data, body + _IFINFOMSG.size, end)
+            name = _string(attrs.get(IFLA_IFNAME, b""))
+            entry: dict[str, Any] = {"ifname": name, "flags": _flag_names(flags)}
+            info = attrs.get(IFLA_LINKINFO)
+            if info is not None:
+                kind_raw = _attrs(info, 0, len(info)).get(IFLA_INFO_KIND)
+                if kind_raw is not None:
+                    entry["linkinfo"] = {"info_kind": _string(kind_raw)}
+            if name:
+                out.append(entry)
+    return out, False
+
+
+def _open() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+
+
+def links(netns: str, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+    """{ifname: entry} of every link in the named namespace; OSError when it cannot be read."""
+    sock: socket.socket = in_netns(netns, _open)
+    with sock:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+        sock.send(request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+        found: dict[str, dict[str, Any]] = {}
+        done = False
+        while not done:
+            entries, done = parse_links(sock.recv(_RECV))
+            for e in entries:
+                found[e["ifname"]] = e
+        return found
+
+
+# --- the full view: `ip -j -d addr show` ------------------------------------------------------------
+
+
+class DumpInterrupted(OSError):
+    """The namespace changed during a dump (NLM_F_DUMP_INTR): what was read may be inconsistent."""
+
+
+def _dump(sock: socket.socket, request: bytes, seq: int) -> Iterator[tuple[bytes, int, int, int]]:
+    """(buffer, type, body start, end) of each message of one dump; OSError on the kernel's error."""
+    sock.send(request)
+    interrupted = False
+    while True:
+        data = sock.recv(_RECV)
+        if not data:
+            raise OSError("netlink: the dump ended without NLMSG_DONE")
+        for kind, flags, body, end in _messages(data):
+            if end > body and _NLMSGHDR.unpack_from(data, body - _NLMSGHDR.size)[3] != seq:
+                continue  # not an answer to this request
+            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+            if kind == NLMSG_DONE:
+                if interrupted:
+                    raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
+                return
+            if kind == NLMSG_ERROR:
+                code = _S32.unpack_from(data, body)[0] if end - body >= 4 else -1
+                if end == body or code == 0:
+                    raise OSError("netlink: truncated answer")
+                raise OSError(-code, f"netlink dump: error {-code}")
+            yield data, kind, body, end
+
+
+def _mac(raw: bytes) -> str:
+    return raw.hex(":")
+
+
+def _ip(raw: bytes | None) -> str | None:
+    """An address as `ip` prints it (inet_ntop: `ip`'s own formatting, and C-fast)."""
+    if raw is None:
+        return None
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) == 16:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return None
+
+
+def _vxlan(data: dict[int, bytes]) -> dict[str, Any]:
+    """The vxlan details `ip -j -d` prints that meshnet compares (and the v6 forms)."""
+    out: dict[str, Any] = {}
+    vni = _u32(data.get(1))  # IFLA_VXLAN_ID
+    if vni is not None:
+        out["id"] = vni
+    for v4, v6, name in ((2, 16, "remote"), (4, 17, "local")):  # GROUP(6), LOCAL(6)
+        raw = data.get(v4) if v4 in data else data.get(v6)
+        addr = _ip(raw)
+        if addr is None or raw is None or not any(raw):
+            continue  # absent or unspecified: `ip` prints nothing
+        multicast = raw[0] >= 0xFF if len(raw) == 16 else 224 <= raw[0] <= 239
+        out[("group" if name == "remote" and multicast else name) + ("6" if v4 not in data else "")] = addr
+    port = data.get(15)  # IFLA_VXLAN_PORT, network order
+    if port is not None and len(port) >= 2:
+        out["port"] = _BE16.unpack_from(port)[0]
+    return out
+
+
+def _link_entry(data: bytes, body: int, end: int) -> dict[str, Any] | None:
+    if body + _IFINFOMSG.size > end:
+        return None
+    _family, link_type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
+    attrs = _attrs(data, body + _IFINFOMSG.size, end, _LINK_ATTRS)
+    name = _string(attrs.get(IFLA_IFNAME, b""))
+    if not name:
+        return None
+    entry: dict[str, Any] = {"ifindex": index, "ifname": name, "flags": _flag_names(flags)}
+    link = _u32(attrs.get(IFLA_LINK))
+    netnsid = attrs.get(IFLA_LINK_NETNSID)
+    if link is not None and netnsid is not None:
+        entry["link_index"] = link  # an index in another namespace (`ip` prints `link` otherwise)
+    for key, attr in (("mtu", IFLA_MTU), ("txqlen", IFLA_TXQLEN)):
+        value = _u32(attrs.get(attr))
+        if value is not None:
+            entry[key] = value
+    if IFLA_QDISC in attrs:
+        entry["qdisc"] = _string(attrs[IFLA_QDISC])
+    state = attrs.get(IFLA_OPERSTATE)
+    if state:
+        entry["operstate"] = _OPERSTATES[state[0]] if state[0] < len(_OPERSTATES) else str(state[0])
+    group = _u32(attrs.get(IFLA_GROUP))
+    if group is not None:
+        entry["group"] = "default" if group == 0 else str(group)  # as iproute2's table names them
+    if link_type in _LINK_TYPES:
+        entry["link_type"] = _LINK_TYPES[link_type]
+        if link_type in (1, 772):
+            for key, attr in (("address", IFLA_ADDRESS), ("broadcast", IFLA_BROADCAST)):
+                if attr in attrs:
+                    entry[key] = _mac(attrs[attr])
+    if netnsid is not None and len(netnsid) >= 4:
+        entry["link_netnsid"] = _S32.unpack_from(netnsid)[0]
+    info = attrs.get(IFLA_LINKINFO)
+    if info is not None:
+        nested = _attrs(info, 0, len(info))
+        if IFLA_INFO_KIND in nested:
+            kind = _string(nested[IFLA_INFO_KIND])
+            linkinfo: dict[str, Any] = {"info_kind": kind}
+            raw = nested.get(IFLA_INFO_DATA)
+            if raw is not None and kind == "vxlan":
+                linkinfo["info_data"] = _vxlan(_attrs(raw, 0, len(raw)))
+            elif raw is not None and kind == "macvlan":
+                mode = _u32(_attrs(raw, 0, len(raw)).get(1))  # IFLA_MACVLAN_MODE
+                if mode is not None:
+                    linkinfo["info_data"] = {"mode": _MACVLAN_MODES.get(mode, "unknown")}
+            entry["linkinfo"] = linkinfo
+    return entry
+
+
+def _addr_entry(data: bytes, body: int, end: int) -> tuple[int, dict[str, Any]] | None:
+    if body + _IFADDRMSG.size > end:
+        return None
+    family, prefixlen, flags8, scope, index = _IFADDRMSG.unpack_from(data, body)
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    attrs = _attrs(data, body + _IFADDRMSG.size, end, _ADDR_ATTRS)
+    flags = _u32(attrs.get(IFA_FLAGS)) or flags8
+    local, peer = _ip(attrs.get(IFA_LOCAL)), _ip(attrs.get(IFA_ADDRESS))
+    if local is None and peer is None:
+        return None
+    v4 = family == socket.AF_INET
+    entry: dict[str, Any] = {"family": "inet" if v4 else "inet6", "local": local or peer}
+    if local is not None and peer is not None and peer != local:
+        entry["address"] = peer  # point-to-point: the far end
+    entry["prefixlen"] = prefixlen
+    bcast = _ip(attrs.get(IFA_BROADCAST))
+    if bcast is not None:
+        entry["broadcast"] = bcast
+    entry["scope"] = _SCOPES.get(scope, str(scope))
+    if not flags & IFA_F_PERMANENT:
+        entry["dynamic"] = True
+    if flags & IFA_F_SECONDARY:
+        entry["secondary" if v4 else "temporary"] = True
+    for bit, name in _ADDR_FLAGS:
+        if flags & bit:
+            entry[name] = True
+    if IFA_LABEL in attrs:
+        entry["label"] = _string(attrs[IFA_LABEL])
+    cache = attrs.get(IFA_CACHEINFO)
+    if cache is not None and len(cache) >= _CACHEINFO.size:
+        preferred, valid = _CACHEINFO.unpack_from(cache)
+        entry["valid_life_time"], entry["preferred_life_time"] = valid, preferred
+    return index, entry
+
+
+def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]:
+    """One dump of the links and one of the addresses through a socket of the namespace."""
+    sock.settimeout(timeout)
+    sock.bind((0, 0))
+    by_index: dict[int, dict[str, Any]] = {}
+    mask = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size + len(mask), RTM_GETLINK,
+                             NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + mask, 1):
+        if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None:
+            entry["addr_info"] = []
+            by_index[entry["ifindex"]] = entry
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 2, 0)
+    for data, kind, body, end in _dump(sock, request + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), 2):
+        if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end)) is not None:
+            link = by_index.get(found[0])
+            if link is not None:  # an address of a link made after the link dump: the next read has both
+                link["addr_info"].append(found[1])
+    return {e["ifname"]: e for e in by_index.values()}
+
+
+def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[str, dict[str, dict[str, Any]] | OSError]:
+    """{netns: {ifname: entry}} for each named namespace, each entry shaped as `ip -j -d addr show`
+    prints it (the keys meshnet reads: ifindex, ifname, flags, mtu, qdisc, operstate, group,
+    link_type, address, link_index/link_netnsid, linkinfo with vxlan id/remote/local/port or macvlan
+    mode, addr_info with family/local/prefixlen/scope and address flags), or the OSError that
+    namespace gave (gone, a bad name, the kernel's error). One thread opens a socket in each
+    namespace of a chunk in turn; the dumps are read here, each socket closed after its namespace's
+    read (at most CHUNK open at once, whatever the number of pods)."""
+    unique = list(dict.fromkeys(names))
+    out: dict[str, dict[str, dict[str, Any]] | OSError] = {}
+    for first in range(0, len(unique), CHUNK):
+        chunk = unique[first:first + CHUNK]
+        socks = in_each_netns(chunk, _open)
+        try:
+            for ns, sock in zip(chunk, socks, strict=True):
+                out[ns] = sock if isinstance(sock, OSError) else _read_one(ns, sock, timeout, tries)
+        finally:
+            for sock in socks:
+                if isinstance(sock, socket.socket):
+                    sock.close()  # closed already unless the loop above was cut short
+    return out
+
+
+CHUNK = 64
+
+
+def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[str, dict[str, Any]] | OSError:
+    """One namespace's view; a dump the kernel marks interrupted (links or addresses changing
+    meanwhile, e.g. hundreds being made) is read again, and after `tries` the DumpInterrupted
+    (errno EINTR) is returned: never a partial view taken for the namespace's state."""
+    last: OSError = OSError(f"namespace {ns!r}: not read")
+    for attempt in range(tries):
+        try:
+            if attempt:  # a fresh socket in the same namespace: the old one may hold a half-read dump
+                time.sleep(0.01 * attempt)
+                sock = in_netns(ns, _open)
+            with sock:
+                return _read_view(sock, timeout)
+        except DumpInterrupted as e:
+            last = e
+        except OSError as e:
+            return e
+    return last
