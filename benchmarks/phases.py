@@ -156,11 +156,45 @@ def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:
         return {**report(lab), "figure_s": figure}
 
 
+def isp_pods(routers: int, nodes: int = 3) -> dict[str, Any]:
+    """The topology builder's seeded backbone (`lab_bench.isp`'s shape: `routers`, 1.2 links per
+    router) on `nodes` nodes, SQLite: the phases per ADD and the CPU, to compare sizes."""
+    from meshnet.topo.builder import build, render
+
+    links = round(routers * 1.2)
+    start: dict[str, Any] = {}
+    add_pods = Lab.add_pods
+
+    def counted(lab: Lab, pods: list[str], workers: int = 8) -> None:
+        start.update(self=resource.getrusage(resource.RUSAGE_SELF), kids=resource.getrusage(resource.RUSAGE_CHILDREN),
+                     daemons=[_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], wall=time.perf_counter())
+        add_pods(lab, pods, workers)
+
+    Lab.add_pods = counted  # type: ignore[method-assign,assignment]
+    try:
+        with bench_lab(f"pisp{routers}", render(build(routers, links, seed=7)), nodes) as (lab, marks):
+            figure = cold_add_seconds(lab, marks)
+            total = len(lab.status()["links"])
+            print(f"ISP {routers} routers / {total} links, {nodes} nodes: first ADD -> every link up "
+                  f"{figure:.3f} s ({1000 * figure / total:.1f} ms per link)")
+            cpu = cpu_report(lab, start)
+            writes = lab.kubelet.record_writes
+            print(f"state file: {writes} writes for {2 * len(lab.state.pods)} record changes")
+            return {**report(lab, totals=True), "cpu_s": cpu, "figure_s": figure, "links": total,
+                    "state_file_writes": writes}
+    finally:
+        Lab.add_pods = add_pods  # type: ignore[method-assign]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--only", choices=["add", "random", "links1", "links2"])
+    ap.add_argument("--only", choices=["add", "random", "links1", "links2", "isp"])
+    ap.add_argument("--isp-routers", type=int, default=200, metavar="N")
     args = ap.parse_args()
+    if args.only == "isp":
+        isp_pods(args.isp_routers)
+        return 0
     if args.only in (None, "add"):
         hub_add(args.runs)
     if args.only in (None, "random"):
