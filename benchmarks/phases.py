@@ -32,12 +32,12 @@ from meshnet.lab.cluster import Lab
 from meshnet.lab.reports import daemon_events
 
 
-def _daemon_events(lab: Lab) -> tuple[list[dict[str, Any]], list[float]]:
+def _daemon_events(lab: Lab, verb: str = "ADD") -> tuple[list[dict[str, Any]], list[float]]:
     adds: list[dict[str, Any]] = []
     eth0: list[float] = []
     for node in lab.state.nodes:
         for e in daemon_events(lab.names, node):
-            if e.get("event") == "timing" and e.get("verb") == "ADD":
+            if e.get("event") == "timing" and e.get("verb") == verb:
                 adds.append(e)
             elif e.get("event") == "timing-eth0":
                 eth0.append(float(e["ms"]))
@@ -80,6 +80,9 @@ def report(lab: Lab, skip_first: int = 0, totals: bool = False) -> dict[str, Any
     if eth0:
         lines += [f"  (eth0 delegate, on its own thread: median {statistics.median(eth0):.2f} ms, "
                   f"max {max(eth0):.2f} ms)"]
+    peer = [{**e["phases"], "TOTAL (receiver)": e["total_ms"]} for e in _daemon_events(lab, "PEER-UPDATE")[0]]
+    if peer:
+        lines += _table(f"meshnetd, {len(peer)} peer updates received (far ends built)", peer, totals)
     lines += _table(f"lab kubelet, {len(kube)} ADDs", kube_rows, totals)
     print("\n".join(lines), flush=True)
     return {"daemon": daemon_rows, "kubelet": kube_rows, "eth0_ms": eth0}
