@@ -136,3 +136,27 @@ def test_a_failed_write_fails_every_change_it_carried(tmp_path: Path, monkeypatc
         writer.record("r1", {"state": "up"})
     monkeypatch.undo()
     assert writer.record("r1", {"state": "down"}).state == "down"  # the writer is not wedged
+
+
+@pytest.mark.root
+def test_a_sandbox_is_a_named_namespace_with_lo_up() -> None:
+    """The kubelet's sandbox (lo brought up in-process, not by a second `ip`): lo is UP, the
+    machine's own lo is untouched, and nothing else is in the namespace."""
+    import subprocess
+
+    from meshnet.executor import Executor
+    from meshnet.lab.kubelet import make_sandbox
+
+    netns = "mnt-d3-sandbox"
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+    try:
+        make_sandbox(Executor(), netns)
+        links = json.loads(subprocess.run(["ip", "-n", netns, "-j", "link", "show"], capture_output=True,
+                                          text=True, check=True).stdout)
+        assert [(lk["ifname"], "UP" in lk["flags"]) for lk in links] == [("lo", True)]
+        addrs = json.loads(subprocess.run(["ip", "-n", netns, "-j", "addr", "show", "dev", "lo"],
+                                          capture_output=True, text=True, check=True).stdout)
+        assert {a["local"] for a in addrs[0]["addr_info"]} >= {"127.0.0.1"}  # lo really up: addresses
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -11,6 +11,8 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from meshnet.cni.protocol import DEFAULT_BIN_DIR
 from meshnet.command import Command
 from meshnet.daemon.netns import NETNS_DIR
 from meshnet.executor import ExecError, Executor
+from meshnet.lab.netns_thread import in_netns
 from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
 
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
@@ -44,6 +47,26 @@ def default_cni_bin() -> list[str]:
     root = str(Path(__file__).resolve().parents[2])
     code = f"import sys; sys.path.insert(0, {root!r}); from meshnet.cni.shim import main; sys.exit(main())"
     return [sys.executable, "-S", "-E", "-c", code]
+
+
+# struct ifreq (40 bytes on Linux): the interface name, then the flags (a short) of the union.
+_IFREQ = struct.Struct("16sH22x")
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up() -> None:
+    """lo up in the calling thread's network namespace (an ioctl on a socket made there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _, flags = _IFREQ.unpack(fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0)))
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+
+
+def make_sandbox(executor: Executor, netns: str) -> None:
+    """A pod's sandbox: a named network namespace with lo up, as a runtime makes it. lo is brought
+    up in-process by a thread inside the namespace: one `ip` process per sandbox, not two (a lab of
+    750 pods started 1500 processes for its sandboxes, on 2 cores)."""
+    executor.run_sequence([Command(None, ("netns", "add", netns))])
+    in_netns(netns, loopback_up)
 
 
 def check_cni_plugins() -> None:
@@ -216,8 +239,7 @@ class Kubelet:
         rec = self._record(pod, container_id=secrets.token_hex(32), result={}, state="adding", error="")
         marks.append(("state file (adding)", time.perf_counter()))
         if not (NETNS_DIR / rec.netns).exists():
-            self.executor.run_sequence([Command(None, ("netns", "add", rec.netns)),
-                                        Command(rec.netns, ("link", "set", "lo", "up"))])
+            make_sandbox(self.executor, rec.netns)
         marks.append(("sandbox netns", time.perf_counter()))
         delay = RETRY_FIRST
         while True:
