@@ -71,10 +71,10 @@ class LabState:
             fields = tuple(vars(rec).values())
             hit = memo.get(name) if memo is not None else None
             if hit is None or hit[0] != fields:
-                hit = (fields, json.dumps(vars(rec), separators=(",", ":")))
+                hit = (fields, f"{json.dumps(name)}:{json.dumps(vars(rec), separators=(',', ':'))}")
                 if memo is not None:
                     memo[name] = hit
-            pods.append(f"{json.dumps(name)}:{hit[1]}")
+            pods.append(hit[1])
         text = head[:-1] + ("," if len(head) > 2 else "") + '"pods":{' + ",".join(pods) + "}}"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
