@@ -27,7 +27,7 @@ def _state(pods: int) -> LabState:
 def test_a_save_with_the_memo_writes_what_a_save_without_it_writes(tmp_path: Path) -> None:
     st = _state(20)
     plain, memoised = tmp_path / "plain.json", tmp_path / "memo.json"
-    memo: dict[str, tuple[tuple[Any, ...], str]] = {}
+    memo: dict[str, tuple[dict[str, Any], str]] = {}
     st.save(plain)
     st.save(memoised, memo)
     assert json.loads(memoised.read_text()) == json.loads(plain.read_text())
@@ -56,7 +56,7 @@ class _SlowState(LabState):
 
     writes = 0
 
-    def save(self, path: Path, memo: dict[str, tuple[tuple[Any, ...], str]] | None = None) -> None:
+    def save(self, path: Path, memo: dict[str, tuple[dict[str, Any], str]] | None = None) -> None:
         type(self).writes += 1
         time.sleep(0.05)
         super().save(path, memo)

@@ -58,7 +58,7 @@ class LabState:
     # PATH the CNI binary is run with ("" = this process's): a kubelet host's, e.g. one without Python.
     cni_env_path: str = ""
 
-    def save(self, path: Path, memo: dict[str, tuple[tuple[Any, ...], str]] | None = None) -> None:
+    def save(self, path: Path, memo: dict[str, tuple[dict[str, Any], str]] | None = None) -> None:
         # Written after every pod's ADD and DEL (under the lab's lock, so in turn): no deep copy
         # (`asdict` copies every kept ADD result) and no indentation, which cost more than the ADD.
         # `memo` (the StateFile's): each pod record's JSON as last written, with the field values
@@ -68,10 +68,10 @@ class LabState:
         head = json.dumps({k: v for k, v in vars(self).items() if k != "pods"}, separators=(",", ":"))
         pods = []
         for name, rec in self.pods.items():
-            fields = tuple(vars(rec).values())
+            fields = vars(rec)
             hit = memo.get(name) if memo is not None else None
-            if hit is None or hit[0] != fields:
-                hit = (fields, f"{json.dumps(name)}:{json.dumps(vars(rec), separators=(',', ':'))}")
+            if hit is None or hit[0] != fields:  # a dict comparison: C, each value by identity first
+                hit = (dict(fields), f"{json.dumps(name)}:{json.dumps(fields, separators=(',', ':'))}")
                 if memo is not None:
                     memo[name] = hit
             pods.append(hit[1])
@@ -149,7 +149,7 @@ class StateFile:
         self._fd = -1
         self._in_transaction = False  # guarded by `_lock`
         self._loaded: tuple[int, int, int, int] | None = None  # the file as this process last read or wrote it
-        self._memo: dict[str, tuple[tuple[Any, ...], str]] = {}  # LabState.save's, guarded by `_lock`
+        self._memo: dict[str, tuple[dict[str, Any], str]] = {}  # LabState.save's, guarded by `_lock`
 
     @property
     def path(self) -> Path:
