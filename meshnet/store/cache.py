@@ -259,6 +259,14 @@ class TopologyCache:
         with self._cond:
             return [(ns, block) for block, counts in self._blocks.items() for ns in counts]
 
+    def block_elsewhere(self, namespace: str, blocks: Iterable[int]) -> bool:
+        """Whether a pod of another namespace may record one of `blocks`: the block index says so,
+        or a fresher copy of ours in another namespace is not in it yet (then True: look)."""
+        with self._cond:
+            if any(ns != namespace for b in blocks for ns in self._blocks.get(b, ())):
+                return True
+            return any(k[0] != namespace for k in self._fresher)
+
     def namespace_blocks(self, namespace: str, without: str = "") -> set[int]:
         """The VNI blocks the pods of `namespace` (all but `without`) recorded, in the copies
         `namespace()` gives (a fresher copy of ours over the watch's), from the block index: no
