@@ -32,12 +32,12 @@ from meshnet.lab.cluster import Lab
 from meshnet.lab.reports import daemon_events
 
 
-def _daemon_events(lab: Lab) -> tuple[list[dict[str, Any]], list[float]]:
+def _daemon_events(lab: Lab, verb: str = "ADD") -> tuple[list[dict[str, Any]], list[float]]:
     adds: list[dict[str, Any]] = []
     eth0: list[float] = []
     for node in lab.state.nodes:
         for e in daemon_events(lab.names, node):
-            if e.get("event") == "timing" and e.get("verb") == "ADD":
+            if e.get("event") == "timing" and e.get("verb") == verb:
                 adds.append(e)
             elif e.get("event") == "timing-eth0":
                 eth0.append(float(e["ms"]))
@@ -80,6 +80,9 @@ def report(lab: Lab, skip_first: int = 0, totals: bool = False) -> dict[str, Any
     if eth0:
         lines += [f"  (eth0 delegate, on its own thread: median {statistics.median(eth0):.2f} ms, "
                   f"max {max(eth0):.2f} ms)"]
+    peer = [{**e["phases"], "TOTAL (receiver)": e["total_ms"]} for e in _daemon_events(lab, "PEER-UPDATE")[0]]
+    if peer:
+        lines += _table(f"meshnetd, {len(peer)} peer updates received (far ends built)", peer, totals)
     lines += _table(f"lab kubelet, {len(kube)} ADDs", kube_rows, totals)
     print("\n".join(lines), flush=True)
     return {"daemon": daemon_rows, "kubelet": kube_rows, "eth0_ms": eth0}
@@ -156,11 +159,45 @@ def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:
         return {**report(lab), "figure_s": figure}
 
 
+def isp_pods(routers: int, nodes: int = 3) -> dict[str, Any]:
+    """The topology builder's seeded backbone (`lab_bench.isp`'s shape: `routers`, 1.2 links per
+    router) on `nodes` nodes, SQLite: the phases per ADD and the CPU, to compare sizes."""
+    from meshnet.topo.builder import build, render
+
+    links = round(routers * 1.2)
+    start: dict[str, Any] = {}
+    add_pods = Lab.add_pods
+
+    def counted(lab: Lab, pods: list[str], workers: int = 8) -> None:
+        start.update(self=resource.getrusage(resource.RUSAGE_SELF), kids=resource.getrusage(resource.RUSAGE_CHILDREN),
+                     daemons=[_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], wall=time.perf_counter())
+        add_pods(lab, pods, workers)
+
+    Lab.add_pods = counted  # type: ignore[method-assign,assignment]
+    try:
+        with bench_lab(f"pisp{routers}", render(build(routers, links, seed=7)), nodes) as (lab, marks):
+            figure = cold_add_seconds(lab, marks)
+            total = len(lab.status()["links"])
+            print(f"ISP {routers} routers / {total} links, {nodes} nodes: first ADD -> every link up "
+                  f"{figure:.3f} s ({1000 * figure / total:.1f} ms per link)")
+            cpu = cpu_report(lab, start)
+            writes = lab.kubelet.record_writes
+            print(f"state file: {writes} writes for {2 * len(lab.state.pods)} record changes")
+            return {**report(lab, totals=True), "cpu_s": cpu, "figure_s": figure, "links": total,
+                    "state_file_writes": writes}
+    finally:
+        Lab.add_pods = add_pods  # type: ignore[method-assign]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--only", choices=["add", "random", "links1", "links2"])
+    ap.add_argument("--only", choices=["add", "random", "links1", "links2", "isp"])
+    ap.add_argument("--isp-routers", type=int, default=200, metavar="N")
     args = ap.parse_args()
+    if args.only == "isp":
+        isp_pods(args.isp_routers)
+        return 0
     if args.only in (None, "add"):
         hub_add(args.runs)
     if args.only in (None, "random"):

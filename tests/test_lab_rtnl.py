@@ -1,4 +1,4 @@
-"""`lab status` reads each pod's links over rtnetlink in-process (meshnet.lab.rtnl): what it reads
+"""`lab status` reads each pod's links over rtnetlink in-process (meshnet.rtnl): what it reads
 must be what `ip -j -d link show` says (name, kind, flags) for the kinds the lab makes."""
 
 from __future__ import annotations

@@ -82,6 +82,29 @@ def test_the_record_survives_a_restart_and_drops_what_vanished(tmp_path: Path) -
         assert [p["pod"] for p in json.loads(path.read_text())["pods"]] == ["r1"]
 
 
+
+def test_the_file_holds_every_pod_as_recorded_after_puts_replacements_and_drops(tmp_path: Path) -> None:
+    """Each entry is encoded once and kept (the file is written on every ADD): what is written is
+    still exactly the record, sorted, and what a restarted daemon reads back."""
+    path = tmp_path / "sandboxes-n1.json"
+    with netns_set(3) as (a, b, c):
+        rec = SandboxRecord(str(path))
+        for i, ns in enumerate((a, b, c)):
+            rec.put(("default", f"r{3 - i}"), f"cid-{i}", f"/var/run/netns/{ns}")
+        rec.put(("default", "r3"), "cid-new", f"/var/run/netns/{c}")  # the same pod, a new sandbox
+        rec.drop(("default", "r2"))
+        rec.put(("lab", "r0"), "cid-9", f"/var/run/netns/{b}")
+        doc = json.loads(path.read_text())
+        assert doc["version"] == 1
+        assert [(p["namespace"], p["pod"], p["container_id"], p["netns"]) for p in doc["pods"]] == [
+            ("default", "r1", "cid-2", f"/var/run/netns/{c}"), ("default", "r3", "cid-new", f"/var/run/netns/{c}"),
+            ("lab", "r0", "cid-9", f"/var/run/netns/{b}")]
+        again = SandboxRecord(str(path))
+        for key in (("default", "r1"), ("default", "r3"), ("lab", "r0")):
+            assert again.get(key) == rec.get(key)
+        assert again.get(("default", "r2")) is None
+
+
 @pytest.mark.parametrize("content", [
     "not json", "[]", '{"version": 2, "pods": []}', '{"version": 1, "pods": {}}',
     '{"version": 1, "pods": [{"namespace": "default", "pod": "r1", "container_id": "c", '

@@ -135,6 +135,26 @@ def test_own_writes_are_read_at_once_but_events_are_diffed_against_the_watchs_co
     assert cache.get("default", "zz") is None
 
 
+def test_namespace_blocks_are_the_blocks_of_the_copies_a_walk_of_the_namespace_gives() -> None:
+    """`namespace_blocks` (an ADD's VNI block, issue 14 item 5) answers from the block index what a
+    walk of `namespace()` answered, fresher copies of our own writes included, for every pod left
+    out; seeded random states."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(30):
+        cache = TopologyCache()
+        pods = [topo(f"p{i}", ns=rng.choice(["default", "lab"]), rv="2",
+                     status=alive("n1", rng.choice([0, 0, 3, 4, 9]))) for i in range(12)]
+        cache.load(pods)
+        for t in rng.sample(pods, 5):  # our own writes the watch has not delivered yet
+            cache.offer(replace(t, status=alive("n0", rng.choice([0, 3, 5])), resource_version="7"))
+        for ns in ("default", "lab", "empty"):
+            for without in ["", "nobody", *(t.name for t in pods)]:
+                walked = {t.status.vni_block for t in cache.namespace(ns) if t.name != without and t.status.vni_block}
+                assert cache.namespace_blocks(ns, without=without) == walked, (ns, without)
+
+
 def test_offers_with_opaque_versions_are_ignored() -> None:
     cache = TopologyCache()
     cache.load([topo("a", rv="abc")])
@@ -300,6 +320,46 @@ def test_pods_touched_finds_the_pods_concerned_through_the_indexes() -> None:
     mapping = {t.key: t for t in [*everything, a, c, b]}
     assert touched == pods_touched("MODIFIED", old_b, b, mapping, "n0")
     assert touched.pods == {("default", "a")}  # c is on another node
+
+
+def test_a_status_write_walks_the_pods_alive_here_only_when_another_namespace_has_its_block() -> None:
+    """Every status write of an alive pod carries its VNI block; looking for pods of other
+    namespaces with that block walked every pod alive on the node per event (a bring-up of N
+    pods: N² copies). The block index answers first; the outcome is the mapping's (a scan)."""
+    from meshnet.daemon.reconciler import pods_touched
+
+    class Counted(TopologyCache):
+        walks = 0
+
+        def alive_on(self, node: str) -> list[Topology]:
+            Counted.walks += 1
+            return super().alive_on(node)
+
+    crowd = [topo(f"x{i}", (f"x{i ^ 1}",), status=alive("n0", 7)) for i in range(300)]
+    old_a = topo("a", ("x1",), status=alive("n0", 7))
+    a = topo("a", ("x1",), rv="2", status=replace(alive("n0", 7), links=()))
+    cache = Counted()
+    cache.load([*crowd, old_a])
+    cache.apply(WatchEvent("MODIFIED", a))
+    touched = pods_touched("MODIFIED", old_a, a, cache, "n0")
+    assert touched == pods_touched("MODIFIED", old_a, a, {t.key: t for t in [*crowd, a]}, "n0")
+    assert Counted.walks == 0
+    # A pod of another namespace alive here with block 7: found, as before.
+    y = topo("y", (), ns="other", rv="3", status=alive("n0", 7))
+    cache.apply(WatchEvent("ADDED", y))
+    touched = pods_touched("MODIFIED", old_a, a, cache, "n0")
+    assert ("other", "y") in touched.pods and Counted.walks == 1
+    assert touched == pods_touched("MODIFIED", old_a, a, {t.key: t for t in [*crowd, a, y]}, "n0")
+    # Our own write in another namespace the watch has not delivered yet (not in the index): the
+    # pods alive here are walked, as before.
+    cache.apply(WatchEvent("DELETED", y))
+    assert not cache.block_elsewhere("default", {7})
+    z = topo("z", (), ns="third", rv="4")
+    cache.apply(WatchEvent("ADDED", z))
+    cache.offer(replace(z, resource_version="5", status=alive("n0", 7)))
+    assert cache.block_elsewhere("default", {7})
+    pods_touched("MODIFIED", old_a, a, cache, "n0")
+    assert Counted.walks == 2
 
 
 class NoLists(SqliteStore):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from meshnet import naming
 from meshnet.command import Command
-from meshnet.daemon import kernel, netns, peer_auth
+from meshnet.daemon import kernel, netns, peer_auth, phases
 from meshnet.daemon.link_status import LinkStatusWriter, end_status
 from meshnet.daemon.peer_client import PEER_BATCH_MAX, PeerLink, wire_ip
 from meshnet.daemon.state import NodeState, PodKey
@@ -76,13 +76,22 @@ class PeerService:
     def update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
         """Build or update this node's ends of a batch of vxlan links (a page of a calling pod's links).
         `caller`: who sent it (peers.py), always checked (in-process callers name themselves)."""
+        timing = phases.start()  # MESHNET_TIMING=1: the receiver's side of a peer call, phase by phase
+        try:
+            return self._update(reqs, caller, timing)
+        finally:
+            phases.finish(timing, self.state.log, verb="PEER-UPDATE", links=len(reqs))
+
+    def _update(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller, timing: phases.Phases) -> list[str]:
         state = self.state
         if len(reqs) > PEER_BATCH_MAX:
             raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
         groups = self._group_backed_by_store(reqs)
+        timing.mark("receiving pods read")
         # The callers' pods came alive before they asked: wait briefly for the watch to show it.
         read = self._reader(lambda t: t.status.alive and t.status.node != state.node.name)
         self._authorize("update", reqs, caller, read)
+        timing.mark("authorize (far pods read)")
         work = []
         for topo, items in groups:
             st = topo.status
@@ -106,14 +115,18 @@ class PeerService:
             if not path:
                 raise PeerDenied(f"{topo.namespace}/{topo.name}: no sandbox of it is set up on node {state.node.name}")
             work.append((topo, items, callers, path))
+        timing.mark("check")
         actions = [""] * len(reqs)
         for topo, items, callers, path in work:
             ns_name = netns.resolve(path)
             plans = [(i, plan_remote_end(topo, req.uid, ns_name, state.node, callers[req.peer_pod]))
                      for i, req in items]
             caps = state.executor.capabilities()
+            timing.mark("plan")
             with state.link_locks(topo.namespace, [req.uid for _, req in items]):
+                timing.mark("link locks")
                 view = kernel.read_view(state.executor, [ns_name])[ns_name]
+                timing.mark("kernel view")
                 applied = state.applied()
                 commands: list[Command] = []
                 for i, plan in plans:
@@ -132,8 +145,10 @@ class PeerService:
                 if commands:
                     state.executor.apply(commands)
                 state.record_applied(kernel.in_force_after([p for _, p in plans], caps))
+                timing.mark("apply")
             # Record the interfaces too: they are what garbage collection may later remove.
             self.link_status.write(topo, [end_status(p, p.local, caps) for _, p in plans])
+            timing.mark("status write")
         return actions
 
     def remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:

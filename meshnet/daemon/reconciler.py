@@ -45,6 +45,8 @@ class Copies(Protocol):
 
     def alive_on(self, node: str) -> list[Topology]: ...
 
+    def block_elsewhere(self, namespace: str, blocks: Iterable[int]) -> bool: ...
+
 
 class MappingCopies:
     """`Copies` over a plain mapping (scans: for tests and small callers)."""
@@ -61,6 +63,10 @@ class MappingCopies:
 
     def alive_on(self, node: str) -> list[Topology]:
         return [t for t in self._seen.values() if alive_on(t.status, node)]
+
+    def block_elsewhere(self, namespace: str, blocks: Iterable[int]) -> bool:
+        wanted = set(blocks)
+        return any(t.namespace != namespace and t.status.vni_block in wanted for t in self._seen.values())
 
 
 def _unsettled(topo: Topology, seen: Copies, peer: str = "") -> bool:
@@ -107,7 +113,10 @@ def pods_touched(event_type: str, old: Topology | None, topo: Topology,
     # A pod coming alive or going is handled below like before; a block that changes while it
     # stays alive (it moved) changes its links' VNIs, so its peers need a pass too.
     block_changed = bool(old_block and new_block and old_block != new_block)
-    if new_block or (old_block and old_block != new_block):
+    blocks = {new_block, old_block} - {0}
+    # Asked first of the block index: every status write of an alive pod carries its block, and
+    # walking every pod alive on the node for each made the events of a bring-up quadratic.
+    if (new_block or (old_block and old_block != new_block)) and seen.block_elsewhere(topo.namespace, blocks):
         # VNI blocks are per namespace: a pod of another namespace may have to give up the block
         # this one recorded (naming.block_lost), or may have been waiting for the one it left.
         for other in seen.alive_on(node_name):

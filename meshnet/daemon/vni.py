@@ -26,9 +26,13 @@ class VniBlocks:
     def choose(self, topo: Topology) -> int:
         """The VNI block `topo`'s pod records as it comes alive: its namespace's, as the other pods
         of the namespace recorded it, or a block no other namespace uses (naming.choose_vni_block).
-        Read from the watch's copies of every Topology: no API call on the ADD path."""
-        mates = [t for t in self.state.namespace_topologies(topo.namespace) if t.key != topo.key] + [topo]
-        own = [t.status.vni_block for t in mates]
+        Read from the cache's block index (no API call, and no walk of the namespace's pods on the
+        ADD path); from the store while the cache is not filled (unit tests that run no watch)."""
+        if self.state.cache.synced:
+            own = [*self.state.cache.namespace_blocks(topo.namespace, without=topo.name), topo.status.vni_block]
+        else:
+            own = [t.status.vni_block for t in self.state.store.list(topo.namespace) if t.key != topo.key]
+            own.append(topo.status.vni_block)
         return naming.choose_vni_block(topo.namespace, own, self._others(topo.namespace))
 
     def _others(self, namespace: str) -> list[tuple[str, int]]:

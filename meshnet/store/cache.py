@@ -259,6 +259,31 @@ class TopologyCache:
         with self._cond:
             return [(ns, block) for block, counts in self._blocks.items() for ns in counts]
 
+    def block_elsewhere(self, namespace: str, blocks: Iterable[int]) -> bool:
+        """Whether a pod of another namespace may record one of `blocks`: the block index says so,
+        or a fresher copy of ours in another namespace is not in it yet (then True: look)."""
+        with self._cond:
+            if any(ns != namespace for b in blocks for ns in self._blocks.get(b, ())):
+                return True
+            return any(k[0] != namespace for k in self._fresher)
+
+    def namespace_blocks(self, namespace: str, without: str = "") -> set[int]:
+        """The VNI blocks the pods of `namespace` (all but `without`) recorded, in the copies
+        `namespace()` gives (a fresher copy of ours over the watch's), from the block index: no
+        walk of the namespace's pods (an ADD asks this; a namespace may hold thousands)."""
+        with self._cond:
+            counts = {block: c[namespace] for block, c in self._blocks.items() if namespace in c}
+            names = self._by_ns.get(namespace, {})
+            swapped = [(namespace, n) for n in ([without] if without in names else [])]
+            swapped += [k for k in self._fresher if k[0] == namespace and k[1] in names and k[1] != without]
+            for key in swapped:  # the index holds the watch's copy: take it out, put ours in
+                entry = self._entries.get(key)
+                if entry is not None and entry.block:
+                    counts[entry.block] -= 1
+                if key[1] != without and (block := self._fresher[key].status.vni_block):
+                    counts[block] = counts.get(block, 0) + 1
+            return {block for block, n in counts.items() if n > 0}
+
     def all(self) -> list[Topology]:
         """Every Topology, sorted by (namespace, name)."""
         with self._cond:
