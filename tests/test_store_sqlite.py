@@ -189,3 +189,17 @@ def test_list_parses_each_spec_once_however_many_topologies(tmp_path: Path, monk
     assert len(reader._specs) == count - 100
     writer.close()
     reader.close()
+
+
+def test_the_watch_poll_searches_the_change_log_index_and_never_scans_it(tmp_path: Path) -> None:
+    """An idle daemon polls the change log all the time: its bounds must be two index searches
+    (MIN and MAX together in one SELECT made SQLite scan the whole table on every poll)."""
+    store = SqliteStore(tmp_path / "s.db")
+    try:
+        db = sqlite3.connect(tmp_path / "s.db")
+        plan = " | ".join(row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + sqlite_store.WATCH_BOUNDS))
+        db.close()
+    finally:
+        store.close()
+    assert "SCAN change" not in plan, plan
+    assert plan.count("SEARCH change") == 2, plan
