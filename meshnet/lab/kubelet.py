@@ -27,8 +27,8 @@ from meshnet.cni.protocol import DEFAULT_BIN_DIR
 from meshnet.command import Command
 from meshnet.daemon.netns import NETNS_DIR
 from meshnet.executor import ExecError, Executor
-from meshnet.netns_thread import in_netns
 from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
+from meshnet.netns_thread import in_netns
 
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", DEFAULT_BIN_DIR)  # Debian's plugins first
