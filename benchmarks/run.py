@@ -192,7 +192,7 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
             "- Kubernetes API calls: `meshnetctl lab` with `--store kube` against the project's API test",
             "  server (tests/kubeapi); every pod DELeted, counts reset, all pods ADDed at once, requests",
             "  counted until the reconcilers settle (0.5 s); 5 rounds, median and range (who conflicts with",
-            "  whom varies). `test_daemon_core.py` pins one ADD alone at 4 calls (GET, PUT alive, LIST, PUT).",
+            "  whom varies). `test_daemon_core.py` pins one ADD alone at 1 call (its one status PUT).",
             "", "## Raw results", "", "```json", json.dumps(results, indent=1), "```", ""]
     return "\n".join(out)
 
