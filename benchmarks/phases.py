@@ -16,11 +16,13 @@ Cases: `add`, the 4-link hub ADD of `lab_bench.add_latency` (peers up, DEL betwe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +133,10 @@ def cpu_report(lab: Lab, start: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def random_pods() -> dict[str, Any]:
-    # CPU is counted from the first ADD: the daemons' start (imports, first list) is left out.
+@contextlib.contextmanager
+def _counted_from_first_add() -> Iterator[dict[str, Any]]:
+    """While open, `Lab.add_pods` first notes the CPU used so far (this process, its children,
+    the lab's daemons) and the wall clock, into the dict yielded (for `cpu_report`)."""
     start: dict[str, Any] = {}
     add_pods = Lab.add_pods
 
@@ -143,13 +147,18 @@ def random_pods() -> dict[str, Any]:
 
     Lab.add_pods = counted  # type: ignore[method-assign,assignment]
     try:
-        with bench_lab("prand", random_manifest(100, 300), 3) as (lab, marks):
-            figure = cold_add_seconds(lab, marks)
-            print(f"100 pods / 300 links, 3 nodes: first ADD -> every link up {figure:.3f} s")
-            cpu = cpu_report(lab, start)
-            return {**report(lab, totals=True), "cpu_s": cpu, "figure_s": figure}
+        yield start
     finally:
         Lab.add_pods = add_pods  # type: ignore[method-assign]
+
+
+def random_pods() -> dict[str, Any]:
+    # CPU is counted from the first ADD: the daemons' start (imports, first list) is left out.
+    with _counted_from_first_add() as start, bench_lab("prand", random_manifest(100, 300), 3) as (lab, marks):
+        figure = cold_add_seconds(lab, marks)
+        print(f"100 pods / 300 links, 3 nodes: first ADD -> every link up {figure:.3f} s")
+        cpu = cpu_report(lab, start)
+        return {**report(lab, totals=True), "cpu_s": cpu, "figure_s": figure}
 
 
 def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:
@@ -165,28 +174,17 @@ def isp_pods(routers: int, nodes: int = 3) -> dict[str, Any]:
     from meshnet.topo.builder import build, render
 
     links = round(routers * 1.2)
-    start: dict[str, Any] = {}
-    add_pods = Lab.add_pods
-
-    def counted(lab: Lab, pods: list[str], workers: int = 8) -> None:
-        start.update(self=resource.getrusage(resource.RUSAGE_SELF), kids=resource.getrusage(resource.RUSAGE_CHILDREN),
-                     daemons=[_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], wall=time.perf_counter())
-        add_pods(lab, pods, workers)
-
-    Lab.add_pods = counted  # type: ignore[method-assign,assignment]
-    try:
-        with bench_lab(f"pisp{routers}", render(build(routers, links, seed=7)), nodes) as (lab, marks):
-            figure = cold_add_seconds(lab, marks)
-            total = len(lab.status()["links"])
-            print(f"ISP {routers} routers / {total} links, {nodes} nodes: first ADD -> every link up "
-                  f"{figure:.3f} s ({1000 * figure / total:.1f} ms per link)")
-            cpu = cpu_report(lab, start)
-            writes = lab.kubelet.record_writes
-            print(f"state file: {writes} writes for {2 * len(lab.state.pods)} record changes")
-            return {**report(lab, totals=True), "cpu_s": cpu, "figure_s": figure, "links": total,
-                    "state_file_writes": writes}
-    finally:
-        Lab.add_pods = add_pods  # type: ignore[method-assign]
+    manifest = render(build(routers, links, seed=7))
+    with _counted_from_first_add() as start, bench_lab(f"pisp{routers}", manifest, nodes) as (lab, marks):
+        figure = cold_add_seconds(lab, marks)
+        total = len(lab.status()["links"])
+        print(f"ISP {routers} routers / {total} links, {nodes} nodes: first ADD -> every link up "
+              f"{figure:.3f} s ({1000 * figure / total:.1f} ms per link)")
+        cpu = cpu_report(lab, start)
+        writes = lab.kubelet.record_writes
+        print(f"state file: {writes} writes for {2 * len(lab.state.pods)} record changes")
+        return {**report(lab, totals=True), "cpu_s": cpu, "figure_s": figure, "links": total,
+                "state_file_writes": writes}
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ from meshnet.model import Topology, TopologyStatus
 from meshnet.plan import LinkPlan, MacvlanParentRefused, VethPlan, check_macvlan_parents, plan_pod
 from meshnet.render import render
 from meshnet.store.base import StoreError
+from meshnet.store.cache import newer
 
 
 class CniVerbs:
@@ -266,8 +267,7 @@ class CniVerbs:
         topo = written or planned
         # Two pods coming up at once plan before either is written; the later write must build the
         # link. Once the cache holds everything written before ours, a peer that our plan took for
-        # not alive but that is now is the other one's (or both see each other: building is
-        # idempotent, at worst twice).
+        # not alive but that is now came alive meanwhile.
         state.catch_up(topo)
         timing.mark("cache catch-up")
         again = state.peers_of(topo)
@@ -275,7 +275,7 @@ class CniVerbs:
         later = plan_pod(topo, ns_name, state.node, state.pod_states(again))
         rewrite = False
         came = {p.uid for p in plan.pending} - {p.uid for p in later.pending}
-        if written is not None and (ours := _version(topo)) is not None:
+        if written is not None:
             # The later of two writes builds the link. A peer whose copy is newer than our write
             # caught up with ours after writing its own, so its ADD sees this pod alive and builds
             # the link itself: building it here too only queued this ADD behind that one's link
@@ -283,7 +283,7 @@ class CniVerbs:
             # other write after an alive one that had not seen ours, this node's reconciler still
             # builds the link: our write is a watch event that concerns the peer.
             came -= {lnk.uid for lnk in topo.links
-                     if (v := _version(copies.get(lnk.peer_pod))) is not None and v > ours}
+                     if (peer := copies.get(lnk.peer_pod)) is not None and newer(peer, topo)}
         if came and {p.uid for p in later.pending} <= {p.uid for p in plan.pending}:
             try:
                 self.build(namespace, [lp for lp in later.links if lp.uid in came])
@@ -463,13 +463,3 @@ class CniVerbs:
 
     def close(self) -> None:
         self._delegates.shutdown(wait=False, cancel_futures=True)
-
-
-def _version(topo: Topology | None) -> int | None:
-    """A copy's resourceVersion as a number (the store's write order), None when opaque or absent."""
-    if topo is None:
-        return None
-    try:
-        return int(topo.resource_version)
-    except ValueError:
-        return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -51,13 +52,15 @@ def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, d
         elif view is None or view.errno in (None, errno.ENOENT):
             out[ns] = {}  # gone, or not a name meshnet uses: `ip -n` would have failed the same way
         else:
-            STATS["ip_fallbacks"] += 1
+            with _STATS_LOCK:  # CNI calls, peer requests and the reconciler read at once
+                STATS["ip_fallbacks"] += 1
             out[ns] = _read_with_ip(executor, ns)
     return out
 
 
 # Namespaces read through `ip` because rtnetlink could not (the tests pin it at 0).
 STATS = {"ip_fallbacks": 0}
+_STATS_LOCK = threading.Lock()
 
 
 def _read_with_ip(executor: Executor, ns: str) -> dict[str, dict[str, Any]]:
@@ -93,10 +96,7 @@ class PassViews:
     def prefetch(self, names: Iterable[str]) -> None:
         """Read these namespaces now, all at once (one thread enters them in turn): a full pass
         knows its pods' namespaces before it plans any of them."""
-        todo = [ns for ns in dict.fromkeys(names) if ns not in self._views]
-        if todo:
-            self._views.update(read_view(self._executor, todo))
-            self.reads += len(todo)
+        self.read(names)
 
     def forget(self, names: Iterable[str]) -> None:
         for ns in names:

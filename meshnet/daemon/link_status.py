@@ -132,7 +132,7 @@ class LinkStatusWriter:
         """When the first gathered news is due: its window's end, or once the node has been idle
         for IDLE_SECONDS (caller holds `_cond`; `_due` is not empty)."""
         first = min(self._due.values())
-        if self._active - getattr(self._mine, "depth", 0) > 0:
+        if self._busy():
             return first
         return min(first, self._idle_since + IDLE_SECONDS)
 

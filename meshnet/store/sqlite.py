@@ -96,6 +96,7 @@ def _status(namespace: str, name: str, text: str) -> TopologyStatus:
 # 3150 rows: most of an idle lab daemon's CPU).
 WATCH_BOUNDS = "SELECT COALESCE((SELECT MAX(id) FROM change), 0), (SELECT MIN(id) FROM change)"
 
+
 class _SpecCache:
     """Every stored Topology's parsed spec, by (namespace, name), valid while its spec text is.
 
