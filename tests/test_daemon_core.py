@@ -311,15 +311,21 @@ def test_peer_backoff_doubles_up_to_a_minute_and_news_of_the_peer_ends_it() -> N
 
     now = [100.0]
     b = PeerBackoff(clock=lambda: now[0], rand=lambda: 0.0)  # no jitter (tests/test_peer_paging.py)
+
+    def waits(address: str, n: int, step: float, **kw: bool) -> list[float]:
+        out = []
+        for _ in range(n):
+            b.failed(address, **kw)
+            start = now[0]
+            while not b.due(address):
+                now[0] += step
+            out.append(round(now[0] - start, 3))
+        return out
+
     assert b.due("p:1")
-    waits = []
-    for _ in range(6):
-        b.failed("p:1")
-        start = now[0]
-        while not b.due("p:1"):
-            now[0] += 1.0
-        waits.append(now[0] - start)
-    assert waits == [5, 10, 20, 40, 60, 60]
+    assert waits("p:1", 6, 1.0, unreachable=True) == [5, 10, 20, 40, 60, 60]
+    # A peer that answered with an error is working: its first wait is short, then the same doubling.
+    assert waits("a:1", 9, 0.25) == [0.5, 1, 2, 4, 8, 16, 32, 60, 60]
     b.failed("p:1")
     assert not b.due("p:1") and b.due("other:1")
     b.back("p:1")
@@ -327,11 +333,9 @@ def test_peer_backoff_doubles_up_to_a_minute_and_news_of_the_peer_ends_it() -> N
     b.failed("p:1")  # the count goes on: news of the peer is not an answer from it
     assert not b.due("p:1")
     b.succeeded("p:1")
-    b.failed("p:1")
-    now0 = now[0]
-    while not b.due("p:1"):
-        now[0] += 1.0
-    assert now[0] - now0 == 5
+    assert waits("p:1", 1, 1.0, unreachable=True) == [5]
+    b.succeeded("p:1")
+    assert waits("p:1", 1, 0.25) == [0.5]
 
 
 def test_pod_without_topology_gets_exactly_the_eth0_result(node: Node, paper: PaperNetns) -> None:

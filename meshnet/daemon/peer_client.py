@@ -82,8 +82,12 @@ PEER_BATCH_MAX = 1024
 # A peer daemon that failed an update is asked again by the reconciler after 5 s, then 10, 20,
 # up to 60 s, each wait shortened by up to a quarter at random (PEER_RETRY_JITTER) so that the
 # nodes that lost the same peer do not all call it in the same instant; sooner once the store
-# shows it is back.
+# shows it is back. A peer that answered with an error (a VNI clash while two namespaces settle
+# their blocks, a pod not alive there yet) is working: what failed is usually fixed within a moment
+# by the peer's own pass, so its first wait is short (the doubling and the cap are the same). With
+# 5 s for those too, a clash of two namespaces coming up at once kept links in error for 8-10 s.
 PEER_RETRY_FIRST = 5.0
+PEER_RETRY_ANSWERED_FIRST = 0.5
 PEER_RETRY_MAX = 60.0
 PEER_RETRY_JITTER = 0.25
 
@@ -118,7 +122,8 @@ class PeerBackoff:
                 self._failed[address] = replace(old, unreachable=unreachable, error=error or old.error)
                 return
             count = (old.count if old is not None else 0) + 1
-            wait = min(PEER_RETRY_FIRST * 2 ** (count - 1), PEER_RETRY_MAX) * (1 - PEER_RETRY_JITTER * self._rand())
+            first = PEER_RETRY_FIRST if unreachable else PEER_RETRY_ANSWERED_FIRST
+            wait = min(first * 2 ** (count - 1), PEER_RETRY_MAX) * (1 - PEER_RETRY_JITTER * self._rand())
             self._failed[address] = _Failure(count, now + wait, unreachable, error)
 
     def answered(self, address: str) -> None:
