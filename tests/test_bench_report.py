@@ -30,8 +30,22 @@ def test_isp_rows_show_the_small_lab_per_link_and_the_daemons_ip_processes() -> 
          "small": {"routers": 40, "links": 48, "figure_s": 1.5, "per_link_ms": 31.2}}
     rows = rows_from({"isp3k": r})
     assert "50.0 ms per link; 31.2 ms per link at 40 routers" in rows[0]["what"]
-    assert "3.0 % of a core (1.5 % in its `ip` processes)" in rows[3]["figure"]
-    assert rows[1]["verdict"] == "met"
+    assert rows[1]["figure"] == "50.0 vs 31.2 ms" and rows[1]["ratio"] == "1.60×"
+    assert rows[1]["verdict"] == "**MISSED**"  # 1.6× dearer per link: not flat
+    assert "3.0 % of a core (1.5 % in its `ip` processes)" in rows[4]["figure"]
+    assert rows[2]["verdict"] == "met"
+    r["small"] = {**r["small"], "per_link_ms": 45.0}  # 1.11×: flat within this machine's noise
+    assert rows_from({"isp3k": r})[1]["verdict"] == "met"
+
+
+def test_isp_up_is_judged_against_twice_the_floor_plus_the_delegate_timed_alone() -> None:
+    r = {"routers": 750, "links": 900, "nodes": 3, "store": "sqlite", "per_link_ms": 26.0, "figure_s": 23.4,
+         "floor_s": 7.4, "ratio": 3.2, "down_s": 0.6, "routes_compute_s": 2.0, "routes_install_s": 9.0,
+         "peak_rss_mib": 90.0, "idle_cpu_per_daemon_pct": 1.0, "delegate_s": 9.0, "target_s": 23.8}
+    up = rows_from({"isp3s": r})[0]
+    assert up["target"] == "≤ 2× floor + eth0 delegate (9.000 s alone) = 23.800 s"
+    assert up["verdict"] == "met"
+    assert rows_from({"isp3s": {**r, "target_s": 20.0}})[0]["verdict"] == "**MISSED**"
 
 
 def test_the_figures_are_judged_against_issue_14s_raised_targets() -> None:
