@@ -4,7 +4,7 @@ A meshnetd inside a node namespace sees that namespace's own `lo`, so `127.0.0.1
 kubeconfig (kind, the tests' API server) is not there. This process listens on `127.0.0.1:<port>`
 inside each node namespace and relays every connection to the same address in its own namespace:
 a socket keeps the namespace it was created in, so one thread per node enters the node's namespace
-(`setns` changes only the calling thread), opens its listener there and comes back.
+(`setns` changes only the calling thread: meshnet.netns_thread) and opens its listener there.
 
     python -m meshnet.lab.forward --port 6443 mnl-lab-node0 mnl-lab-node1 ...
 
@@ -15,38 +15,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
-import os
 import socket
 import sys
 import threading
 from collections.abc import Sequence
 
-from meshnet.daemon.netns import NETNS_DIR
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from meshnet.netns_thread import in_each_netns
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def listen_in(netns: str, port: int, home_fd: int) -> socket.socket:
-    """A listener on 127.0.0.1:`port` inside `netns`; the calling thread ends up back home."""
-    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
-    try:
-        _setns(fd)
-        try:
-            sock = socket.create_server(("127.0.0.1", port), backlog=64)
-        finally:
-            _setns(home_fd)
-    finally:
-        os.close(fd)
-    return sock
+def listen_in(names: Sequence[str], port: int) -> list[socket.socket | OSError]:
+    """A listener on 127.0.0.1:`port` inside each named namespace (opened there by a throw-away
+    thread, so this process's own threads never leave home), or the error that namespace gave."""
+    return in_each_netns(names, lambda: socket.create_server(("127.0.0.1", port), backlog=64))
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -87,20 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("netns", nargs="+")
     a = p.parse_args(argv)
-    home_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     listeners: list[socket.socket] = []
-
-    def open_one(name: str) -> None:
-        listeners.append(listen_in(name, a.port, home_fd))
-
-    # Each listener is opened by a throw-away thread so the main thread never leaves home.
-    for name in a.netns:
-        t = threading.Thread(target=open_one, args=(name,))
-        t.start()
-        t.join()
-        if len(listeners) != a.netns.index(name) + 1:
-            print(f"cannot listen on 127.0.0.1:{a.port} in {name}", file=sys.stderr, flush=True)
+    for name, opened in zip(a.netns, listen_in(a.netns, a.port), strict=True):
+        if isinstance(opened, OSError):
+            print(f"cannot listen on 127.0.0.1:{a.port} in {name}: {opened}", file=sys.stderr, flush=True)
             return 1
+        listeners.append(opened)
     for listener in listeners:
         threading.Thread(target=_serve, args=(listener, a.port), daemon=True).start()
     print("ready", flush=True)
