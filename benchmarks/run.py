@@ -22,7 +22,6 @@ from typing import Any
 
 from benchmarks import cluster_scale, foundation, lab_bench, peer_batches, selfheal, shim_latency
 
-
 # "Cost per link flat from 40 to 750 routers" (issue 14 item 5), with room for this machine's noise
 # between two runs minutes apart: more than a quarter dearer per link is growth, not noise.
 PER_LINK_FLAT = 1.25
