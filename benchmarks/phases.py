@@ -112,6 +112,16 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far (/proc/stat): what the processes above
+    do not show (kernel threads finishing their work: namespace and device teardown, RCU; and on a
+    shared machine, other people's work)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / tick, idle / tick
+
+
 def cpu_report(lab: Lab, start: dict[str, Any]) -> dict[str, float]:
     """Who spent the machine's CPU from the first ADD on: the daemons (Python), what they ran (`ip`,
     `tc`, the eth0 delegate plugins; counted once reaped), this process (the lab's kubelet) and its
@@ -125,6 +135,9 @@ def cpu_report(lab: Lab, start: dict[str, Any]) -> dict[str, float]:
         "lab kubelet (this process)": me.ru_utime + me.ru_stime - self0.ru_utime - self0.ru_stime,
         "CNI binaries, nsenter, ip netns add": kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime,
     }
+    busy, idle = _machine_cpu()
+    out["machine busy (all processes, kernel threads)"] = busy - start["machine"][0]
+    out["machine idle"] = idle - start["machine"][1]
     out = {k: round(v, 2) for k, v in out.items()}
     wall = time.perf_counter() - start["wall"]
     print(f"CPU seconds from the first ADD until every link was up ({wall:.1f} s wall, {os.cpu_count()} cores):")
@@ -142,7 +155,8 @@ def _counted_from_first_add() -> Iterator[dict[str, Any]]:
 
     def counted(lab: Lab, pods: list[str], workers: int = 8) -> None:
         start.update(self=resource.getrusage(resource.RUSAGE_SELF), kids=resource.getrusage(resource.RUSAGE_CHILDREN),
-                     daemons=[_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], wall=time.perf_counter())
+                     daemons=[_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], machine=_machine_cpu(),
+                     wall=time.perf_counter())
         add_pods(lab, pods, workers)
 
     Lab.add_pods = counted  # type: ignore[method-assign,assignment]
