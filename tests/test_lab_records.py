@@ -249,3 +249,22 @@ def test_a_damaged_change_log_is_refused_naming_the_file(tmp_path: Path) -> None
     log.write_text('{"pod":"r1"}\n' + log.read_text())
     with pytest.raises(LabError, match=r"state file .*state.json is damaged .*change log line 1"):
         StateFile(names).reload()
+
+
+def test_the_kubelets_change_compares_only_its_own_pods_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Comparing every record with what was written cost 0.7 ms per change at 750 pods (the
+    lab's size again): a RecordWriter's write names the pods of its batch."""
+    names, file = _plain_file(tmp_path, 750)
+    asked: list[list[str] | None] = []
+    compare = LabState.changed_pods
+
+    def spy(self: LabState, memo: Any, among: Any = None) -> list[str]:
+        asked.append(None if among is None else list(among))
+        return compare(self, memo, among)
+
+    monkeypatch.setattr(LabState, "changed_pods", spy)
+    assert RecordWriter(names, file).record("r7", {"state": "up", "links": 3}).state == "up"
+    assert asked == [["r7"]]
+    back = StateFile(names).reload().pods["r7"]
+    assert (back.state, back.links) == ("up", 3)

@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,13 @@ class LabState:
         """Every field but the pods, as the state file holds them."""
         return json.dumps({k: v for k, v in vars(self).items() if k != "pods"}, separators=(",", ":"))
 
-    def changed_pods(self, memo: dict[str, tuple[dict[str, Any], str]]) -> list[str]:
-        """The records whose fields differ from what `memo` says was last written, each encoded
-        again into `memo` (see `save`)."""
+    def changed_pods(self, memo: dict[str, tuple[dict[str, Any], str]],
+                     among: Collection[str] | None = None) -> list[str]:
+        """The records (all, or those named in `among`) whose fields differ from what `memo` says
+        was last written, each encoded again into `memo` (see `save`)."""
         out = []
-        for name, rec in self.pods.items():
-            fields = vars(rec)
+        for name in self.pods if among is None else [p for p in dict.fromkeys(among) if p in self.pods]:
+            fields = vars(self.pods[name])
             hit = memo.get(name)
             if hit is None or hit[0] != fields:
                 memo[name] = (dict(fields), f"{json.dumps(name)}:{json.dumps(fields, separators=(',', ':'))}")
@@ -292,9 +293,11 @@ class StateFile:
                     self._fd = -1
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[LabState]:
+    def transaction(self, pods: Collection[str] | None = None) -> Iterator[LabState]:
         """Read the file again, let the caller change it, write it back: all under the lab's lock.
-        Nested in another transaction of this process, it is part of that one."""
+        Nested in another transaction of this process, it is part of that one. `pods`: the caller
+        changes only these pods' records (replacing fields, nothing else), so only they are
+        compared with what was written (every record compared cost 0.7 ms per change at 750 pods)."""
         with self.locked():
             inner = self._in_transaction
             if not inner and (self._state is None or not self.path.exists() or self._stamp() != self._loaded):
@@ -305,7 +308,7 @@ class StateFile:
             try:
                 yield self.state
                 if not inner:
-                    self._save()
+                    self._save(pods)
             finally:
                 self._in_transaction = inner
 
@@ -319,12 +322,12 @@ class StateFile:
         with self.locked():
             self._save()
 
-    def _save(self) -> None:
+    def _save(self, pods: Collection[str] | None = None) -> None:
         st = self.state
         head = st.head_json()
         if (head == self._head and not self._torn and list(st.pods) == self._names_written
                 and self._logged < max(64, len(st.pods))):
-            changed = st.changed_pods(self._memo)
+            changed = st.changed_pods(self._memo, pods)
             if changed:
                 try:
                     st.append_changes(self.path, changed, self._memo)
