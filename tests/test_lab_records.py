@@ -268,3 +268,16 @@ def test_the_kubelets_change_compares_only_its_own_pods_records(
     assert asked == [["r7"]]
     back = StateFile(names).reload().pods["r7"]
     assert (back.state, back.links) == ("up", 3)
+
+
+def test_a_record_another_process_changed_and_this_one_changed_back_is_written(tmp_path: Path) -> None:
+    names, a = _plain_file(tmp_path, 8)
+    b = StateFile(names)  # another process
+    with a.transaction(pods=["r1"]) as st:
+        st.pods["r1"].state = "up"
+    with b.transaction(pods=["r1"]) as st:
+        st.pods["r1"].state = "down"
+    with a.transaction(pods=["r1"]) as st:  # reads b's change, then sets what it had written before
+        assert st.pods["r1"].state == "down"
+        st.pods["r1"].state = "up"
+    assert StateFile(names).reload().pods["r1"].state == "up"

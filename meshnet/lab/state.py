@@ -258,6 +258,11 @@ class StateFile:
             self._loaded = self._stamp()
             state, self._logged, self._torn = LabState.load_counted(self.path)
             self._head, self._names_written = state.head_json(), list(state.pods)
+            # The memo says what the file holds, not what this process wrote last: a record
+            # another process changed, changed back here, must not look unchanged and be skipped.
+            state.changed_pods(self._memo)
+            for gone in set(self._memo) - set(state.pods):
+                del self._memo[gone]
             return state
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise LabError(f"lab {self._names.name}: state file {self.path} is damaged ({type(e).__name__}: {e}); "
@@ -348,3 +353,4 @@ class StateFile:
         """The lab is gone: the next access reads the file again (and finds none)."""
         self._state = None
         self._loaded = None
+        self._head = ""  # a lab made again under this name is written whole first
