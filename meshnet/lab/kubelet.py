@@ -124,7 +124,7 @@ class RecordWriter:
         change of the batch (each caller raises it)."""
         self.transactions += 1
         try:
-            with self._file.transaction() as st:
+            with self._file.transaction(pods=[c.pod for c in batch]) as st:
                 for c in batch:
                     rec = st.pods.get(c.pod)
                     if rec is None:
