@@ -26,7 +26,7 @@ from typing import Any
 from meshnet.cni.protocol import DEFAULT_BIN_DIR
 from meshnet.command import Command
 from meshnet.daemon.netns import NETNS_DIR
-from meshnet.executor import ExecError, Executor
+from meshnet.executor import Executor
 from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
 from meshnet.netns_thread import in_netns
 
@@ -314,20 +314,3 @@ class Kubelet:
             if node:
                 self._record(pod, node=node)
             return self._add(pod, self.retry_for)
-
-    def del_all(self) -> list[str]:
-        """DEL every pod that has a sandbox, 8 at a time; what failed, as `pod: error` lines."""
-        up = [r.name for r in self.file.reload().pods.values() if r.container_id]
-        problems: list[str] = []
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for pod, err in zip(up, pool.map(self._del_quietly, up), strict=True):
-                if err:
-                    problems.append(f"{pod}: {err}")
-        return problems
-
-    def _del_quietly(self, pod: str) -> str:
-        try:
-            self.del_pod(pod, remove_netns=False)
-        except (LabError, ExecError, OSError, subprocess.SubprocessError) as e:
-            return str(e)
-        return ""
