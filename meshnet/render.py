@@ -187,11 +187,17 @@ _SUBSTITUTED = frozenset({"uid", "netns", "intf", "mac", "node_netns", "mtu", "v
                           "uplink", "port", "parent"})
 _ADDRESSES = frozenset({"ip", "ips"})
 _MARK = re.compile("\x01([0-9]+)\x01")
-_Recipe = tuple[tuple[str | None, tuple[str, ...], str], ...]  # (netns, argv, tool) with marks
+# A recipe word: text as it is, the index of a value that is the whole word, or a word with marks
+# inside (a list of text pieces and indexes, joined once filled).
+_Word = str | int | list[str | int]
+_Recipe = tuple[tuple[_Word | None, tuple[_Word, ...], str], ...]  # (netns, argv, tool)
 _UNCACHEABLE: _Recipe = ()
 # By the template object (another templates directory, e.g. a test's, has its own recipes).
 _RECIPES: dict[tuple[jinja2.Template, Any], _Recipe] = {}
-_FIELDS: dict[type, tuple[str, ...]] = {}
+# Per plan type: its fields, each with how a shape treats it (see `_shape`).
+_SUB, _ADDR, _OTHER = 0, 1, 2
+_FIELDS: dict[type, tuple[tuple[str, int], ...]] = {}
+_RECORDS: dict[type, bool] = {}
 
 
 class _AddressMark:
@@ -207,50 +213,84 @@ class _AddressMark:
         return self.mark
 
 
-def _shape(value: Any, values: list[str]) -> tuple[Any, Any]:
-    """(shape key, probe) of a plan or an endpoint; the values taken out are appended to `values`."""
+def _is_record(t: type) -> bool:
+    known = _RECORDS.get(t)
+    if known is None:
+        known = _RECORDS[t] = dataclasses.is_dataclass(t)
+    return known
+
+
+def _shape(value: Any, values: list[str]) -> tuple[Any, ...]:
+    """The shape key of a plan or an endpoint; the values taken out are appended to `values` (in
+    the order `_probe` gives their marks)."""
     t = type(value)
-    names = _FIELDS.get(t)
-    if names is None:
-        names = _FIELDS[t] = tuple(f.name for f in dataclasses.fields(value))
-    fields = value.__dict__
+    fields = _FIELDS.get(t)
+    if fields is None:
+        fields = _FIELDS[t] = tuple((f.name, _SUB if f.name in _SUBSTITUTED else _ADDR if f.name in _ADDRESSES
+                                     else _OTHER) for f in dataclasses.fields(value))
+    own = value.__dict__
     key: list[Any] = [t]
-    changes: dict[str, Any] = {}
-    for n in names:
-        v = fields[n]
+    for n, how in fields:
+        v = own[n]
         tv = type(v)
-        if n in _SUBSTITUTED and v and (tv is str or tv is int):
-            values.append(str(v))
+        if how == _SUB and v and (tv is str or tv is int):
+            values.append(v if tv is str else str(v))
             key.append(tv)
-            changes[n] = f"\x01{len(values) - 1}\x01"
-        elif n in _ADDRESSES and v:
-            many = tv is tuple
-            marks = []
-            for a in v if many else (v,):
-                values.append(str(a))
-                marks.append(_AddressMark(f"\x01{len(values) - 1}\x01", a.version))
-            key.append(tuple(m.version for m in marks) if many else marks[0].version)
-            changes[n] = tuple(marks) if many else marks[0]
-        elif dataclasses.is_dataclass(v) and not isinstance(v, type) and n != "impairments":
-            k, changes[n] = _shape(v, values)
-            key.append(k)
+        elif how == _ADDR and v:
+            if tv is tuple:
+                values.extend(map(str, v))
+                key.append(tuple(a.version for a in v))
+            else:
+                values.append(str(v))
+                key.append(v.version)
+        elif n != "impairments" and _is_record(tv):
+            key.append(_shape(v, values))
         else:
             key.append(v)  # by value: a template may test it
-    probe = object.__new__(t)  # no __init__: a probe's marks are not valid values (and need not be)
-    probe.__dict__.update(fields, **changes)
-    return tuple(key), probe
+    return tuple(key)
 
 
-def _fill_marks(word: str, values: Sequence[str]) -> str:
-    if "\x01" not in word:
+def _probe(value: Any, count: list[int]) -> Any:
+    """`value` with a mark ("\x01N\x01") in place of each value `_shape` took out."""
+    changes: dict[str, Any] = {}
+    own = value.__dict__
+    for n, how in _FIELDS[type(value)]:
+        v = own[n]
+        tv = type(v)
+        if how == _SUB and v and (tv is str or tv is int):
+            changes[n] = f"\x01{count[0]}\x01"
+            count[0] += 1
+        elif how == _ADDR and v:
+            marks = []
+            for a in v if tv is tuple else (v,):
+                marks.append(_AddressMark(f"\x01{count[0]}\x01", a.version))
+                count[0] += 1
+            changes[n] = tuple(marks) if tv is tuple else marks[0]
+        elif n != "impairments" and _is_record(tv):
+            changes[n] = _probe(v, count)
+    probe = object.__new__(type(value))  # no __init__: a probe's marks are not valid values (need not be)
+    probe.__dict__.update(own, **changes)
+    return probe
+
+
+def _word(text: str) -> _Word:
+    if "\x01" not in text:
+        return text
+    pieces: list[str | int] = [int(p) if i % 2 else p for i, p in enumerate(_MARK.split(text))]
+    pieces = [p for p in pieces if p != ""]
+    return pieces[0] if len(pieces) == 1 and type(pieces[0]) is int else pieces
+
+
+def _filled(word: _Word, values: Sequence[str]) -> str:
+    if type(word) is str:
         return word
-    if word[0] == "\x01" and word[-1] == "\x01" and word.count("\x01") == 2:
-        return values[int(word[1:-1])]
-    return _MARK.sub(lambda m: values[int(m.group(1))], word)
+    if type(word) is int:
+        return values[word]
+    return "".join(p if type(p) is str else values[p] for p in word)  # type: ignore[union-attr, index]
 
 
 def _from_recipe(recipe: _Recipe, values: Sequence[str], uid: int, name: str) -> list[Command]:
-    return [Command(None if ns is None else _fill_marks(ns, values), tuple([_fill_marks(w, values) for w in argv]),
+    return [Command(None if ns is None else _filled(ns, values), tuple([_filled(w, values) for w in argv]),
                     uid, name, tool) for ns, argv, tool in recipe]
 
 
@@ -258,7 +298,7 @@ def _render_shaped(template: jinja2.Template, name: str, plan: LinkPlan) -> list
     """`_render_one`'s commands, from the recipe of the plan's shape when there is one."""
     values: list[str] = []
     try:
-        key, probe = _shape(plan, values)
+        key = _shape(plan, values)
         recipe = _RECIPES.get((template, key))
     except (TypeError, AttributeError):  # not a plain frozen dataclass (or an unhashable value)
         return _render_one(template, name, plan)
@@ -267,7 +307,8 @@ def _render_shaped(template: jinja2.Template, name: str, plan: LinkPlan) -> list
     commands = _render_one(template, name, plan)
     if recipe is None:  # the shape's first link: try a recipe, kept only if it renders this link exactly
         try:
-            made = tuple((c.netns, c.argv, c.tool) for c in _render_one(template, name, probe))
+            made: _Recipe = tuple((None if c.netns is None else _word(c.netns), tuple(map(_word, c.argv)), c.tool)
+                                  for c in _render_one(template, name, _probe(plan, [0])))
             ok = _from_recipe(made, values, plan.uid, name) == commands
         except Exception:  # a template that asks more of a mark than printing it: no recipe
             ok = False
