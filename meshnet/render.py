@@ -20,7 +20,7 @@ import jinja2
 from meshnet import naming
 from meshnet.command import Command
 from meshnet.model import IPInterface, format_percent, format_rate, format_time
-from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan
+from meshnet.plan import ALL_CAPABILITIES, Capabilities, Endpoint, LinkPlan, MacvlanPlan, VethPlan, VxlanPlan
 
 _UNSAFE = re.compile(r"['\"\\#;]")
 HERE = "."  # the namespace the executor runs in (the node's)
@@ -346,6 +346,24 @@ def render_end_change(end: Endpoint, uid: int, *, added: Sequence[IPInterface] =
     """`ip` lines that change a live end in place: addresses and administrative state."""
     return _render_text("end/change.j2", uid, "ip", end=end, added=list(added), removed=list(removed),
                         state=state)
+
+
+def warm() -> None:
+    """Compile every link template and render a made-up link of each kind once, output discarded.
+
+    meshnetd calls this on a thread of its own while it starts. The first rendering in a process
+    compiles the templates and the macros they import, and takes Jinja's runtime through its
+    first calls: 1500 veths took ~30-50 ms longer in a fresh daemon's first ADD than in the next.
+    """
+    from ipaddress import ip_interface
+
+    a = Endpoint("mnw-a", "eth1", ip_interface("192.0.2.1/30"), "02:00:00:00:00:01")
+    b = Endpoint("mnw-b", "eth1", ip_interface("192.0.2.2/30"), "02:00:00:00:00:02")
+    made_up: list[LinkPlan] = [VethPlan(1, a, b, "mnw-node", 1500),
+                               VxlanPlan(2, a, 4096, "192.0.2.5", "192.0.2.6", "eth0", None, 1450),
+                               MacvlanPlan(3, a, "eth0", None, 1500)]
+    for action in ACTIONS:
+        render(made_up, action)
 
 
 def render_link(plan: LinkPlan, action: str, caps: Capabilities = ALL_CAPABILITIES) -> list[Command]:

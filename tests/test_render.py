@@ -257,3 +257,17 @@ def test_link_templates_only_print_the_values_recipes_fill_in() -> None:
                 if field in render._SUBSTITUTED:
                     assert re.fullmatch(r"(not\s+)?[\w.]+", cond.strip()), f"{path.name}: {cond!r} compares {field}"
     assert {"mac", "mtu", "state", "version"} <= checked  # the scan does see the templates' tests
+
+
+def test_warm_compiles_every_link_template_and_renders_each_kind() -> None:
+    """meshnetd warms the renderer while it starts: afterwards every link template is compiled
+    (in the environment's cache) and each kind has a recipe, so a first ADD renders warm."""
+    env = render.environment(str(render.templates_dir()))
+    env.cache.clear()  # type: ignore[union-attr]
+    render._RECIPES.clear()
+    render.warm()
+    compiled = {t.name for t in env.cache.values()}  # type: ignore[union-attr]
+    assert {f"{k}/{a}.j2" for k in render.KINDS for a in render.ACTIONS} <= compiled
+    assert "_macros.j2" in compiled
+    made = {t.name for (t, _), recipe in render._RECIPES.items() if recipe}
+    assert {f"{k}/add.j2" for k in render.KINDS} <= made
