@@ -213,19 +213,22 @@ def vxlan_mtu(link: Link, node: NodeInfo) -> int:
 def plan_link(topo: Topology, link: Link, netns: str, node: NodeInfo,
               peer: PodState | None) -> LinkPlan | Pending | tuple[VxlanPlan, RemoteEnd]:
     """Decide one link of pod `topo.name` (namespace `netns`, on `node`)."""
-    local = endpoint(netns, topo.namespace, topo.name, link)
     if link.is_macvlan:
         # A refused parent fails the pod's ADD (check_macvlan_parents); a spec changed later while
         # the pod runs leaves the link pending with the reason, never built.
         why = macvlan_parent_problem(link.peer_intf, node)
         if why:
             return Pending(link.uid, link.peer_pod, why)
-        return MacvlanPlan(link.uid, local, link.peer_intf, node.netns, link.mtu)
+        return MacvlanPlan(link.uid, endpoint(netns, topo.namespace, topo.name, link), link.peer_intf, node.netns,
+                           link.mtu)
     if peer is not None and peer.problems:
         # A refused status (forged or corrupt) never reaches a command; the link says why it waits.
         return Pending(link.uid, link.peer_pod, f"peer pod {link.peer_pod}'s status is refused: {peer.problems[0]}")
     if peer is None or not peer.alive:
         return Pending(link.uid, link.peer_pod, pending_reason(link.peer_pod))
+    # Made only for a link that is built: a pod whose peers are not up yet (every link pending,
+    # e.g. 1500 of them at the first ADD of two) pays no MAC digest per link.
+    local = endpoint(netns, topo.namespace, topo.name, link)
     if peer.node == node.name:
         theirs = peer.link(link.uid)
         if theirs is not None and theirs.local_intf == link.peer_intf and theirs.peer_pod == topo.name:

@@ -168,3 +168,24 @@ def test_a_batch_is_refused_whole_before_its_first_command_runs(fp: FakeProcess)
     with pytest.raises(UnsafeCommand):
         Executor().apply([*good, *bad])
     assert not fp.calls
+
+
+@pytest.mark.parametrize("value", ["", "-x", "-", "a b", "a\tb", "a\nb", "x#", "a'b", 'a"b', "a\\b", "a;b", "\x85",
+                                   "\x00", "a-b", "ok", "é", "eth0", "10.0.0.1/30", 5, b"x", None])
+def test_the_whole_command_check_refuses_what_the_word_check_refuses(value: object) -> None:
+    """Commands are checked a batch (and a line) at a time first (the usual line is plain words);
+    whatever that lets through, the word-by-word check (which names the value) would too."""
+    from meshnet.executor import _value_problem, check_commands
+    bad = _value_problem(value) is not None
+    for argv, netns in (((value, "set", "eth1", "up"), "pa"), (("link", "set", "eth1", value), None),
+                        (("link", "set", "eth1", "up"), value)):
+        command = Command(netns, argv, template="veth/add.j2")  # type: ignore[arg-type]
+        if netns is None and value is None:
+            continue
+        fine = Command("pb", ("link", "set", "eth2", "up"), template="veth/add.j2")
+        for batch in ([command], [fine, command, fine]):
+            if bad:
+                with pytest.raises(UnsafeCommand):
+                    check_command(command) if len(batch) == 1 else check_commands(batch)
+            else:
+                check_command(command) if len(batch) == 1 else check_commands(batch)

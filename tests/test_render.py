@@ -186,3 +186,88 @@ def test_rendering_does_not_look_up_the_templates_directory_again(monkeypatch: p
     for _ in range(3):
         assert render_link(VETH, "add") == render_link(VETH, "add")
     assert calls == []
+
+
+def _plans_of_many_shapes() -> list[VethPlan | VxlanPlan | MacvlanPlan]:
+    from meshnet.model import Impairments
+    v4 = [ipaddress.ip_interface(f"10.1.{i}.1/30") for i in range(4)]
+    v6 = [ipaddress.ip_interface(f"2001:db8:{i}::1/64") for i in range(4)]
+    plans: list[VethPlan | VxlanPlan | MacvlanPlan] = []
+    for i in range(4):
+        a = Endpoint(f"pa{i}", f"eth{i + 1}", v4[i], mac=f"02:00:00:00:00:0{i}" if i % 2 else "")
+        b = Endpoint(f"pb{i}", f"e{i}", v6[i], ips=tuple(v4[:i]), state="down" if i == 2 else "up",
+                     impairments=Impairments(delay=1000 * (i + 1)) if i == 3 else None)
+        plans.append(VethPlan(100 + i, a, b, None if i == 1 else f"node{i}", 1500 + i))
+        plans.append(VxlanPlan(200 + i, b, 4096 + i, f"198.51.100.{i + 2}", "198.51.100.1", f"up{i}", None, 1450 + i))
+        plans.append(MacvlanPlan(300 + i, Endpoint(f"pm{i}", f"m{i}", None if i % 2 else v4[i]), f"par{i}",
+                                 f"node{i}", None if i % 2 else 9000))
+    return plans
+
+
+@pytest.mark.parametrize("action", render.ACTIONS)
+def test_links_of_one_shape_render_from_a_recipe_exactly_as_alone(action: str) -> None:
+    """Links that differ only in printed values (names, addresses, numbers) are rendered from their
+    shape's recipe; links that differ in anything a template tests (an empty MAC, a family, a down
+    end, impairments, no node namespace) get their own. Either way: line for line what rendering
+    each link alone through its template gives."""
+    render._RECIPES.clear()
+    plans = _plans_of_many_shapes() * 2
+    want = []
+    for p in plans:
+        template, name = render._template(action, p.kind)
+        want += render._render_one(template, name, p)
+    got = render.render(plans, action, render.ALL_CAPABILITIES)
+    assert [c for c in got if c.tool == "ip"] == want
+    assert [c.template for c in got if c.tool == "ip"] == [c.template for c in want]
+    assert any(render._RECIPES.values()), "no recipe was made: the fast path went untested"
+
+
+def test_a_recipe_is_refused_when_the_template_tests_a_printed_value(tmp_path: Path) -> None:
+    """A template that branches on a value the recipes print (here the MTU) gets no recipe: the
+    shape's first link checks its recipe against its own rendering, and links that follow are
+    rendered one by one (the MTU 9000 link below keeps its jumbo line)."""
+    (tmp_path / "veth").mkdir()
+    (tmp_path / "veth" / "add.j2").write_text(
+        "[{{ node }}] link add {{ link.a.intf }} type dummy\n"
+        "{% if link.mtu > 1500 %}[{{ node }}] link set {{ link.a.intf }} mtu {{ link.mtu }}\n{% endif %}")
+    render._RECIPES.clear()
+    env = render.environment(str(tmp_path))
+    template = env.get_template("veth/add.j2")
+    small = VethPlan(1, Endpoint("pa", "eth1", None), Endpoint("pb", "eth1", None), None, 1500)
+    jumbo = VethPlan(2, Endpoint("pa", "eth2", None), Endpoint("pb", "eth2", None), None, 9000)
+    assert len(render._render_shaped(template, "veth/add.j2", small)) == 1
+    assert [c.argv for c in render._render_shaped(template, "veth/add.j2", jumbo)] == [
+        ("link", "add", "eth2", "type", "dummy"), ("link", "set", "eth2", "mtu", "9000")]
+    assert list(render._RECIPES.values()) == [render._UNCACHEABLE]
+
+
+def test_link_templates_only_print_the_values_recipes_fill_in() -> None:
+    """A recipe holds for every link of a shape only if the templates never compare a value it
+    fills in (a name, an address, a number): they may print it, or test whether it is set."""
+    import re
+    tests = re.compile(r"{%-?\s*(?:if|elif)\s+(.*?)\s*-?%}|{{[^}]*\bif\s+(.*?)\s+else\b")
+    checked = set()
+    for path in [*sorted(render.templates_dir().glob("*/*.j2")), render.templates_dir() / "_macros.j2"]:
+        if path.parent.name in ("tc", "end"):
+            continue  # rendered per end, not from recipes
+        for m in tests.finditer(path.read_text()):
+            for cond in re.split(r"\s+(?:and|or)\s+", m.group(1) or m.group(2)):
+                field = cond.strip().removeprefix("not ").split(".")[-1].split()[0]
+                checked.add(field)
+                if field in render._SUBSTITUTED:
+                    assert re.fullmatch(r"(not\s+)?[\w.]+", cond.strip()), f"{path.name}: {cond!r} compares {field}"
+    assert {"mac", "mtu", "state", "version"} <= checked  # the scan does see the templates' tests
+
+
+def test_warm_compiles_every_link_template_and_renders_each_kind() -> None:
+    """meshnetd warms the renderer while it starts: afterwards every link template is compiled
+    (in the environment's cache) and each kind has a recipe, so a first ADD renders warm."""
+    env = render.environment(str(render.templates_dir()))
+    env.cache.clear()  # type: ignore[union-attr]
+    render._RECIPES.clear()
+    render.warm()
+    compiled = {t.name for t in env.cache.values()}  # type: ignore[union-attr]
+    assert {f"{k}/{a}.j2" for k in render.KINDS for a in render.ACTIONS} <= compiled
+    assert "_macros.j2" in compiled
+    made = {t.name for (t, _), recipe in render._RECIPES.items() if recipe}
+    assert {f"{k}/add.j2" for k in render.KINDS} <= made

@@ -203,3 +203,76 @@ def test_the_watch_poll_searches_the_change_log_index_and_never_scans_it(tmp_pat
         store.close()
     assert "SCAN change" not in plan, plan
     assert plan.count("SEARCH change") == 2, plan
+
+
+def test_a_watch_takes_its_own_process_status_writes_without_parsing_them(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's own watch (the daemon's informer) gets the status it wrote as written, not
+    parsed again; a write from another process sharing the file, and a change row whose text is
+    not the one written here (e.g. another writer reused a rolled-back id), are parsed as ever."""
+    db = tmp_path / "store.db"
+    store = SqliteStore(db)
+    store.apply(topo("r1"))
+    parsed: list[str] = []
+    real = sqlite_store._status
+    monkeypatch.setattr(sqlite_store, "_status", lambda ns, name, text: parsed.append(text) or real(ns, name, text))
+    stop = False
+    events = store.watch(stop=lambda: stop, timeout=0.2)
+    mine = store.update_status("default", "r1", set_container_id("mine"))
+    assert mine is not None
+    parsed.clear()  # the reads before the write
+    got = next(events).topology
+    assert got.status == mine.status and parsed == []  # the status written, not parsed again
+    other = SqliteStore(db)  # another store object: what another process's write looks like here
+    theirs = other.update_status("default", "r1", set_container_id("theirs"))
+    assert theirs is not None
+    parsed.clear()  # the other store's own read before its write
+    got = next(events).topology
+    assert got.status == theirs.status and parsed == [sqlite_store._dumps(theirs.status.to_api())]
+    # An id this store wrote under, whose row holds another text: parsed, not taken from memory.
+    again = store.update_status("default", "r1", set_container_id("again"), known=got)
+    assert again is not None
+    store._own[int(again.resource_version)] = ("{}", TopologyStatus(container_id="not this"))
+    parsed.clear()
+    got = next(events).topology
+    assert got.status.container_id == "again" and len(parsed) == 1
+    stop = True
+    other.close()
+    store.close()
+
+
+def test_short_lived_threads_leave_no_connection_open(tmp_path: Path) -> None:
+    """meshnetd serves every CNI call on a new thread: the store's connections come from a pool
+    and go back to it, so 50 calls leave a few open (the file's descriptors counted), not 50 (a
+    connection kept per thread stayed open after its thread was gone). Several at once still work."""
+    import os
+    import threading
+
+    store = SqliteStore(tmp_path / "store.db")
+    store.apply(topo("r1"))
+
+    def open_files() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "store.db")))
+
+    before = open_files()
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            store.update_status("default", "r1", lambda t: replace(t.status, node=f"n{i}"))
+            assert store.get("default", "r1") is not None
+        except BaseException as e:
+            errors.append(e)
+
+    for batch in range(10):
+        threads = [threading.Thread(target=call, args=(batch * 5 + i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    # One connection holds the database file and its WAL open (the -shm is mapped, not an fd).
+    assert open_files() - before <= 8  # the pool's idle connections (KEEP_FREE), database and WAL each
+    store.close()
+    assert open_files() == 0

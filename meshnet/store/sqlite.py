@@ -138,6 +138,10 @@ class _SpecCache:
         return len(self._entries)
 
 
+# Idle connections the store keeps open for its next reads and writes (more are opened while more
+# threads use the store at once, and closed again after use).
+KEEP_FREE = 4
+
 _backoff = functools.partial(backoff, first=0.0005, doublings=6)
 
 
@@ -146,11 +150,17 @@ class SqliteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[sqlite3.Connection] = []  # every open one (close() closes them)
+        self._free: list[sqlite3.Connection] = []  # those not in use, at most KEEP_FREE
         self._lock = threading.Lock()
         self._closed = False
         self._specs = _SpecCache()
+        # The statuses this process wrote, by the change id they were written under, until its own
+        # watch takes them: a status-only change row whose text is the one written here is this
+        # status, and a watch in the writing process (the daemon's informer, whose cache holds the
+        # written copy already) need not parse it again (a 1500-link status: ~12 ms of the ADD's
+        # wait for its cache). Another process's watch, or another text, is parsed as ever.
+        self._own: dict[int, tuple[str, TopologyStatus]] = {}
         # Set after each write this process commits: its watches look at once instead of at their
         # next poll (a daemon's ADD waits for its cache to hold its own write; other processes'
         # writes are still found by polling).
@@ -183,10 +193,16 @@ class SqliteStore:
             raise
         return db
 
-    def _db(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StoreError(f"sqlite store {self.path} is closed")
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one read or write, from the pool. Not one per thread: meshnetd serves
+        every CNI call on a thread of its own, and a connection kept per thread stayed open, with
+        its page cache, after the thread was gone (one more per ADD), and each call paid for
+        opening one."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"sqlite store {self.path} is closed")
+            db = self._free.pop() if self._free else None
         if db is None:
             try:
                 db = self._connect()
@@ -194,44 +210,53 @@ class SqliteStore:
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
             with self._lock:
                 self._connections.append(db)
-            self._local.db = db
-        return db
+        try:
+            yield db
+        finally:
+            with self._lock:
+                keep = not self._closed and not db.in_transaction and len(self._free) < KEEP_FREE
+                if keep:
+                    self._free.append(db)
+                elif db in self._connections:
+                    self._connections.remove(db)
+            if not keep:
+                db.close()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One consistent snapshot (a read transaction) for several SELECTs."""
-        db = self._db()
-        try:
-            db.execute("BEGIN")
+        with self._db() as db:
             try:
-                yield db
-            finally:
-                db.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+                db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write: no upgrade deadlock
+        with self._db() as db:
             try:
-                yield db
-                db.execute("COMMIT")
-                with self._written:
-                    self._writes += 1
-                    self._written.notify_all()
-            except BaseException:
-                if db.in_transaction:  # also after a failed COMMIT: the connection must stay usable
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+                db.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write: no upgrade deadlock
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                    with self._written:
+                        self._writes += 1
+                        self._written.notify_all()
+                except BaseException:
+                    if db.in_transaction:  # also after a failed COMMIT: the connection must stay usable
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            connections, self._connections = self._connections, []
+            connections, self._connections, self._free = self._connections, [], []
         for db in connections:
             db.close()
 
@@ -247,7 +272,8 @@ class SqliteStore:
 
     def get(self, namespace: str, name: str) -> Topology | None:
         try:
-            return self._get(self._db(), namespace, name)
+            with self._db() as db:
+                return self._get(db, namespace, name)
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
 
@@ -263,7 +289,8 @@ class SqliteStore:
 
     def list(self, namespace: str | None = None) -> list[Topology]:
         try:
-            return self._list(self._db(), namespace)
+            with self._db() as db:
+                return self._list(db, namespace)
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
 
@@ -339,6 +366,11 @@ class SqliteStore:
             version = self._log_change(db, "MODIFIED", ns, name, None, status_json)
             db.execute("UPDATE topology SET status = ?, resource_version = ? WHERE namespace = ? AND name = ?",
                        (status_json, version, ns, name))
+            # Before the commit wakes the watch. A rolled-back id may be used again by another
+            # write: the text, compared when taken, tells.
+            if len(self._own) >= 256:  # no watch in this process takes them
+                self._own.clear()
+            self._own[version] = (status_json, status)
         return replace(current, status=status, resource_version=str(version))
 
     # -- watch -------------------------------------------------------------------------------------
@@ -361,11 +393,13 @@ class SqliteStore:
         if spec is None:
             seen = known.get((namespace, name))
             if seen is not None:
-                return replace(seen, status=_status(namespace, name, status),
-                               resource_version=str(change_id))
+                own = self._own.pop(change_id, None)
+                parsed = own[1] if own is not None and own[0] == status else _status(namespace, name, status)
+                return replace(seen, status=parsed, resource_version=str(change_id))
             try:
-                row = self._db().execute("SELECT spec FROM topology WHERE namespace = ? AND name = ?",
-                                         (namespace, name)).fetchone()
+                with self._db() as db:
+                    row = db.execute("SELECT spec FROM topology WHERE namespace = ? AND name = ?",
+                                     (namespace, name)).fetchone()
             except sqlite3.Error as e:
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
             if row is None:
