@@ -259,6 +259,28 @@ def test_link_templates_only_print_the_values_recipes_fill_in() -> None:
     assert {"mac", "mtu", "state", "version"} <= checked  # the scan does see the templates' tests
 
 
+def test_link_templates_print_the_values_recipes_fill_in_as_they_are() -> None:
+    """The other half of the rule: a filled-in value is printed bare (`{{ link.a.intf }}`), never
+    through a filter, a slice or arithmetic, which a recipe's mark would pass through unchanged
+    while the real value would not (`{{ intf[:8] }}` of the first link checks out; of a longer name
+    it would not)."""
+    import re
+    printed = re.compile(r"{{-?\s*(.*?)\s*-?}}")
+    names = re.compile(r"[A-Za-z_][\w.]*")
+    seen = set()
+    for path in [*sorted(render.templates_dir().glob("*/*.j2")), render.templates_dir() / "_macros.j2"]:
+        if path.parent.name in ("tc", "end"):
+            continue  # rendered per end, not from recipes
+        for m in printed.finditer(path.read_text()):
+            expr = m.group(1)
+            for name in names.findall(expr):
+                field = name.split(".")[-1]
+                if field in render._SUBSTITUTED:
+                    seen.add(field)
+                    assert re.fullmatch(r"[\w.]+", expr), f"{path.name}: {{{{ {expr} }}}} does more than print {field}"
+    assert {"intf", "netns", "mtu", "vni", "mac"} <= seen  # the scan does see the templates' prints
+
+
 def test_warm_compiles_every_link_template_and_renders_each_kind() -> None:
     """meshnetd warms the renderer while it starts: afterwards every link template is compiled
     (in the environment's cache) and each kind has a recipe, so a first ADD renders warm."""
