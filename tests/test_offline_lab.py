@@ -46,6 +46,12 @@ def _leases(lab: Lab, container_id: str) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.is_file() and container_id in p.read_text(errors="replace"))
 
 
+def _configured(lab: Lab, pod: str, intf: str, address: str) -> bool:
+    entry = lab.kernel_links(lab.pod_netns(pod)).get(intf)
+    return entry is not None and "UP" in entry.get("flags", ()) and address in {
+        f"{a.get('local')}/{a.get('prefixlen')}" for a in entry.get("addr_info", ())}
+
+
 def _wait(cond: object, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,8 +103,10 @@ def test_daemon_down_del_completes_and_pods_without_topology_start(tmp_path: Pat
         # ... and once the daemon is back, the link is built for the running sandbox.
         lab.start_daemon("node0")
         lab.wait_daemon("node0")
-        assert _wait(lambda: "eth1" in lab.kernel_links(lab.pod_netns("r3"))
-                     and "eth2" in lab.kernel_links(lab.pod_netns("r1"))), lab.kernel_links(lab.pod_netns("r3"))
+        # Addressed and up, not only made: the veth pair comes first, each end's address and `up`
+        # in a batch of its own namespace after it (a ping in between: "Network is unreachable").
+        assert _wait(lambda: _configured(lab, "r3", "eth1", "13.13.13.3/24")
+                     and _configured(lab, "r1", "eth2", "13.13.13.1/24")), lab.kernel_links(lab.pod_netns("r3"))
         ping = subprocess.run(["ip", "netns", "exec", lab.pod_netns("r3"), "ping", "-c1", "-W2", "13.13.13.1"],
                               capture_output=True, check=False)
         assert ping.returncode == 0, ping.stdout
