@@ -284,10 +284,16 @@ def assert_healthy(lab: Lab, **kwargs: Any) -> None:
     assert failed_pings(lab) == []
 
 
+# Flags the kernel sets as the carrier comes and goes, not anything meshnet did: an eth0 a moment
+# after its ADD may still show NO-CARRIER (its bridge port not up yet), and then not.
+_CARRIER_FLAGS = frozenset({"NO-CARRIER", "LOWER_UP"})
+
+
 def snapshot(lab: Lab) -> dict[str, dict[str, tuple[Any, ...]]]:
     """Identity of every interface of every up pod: a change of anything shows (re-created links get
-    new ifindexes)."""
-    return {r.name: {n: (e.get("ifindex"), _kind(e), tuple(sorted(_addresses(e))), tuple(e.get("flags", ())))
+    new ifindexes; the carrier's own coming and going aside)."""
+    return {r.name: {n: (e.get("ifindex"), _kind(e), tuple(sorted(_addresses(e))),
+                         tuple(f for f in e.get("flags", ()) if f not in _CARRIER_FLAGS))
                      for n, e in lab.kernel_links(r.netns).items()}
             for r in lab.state.pods.values() if r.state == "up"}
 
