@@ -54,7 +54,10 @@ def _links(netns: str | None) -> dict[str, tuple[Any, ...]]:
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
     return {e["ifname"]: (e.get("ifindex"), e.get("linkinfo", {}).get("info_kind", ""),
                           tuple(sorted(f"{a.get('local')}/{a.get('prefixlen')}" for a in e.get("addr_info", ()))),
-                          tuple(e.get("flags", ())), e.get("group"))
+                          # the carrier's own coming and going aside (a bridge without an up
+                          # port shows NO-CARRIER): nothing meshnet did
+                          tuple(f for f in e.get("flags", ()) if f not in ("NO-CARRIER", "LOWER_UP")),
+                          e.get("group"))
             for e in json.loads(out or "[]")
             # The bridge plugin's host ends of pods' eth0: a pod restart makes r1's anew, by design.
             if not (netns is not None and e.get("master") == BRIDGE
