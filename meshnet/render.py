@@ -351,7 +351,7 @@ def render_end_change(end: Endpoint, uid: int, *, added: Sequence[IPInterface] =
 def warm() -> None:
     """Compile every link template and render a made-up link of each kind once, output discarded.
 
-    meshnetd calls this on a thread of its own while it starts. The first rendering in a process
+    meshnetd calls this on a thread of its own once its first pass is done. The first rendering in a process
     compiles the templates and the macros they import, and takes Jinja's runtime through its
     first calls: 1500 veths took ~30-50 ms longer in a fresh daemon's first ADD than in the next.
     """

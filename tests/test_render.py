@@ -241,15 +241,20 @@ def test_a_recipe_is_refused_when_the_template_tests_a_printed_value(tmp_path: P
     assert list(render._RECIPES.values()) == [render._UNCACHEABLE]
 
 
+def _recipe_templates() -> list[Path]:
+    """The link templates (and their macros) that recipes are made from; the per-end ones (tc,
+    end) are rendered end by end."""
+    root = render.templates_dir()
+    return [p for p in [*sorted(root.glob("*/*.j2")), root / "_macros.j2"] if p.parent.name not in ("tc", "end")]
+
+
 def test_link_templates_only_print_the_values_recipes_fill_in() -> None:
     """A recipe holds for every link of a shape only if the templates never compare a value it
     fills in (a name, an address, a number): they may print it, or test whether it is set."""
     import re
     tests = re.compile(r"{%-?\s*(?:if|elif)\s+(.*?)\s*-?%}|{{[^}]*\bif\s+(.*?)\s+else\b")
     checked = set()
-    for path in [*sorted(render.templates_dir().glob("*/*.j2")), render.templates_dir() / "_macros.j2"]:
-        if path.parent.name in ("tc", "end"):
-            continue  # rendered per end, not from recipes
+    for path in _recipe_templates():
         for m in tests.finditer(path.read_text()):
             for cond in re.split(r"\s+(?:and|or)\s+", m.group(1) or m.group(2)):
                 field = cond.strip().removeprefix("not ").split(".")[-1].split()[0]
@@ -268,9 +273,7 @@ def test_link_templates_print_the_values_recipes_fill_in_as_they_are() -> None:
     printed = re.compile(r"{{-?\s*(.*?)\s*-?}}")
     names = re.compile(r"[A-Za-z_][\w.]*")
     seen = set()
-    for path in [*sorted(render.templates_dir().glob("*/*.j2")), render.templates_dir() / "_macros.j2"]:
-        if path.parent.name in ("tc", "end"):
-            continue  # rendered per end, not from recipes
+    for path in _recipe_templates():
         for m in printed.finditer(path.read_text()):
             expr = m.group(1)
             for name in names.findall(expr):
@@ -282,7 +285,7 @@ def test_link_templates_print_the_values_recipes_fill_in_as_they_are() -> None:
 
 
 def test_warm_compiles_every_link_template_and_renders_each_kind() -> None:
-    """meshnetd warms the renderer while it starts: afterwards every link template is compiled
+    """meshnetd warms the renderer once its first pass is done: afterwards every link template is compiled
     (in the environment's cache) and each kind has a recipe, so a first ADD renders warm."""
     env = render.environment(str(render.templates_dir()))
     env.cache.clear()  # type: ignore[union-attr]
