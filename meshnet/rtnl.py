@@ -198,6 +198,10 @@ def _dump(sock: socket.socket, request: bytes, seq: int) -> Iterator[tuple[bytes
                 continue  # not an answer to this request
             interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
             if kind == NLMSG_DONE:
+                # A dump that failed on its way (e.g. a filter naming a gone interface) says so here.
+                code = _S32.unpack_from(data, body)[0] if end - body >= 4 else 0
+                if code < 0:
+                    raise OSError(-code, f"netlink dump: error {-code}")
                 if interrupted:
                     raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
                 return
@@ -374,6 +378,114 @@ def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[st
 
 
 CHUNK = 64
+
+
+# --- some interfaces of one namespace: what a peer call or a race needs ----------------------------
+
+SOL_NETLINK = 270
+NETLINK_GET_STRICT_CHK = 12  # the kernel honours a dump request's filters (an address dump's ifindex)
+_GET_BATCH = 64  # link requests sent at once (their answers queue on the socket)
+
+
+def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[str, dict[str, Any]] | OSError:
+    """{ifname: entry} for the named interfaces of one namespace (an absent one left out), each
+    entry as `views` gives it, or the OSError the namespace gave.
+
+    Asked interface by interface (one RTM_GETLINK by name, one address dump per family filtered to
+    its index), so the cost follows the names asked, not the namespace: a peer call's page of 512
+    ends in a namespace of 1500 read the whole namespace each time. And no dump spans the
+    namespace: the kernel marks a namespace-wide IPv6 address dump interrupted while it runs
+    duplicate address detection on hundreds of new interfaces (every change bumps the family's
+    generation), which made such reads fall back to `ip` for a second; one interface's dump fits
+    in one message batch and is read again if it is marked all the same."""
+    try:
+        sock: socket.socket = in_netns(netns, _open)
+    except OSError as e:
+        return e
+    with sock:
+        try:
+            sock.settimeout(timeout)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            found = _get_links(sock, list(dict.fromkeys(names)))
+            for name, entry in list(found.items()):
+                addrs = _addresses_of(sock, entry["ifindex"], tries)
+                if addrs is None:
+                    del found[name]  # deleted since its link was read: absent, as a later dump would say
+                else:
+                    entry["addr_info"] = addrs
+            return found
+        except OSError as e:
+            return e
+
+
+def _get_links(sock: socket.socket, names: list[str]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    mask = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+    for first in range(0, len(names), _GET_BATCH):
+        chunk = names[first:first + _GET_BATCH]
+        requests = []
+        for i, name in enumerate(chunk):
+            raw = name.encode() + b"\0"
+            attr = _RTATTR.pack(4 + len(raw), IFLA_IFNAME) + raw + b"\0" * (_align(len(raw)) - len(raw))
+            payload = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr + mask
+            requests.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), RTM_GETLINK, NLM_F_REQUEST,
+                                           _SEQ_BASE + i, 0) + payload)
+        sock.send(b"".join(requests))
+        waiting = set(range(_SEQ_BASE, _SEQ_BASE + len(chunk)))
+        while waiting:
+            data = sock.recv(_RECV)
+            if not data:
+                raise OSError("netlink: no answer to a link request")
+            for kind, _flags, body, end in _messages(data):
+                seq = _NLMSGHDR.unpack_from(data, body - _NLMSGHDR.size)[3] if end > body else -1
+                if seq not in waiting:
+                    if kind == NLMSG_ERROR and end == body:
+                        raise OSError("netlink: truncated answer")
+                    continue  # not an answer to these requests
+                waiting.discard(seq)
+                if kind == NLMSG_ERROR:
+                    code = _S32.unpack_from(data, body)[0] if end - body >= 4 else -1
+                    if code == -errno.ENODEV:
+                        continue  # no such interface
+                    raise OSError(-code if code < 0 else errno.EIO, f"netlink: link {chunk[seq - _SEQ_BASE]!r}: "
+                                                                   f"error {-code}")
+                if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None \
+                        and entry["ifname"] == chunk[seq - _SEQ_BASE]:
+                    found[entry["ifname"]] = entry
+    return found
+
+
+_SEQ_BASE = 1000  # link requests' sequence numbers (dumps use 1 and 2)
+
+
+def _addresses_of(sock: socket.socket, index: int, tries: int) -> list[dict[str, Any]] | None:
+    """The addresses of one interface, IPv4 then IPv6 (as a full dump lists them), or None when the
+    interface is gone."""
+    out: list[dict[str, Any]] = []
+    for seq, family in ((3, socket.AF_INET), (4, socket.AF_INET6)):
+        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
+            + _IFADDRMSG.pack(family, 0, 0, 0, index)
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(0.005 * attempt)
+            try:
+                got = [found[1] for data, kind, body, end in _dump(sock, request, seq)
+                       if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end)) is not None
+                       and found[0] == index]
+            except DumpInterrupted:
+                if attempt == tries - 1:
+                    raise
+                continue
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    return None
+                if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
+                    raise
+                got = []  # a kernel without IPv6
+            out += got
+            break
+    return out
 
 
 def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[str, dict[str, Any]] | OSError:

@@ -346,7 +346,10 @@ class CniVerbs:
                 # handled, so the batch's "File exists" above it does not read as a failure.
                 state.log(event="link-exists-race-handled", level="info", namespace=namespace,
                           uids=[p.uid for p in plans][:20])
-                view = kernel.read_view(executor, [e.netns for p in plans for e in p.ends])
+                wanted: dict[str, list[str]] = {}
+                for e in (e for p in plans for e in p.ends):
+                    wanted.setdefault(e.netns, []).append(e.intf)
+                view = kernel.read_ends(executor, wanted)
                 todo = kernel.differences(plans, view, caps, state.applied())
                 if todo:
                     executor.apply(todo)

@@ -58,6 +58,32 @@ def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, d
     return out
 
 
+def read_ends(executor: Executor, wanted: Mapping[str, Iterable[str]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{netns: {ifname: entry}} for the named interfaces of each namespace (absent ones left out;
+    a missing namespace empty), entries as `read_view` gives them.
+
+    For callers that look at given ends, not at a whole namespace (a peer call's page, a lost
+    race): asked interface by interface over rtnetlink, so the cost follows the ends, not the
+    namespace's size, and no namespace-wide dump is interrupted by the kernel's work on other
+    interfaces (meshnet.rtnl.ends). A namespace rtnetlink cannot read that way is read whole
+    (`read_view`, with its own fallback), so nothing is worse than before."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    whole: list[str] = []
+    for ns, names in wanted.items():
+        found = rtnl.ends(ns, names)
+        if isinstance(found, dict):
+            out[ns] = found
+        elif found.errno == errno.ENOENT:
+            out[ns] = {}
+        else:
+            whole.append(ns)
+    if whole:
+        for ns, view in read_view(executor, whole).items():
+            names = set(wanted[ns])
+            out[ns] = {name: entry for name, entry in view.items() if name in names}
+    return out
+
+
 # Namespaces read through `ip` because rtnetlink could not (the tests pin it at 0).
 STATS = {"ip_fallbacks": 0}
 _STATS_LOCK = threading.Lock()

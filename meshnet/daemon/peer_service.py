@@ -125,7 +125,7 @@ class PeerService:
             timing.mark("plan")
             with state.link_locks(topo.namespace, [req.uid for _, req in items]):
                 timing.mark("link locks")
-                view = kernel.read_view(state.executor, [ns_name])[ns_name]
+                view = kernel.read_ends(state.executor, {ns_name: [p.local.intf for _, p in plans]})[ns_name]
                 timing.mark("kernel view")
                 applied = state.applied()
                 commands: list[Command] = []
@@ -169,7 +169,7 @@ class PeerService:
             ns_name = netns.resolve(path)
             gone: list[PeerLink] = []
             with state.link_locks(topo.namespace, [req.uid for _, req in items]):
-                view = kernel.read_view(state.executor, [ns_name])[ns_name]
+                view = kernel.read_ends(state.executor, {ns_name: [r.local_intf for _, r in items]})[ns_name]
                 for i, req in items:
                     # Only an end of ours (link group) that points at the caller goes: a newer
                     # incarnation elsewhere keeps its link, another plugin's device is never touched.
