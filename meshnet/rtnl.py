@@ -345,13 +345,49 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
         if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None:
             entry["addr_info"] = []
             by_index[entry["ifindex"]] = entry
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 2, 0)
-    for data, kind, body, end in _dump(sock, request + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), 2):
-        if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end)) is not None:
-            link = by_index.get(found[0])
+    # One address dump per family: the kernel marks a family's dump interrupted when that family's
+    # addresses change meanwhile, and IPv6's do for seconds after hundreds of interfaces come up
+    # (duplicate address detection), which must not cost the IPv4 read. A family whose dump keeps
+    # being interrupted is read interface by interface (each small dump consistent), not through `ip`.
+    for seq, family in ((2, socket.AF_INET), (3, socket.AF_INET6)):
+        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
+            + _IFADDRMSG.pack(family, 0, 0, 0, 0)
+        for attempt in range(_FAMILY_TRIES):
+            try:
+                found = [f for data, kind, body, end in _dump(sock, request, seq)
+                         if kind == RTM_NEWADDR and (f := _addr_entry(data, body, end)) is not None]
+                break
+            except DumpInterrupted:
+                if attempt == _FAMILY_TRIES - 1:
+                    found = _family_by_interface(sock, family, by_index)
+            except OSError as e:
+                if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
+                    raise
+                found = []  # a kernel without IPv6
+                break
+        for index, entry in found:
+            link = by_index.get(index)
             if link is not None:  # an address of a link made after the link dump: the next read has both
-                link["addr_info"].append(found[1])
+                link["addr_info"].append(entry)
     return {e["ifname"]: e for e in by_index.values()}
+
+
+_FAMILY_TRIES = 2
+
+
+def _family_by_interface(sock: socket.socket, family: int, by_index: dict[int, dict[str, Any]]
+                         ) -> list[tuple[int, dict[str, Any]]]:
+    """One family's addresses of the links read, one dump per interface (needs the kernel's strict
+    checking for the index filter: EINTR when it has none, so the caller's fallback reads via `ip`)."""
+    try:
+        sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    except OSError as e:
+        raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change") from e
+    out: list[tuple[int, dict[str, Any]]] = []
+    for index in list(by_index):
+        got = _family_of(sock, family, index, 5)
+        out += [(index, a) for a in got or ()]  # None: gone since the link dump (the next read knows)
+    return out
 
 
 def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[str, dict[str, dict[str, Any]] | OSError]:
@@ -463,29 +499,37 @@ def _addresses_of(sock: socket.socket, index: int, tries: int) -> list[dict[str,
     """The addresses of one interface, IPv4 then IPv6 (as a full dump lists them), or None when the
     interface is gone."""
     out: list[dict[str, Any]] = []
-    for seq, family in ((3, socket.AF_INET), (4, socket.AF_INET6)):
-        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
-            + _IFADDRMSG.pack(family, 0, 0, 0, index)
-        for attempt in range(tries):
-            if attempt:
-                time.sleep(0.005 * attempt)
-            try:
-                got = [found[1] for data, kind, body, end in _dump(sock, request, seq)
-                       if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end)) is not None
-                       and found[0] == index]
-            except DumpInterrupted:
-                if attempt == tries - 1:
-                    raise
-                continue
-            except OSError as e:
-                if e.errno == errno.ENODEV:
-                    return None
-                if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
-                    raise
-                got = []  # a kernel without IPv6
-            out += got
-            break
+    for family in (socket.AF_INET, socket.AF_INET6):
+        got = _family_of(sock, family, index, tries)
+        if got is None:
+            return None
+        out += got
     return out
+
+
+def _family_of(sock: socket.socket, family: int, index: int, tries: int) -> list[dict[str, Any]] | None:
+    """One family's addresses of one interface (a dump filtered to its index: the socket has strict
+    checking on), read again while the kernel marks it interrupted; None when the interface is gone."""
+    seq = 4 if family == socket.AF_INET else 5
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
+        + _IFADDRMSG.pack(family, 0, 0, 0, index)
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(0.005 * attempt)
+        try:
+            return [found[1] for data, kind, body, end in _dump(sock, request, seq)
+                    if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end)) is not None
+                    and found[0] == index]
+        except DumpInterrupted:
+            if attempt == tries - 1:
+                raise
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
+                raise
+            return []  # a kernel without IPv6
+    raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
 
 
 def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[str, dict[str, Any]] | OSError:
