@@ -129,7 +129,9 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
         if r:
             what = f"ISP-sized: {r['routers']} routers, {r['links']} links, {r['nodes']} nodes, {r['store']}"
             small = r.get("small") or {}
-            flat = (f"; {small['per_link_ms']} ms per link at {small['routers']} routers"
+            runs = small.get("per_link_ms_runs") or []
+            spread = (f", median of {len(runs)}: {min(runs)}–{max(runs)}" if len(runs) > 1 else "")
+            flat = (f"; {small['per_link_ms']} ms per link at {small['routers']} routers{spread}"
                     if small.get("per_link_ms") else "")
             target, verdict = "≤ 2× floor + eth0 delegate", "(reported)"
             if r.get("target_s"):  # the delegate alone, timed in the same run (lab_bench.delegate_alone)

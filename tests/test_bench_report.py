@@ -36,6 +36,9 @@ def test_isp_rows_show_the_small_lab_per_link_and_the_daemons_ip_processes() -> 
     assert rows[2]["verdict"] == "met"
     r["small"] = {**r["small"], "per_link_ms": 45.0}  # 1.11×: flat within this machine's noise
     assert rows_from({"isp3k": r})[1]["verdict"] == "met"
+    # The small lab timed several times: its median, with the range.
+    r["small"] = {**r["small"], "per_link_ms_runs": [41.0, 45.0, 52.5]}
+    assert "45.0 ms per link at 40 routers, median of 3: 41.0–52.5" in rows_from({"isp3k": r})[0]["what"]
 
 
 def test_isp_up_is_judged_against_twice_the_floor_plus_the_delegate_timed_alone() -> None:
