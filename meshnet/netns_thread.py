@@ -12,10 +12,13 @@ import ctypes.util
 import os
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
-from meshnet.daemon.netns import NETNS_DIR
 from meshnet.naming import netns_problem
+
+# Where `ip netns` keeps named namespaces (meshnet.daemon.netns and the lab use it from here).
+NETNS_DIR = Path("/var/run/netns")
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

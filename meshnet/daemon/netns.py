@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from meshnet import naming
+from meshnet.netns_thread import NETNS_DIR as NETNS_DIR  # defined below the daemon: rtnl reads it too
 
 # Where iproute2 keeps named namespaces (and /run/netns, the same directory on most systems).
-NETNS_DIR = Path("/var/run/netns")
 NETNS_DIRS = (str(NETNS_DIR), "/run/netns")
 
 _MS_BIND = 4096
