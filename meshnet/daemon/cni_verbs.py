@@ -272,7 +272,16 @@ class CniVerbs:
         timing.mark("cache catch-up")
         again = state.peers_of(topo)
         copies = {t.name: t for t in again}
-        later = plan_pod(topo, ns_name, state.node, state.pod_states(again))
+        states = state.pod_states(again)
+        # Planned again only if a pending link's peer can be linked now (what `plan_link` needs of
+        # it): the later of two ADDs finds its peers alive already and plans once (1500 veths: a
+        # second plan was ~20 ms of its CPU for nothing).
+        if topo.status.vni_block == planned.status.vni_block and not any(
+                (ps := states.get(p.peer_pod)) is not None and ps.alive and not ps.problems
+                for p in plan.pending):
+            later = plan
+        else:
+            later = plan_pod(topo, ns_name, state.node, states)
         rewrite = False
         came = {p.uid for p in plan.pending} - {p.uid for p in later.pending}
         if written is not None:
