@@ -366,7 +366,7 @@ def test_an_interrupted_address_dump_of_one_end_is_read_again_and_a_gone_one_is_
     monkeypatch.setattr(rtnl, "_dump", once_interrupted)
     found = rtnl.ends(ns, ["e1", "f1"])
     assert isinstance(found, dict) and kernel.addresses(found["e1"]) == {"10.81.0.1/30"}
-    assert calls[:2] == [4, 4]  # the IPv4 dump of e1, again
+    assert calls[:2] == [6, 6]  # the dump of e1's addresses (every family), again
     # Always interrupted: the read fails (EINTR) and the caller reads the namespace whole.
     monkeypatch.setattr(rtnl, "_dump", lambda *a: (_ for _ in ()).throw(
         rtnl.DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")))
@@ -383,6 +383,22 @@ def test_an_interrupted_address_dump_of_one_end_is_read_again_and_a_gone_one_is_
         assert rtnl._addresses_of(sock, 987654, 3) is None
         assert rtnl._get_links(sock, ["e1", "gone0"]).keys() == {"e1"}
     assert rtnl.ends("mnt-gone-f2f2f2", ["e1"]).errno == errno.ENOENT  # type: ignore[union-attr]
+    # A kernel where some family refuses an index-filtered dump of every family: one per family.
+    monkeypatch.setattr(rtnl, "_UNSPEC_FILTER", True)
+    families: list[int] = []
+    family_of = rtnl._family_of
+
+    def refusing(sock: socket.socket, family: int, index: int, tries: int) -> Any:
+        families.append(family)
+        if family == socket.AF_UNSPEC:
+            raise OSError(errno.EINVAL, "netlink dump: error 22")
+        return family_of(sock, family, index, tries)
+
+    monkeypatch.setattr(rtnl, "_family_of", refusing)
+    found = rtnl.ends(ns, ["e1", "f1"])
+    assert isinstance(found, dict) and kernel.addresses(found["e1"]) == {"10.81.0.1/30"}
+    assert families == [socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6, socket.AF_INET, socket.AF_INET6]
+    assert rtnl._UNSPEC_FILTER is False
 
 
 def test_a_family_whose_dump_keeps_being_interrupted_is_read_interface_by_interface(
