@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from meshnet.naming import ifname_problem
 from meshnet.netns_thread import in_each_netns, in_netns
 
 NETLINK_ROUTE = 0
@@ -443,7 +444,9 @@ def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5)
             sock.settimeout(timeout)
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-            found = _get_links(sock, list(dict.fromkeys(names)))
+            # A name Linux would refuse is no interface: never put in a request (callers pass names
+            # a peer's request carried).
+            found = _get_links(sock, [n for n in dict.fromkeys(names) if not ifname_problem(n)])
             for name, entry in list(found.items()):
                 addrs = _addresses_of(sock, entry["ifindex"], tries)
                 if addrs is None:

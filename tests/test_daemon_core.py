@@ -597,6 +597,11 @@ def test_peer_remove_of_a_link_deleted_from_the_spec_is_honoured(a_and_c_alive: 
         a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP2))  # still only towards the caller
     assert a_and_c_alive.core.peer_remove([valid_update()], Caller(address=VTEP1)) == ["absent"]
     assert a_and_c_alive.core.peer_remove([valid_update()], TRUSTED) == ["absent"]
+    # The spec has nothing to compare the name with: a name Linux refuses is refused outright.
+    for bad in ("eth2\x00x", "e" * 40, "a b", ""):
+        with pytest.raises(PeerDenied, match="local_intf"):
+            a_and_c_alive.core.peer_remove([replace(valid_update(), local_intf=bad)], Caller(address=VTEP1))
+    assert a_and_c_alive.executor.recorded == []
 
 
 @pytest.mark.parametrize("kind", ["update", "remove"])

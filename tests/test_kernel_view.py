@@ -383,6 +383,13 @@ def test_an_interrupted_address_dump_of_one_end_is_read_again_and_a_gone_one_is_
         assert rtnl._addresses_of(sock, 987654, 3) is None
         assert rtnl._get_links(sock, ["e1", "gone0"]).keys() == {"e1"}
     assert rtnl.ends("mnt-gone-f2f2f2", ["e1"]).errno == errno.ENOENT  # type: ignore[union-attr]
+    # Names Linux refuses are never asked for: absent (a NUL would have named e1 to the kernel).
+    asked: list[list[str]] = []
+    get_links = rtnl._get_links
+    monkeypatch.setattr(rtnl, "_get_links", lambda sock, names: asked.append(names) or get_links(sock, names))
+    found = rtnl.ends(ns, ["e1\x00x", "e1 x", "e" * 40, "", "e1"])
+    assert isinstance(found, dict) and set(found) == {"e1"} and asked == [["e1"]]
+    monkeypatch.setattr(rtnl, "_get_links", get_links)
     # A kernel where some family refuses an index-filtered dump of every family: one per family.
     monkeypatch.setattr(rtnl, "_UNSPEC_FILTER", True)
     families: list[int] = []

@@ -54,6 +54,11 @@ class PeerService:
             for _, req in items:
                 link = topo.link(req.uid)
                 if link is None and gone_ok:
+                    # Nothing in the spec to compare the request's names with: they must at least
+                    # be interface names before one is looked up in the kernel.
+                    why = naming.ifname_problem(req.local_intf)
+                    if why:
+                        raise PeerDenied(f"link uid {req.uid} of {namespace}/{pod}: local_intf {why}")
                     continue
                 if link is None or link.is_macvlan or link.peer_pod != req.peer_pod:
                     raise PeerDenied(f"{namespace}/{pod} has no link uid {req.uid} to {req.peer_pod}")
