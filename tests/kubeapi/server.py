@@ -177,12 +177,21 @@ def parse_path(path: str) -> Target | None:
 Key = tuple[str, str, str | None, str]  # (api_version, plural, namespace, name)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Event:
     resource_version: int
     type: str
     key: Key
     object: Obj
+    # The event as a watch streams it, encoded once for every watcher (as the real API server's
+    # watch cache serializes an object once per encoding): each of a lab's daemons watches every
+    # Topology, and encoding it again per watcher was the server's, not meshnet's, CPU.
+    line: bytes | None = None
+
+    def encoded(self) -> bytes:
+        if self.line is None:
+            self.line = json.dumps({"type": self.type, "object": self.object}).encode() + b"\n"
+        return self.line
 
 
 @dataclass
@@ -674,7 +683,8 @@ class KubeApiServer:
 
     # -- watch ---------------------------------------------------------------------------------
 
-    def watch(self, target: Target, query: dict[str, str], labels: Selector, fields: Selector) -> Iterator[Obj]:
+    def watch(self, target: Target, query: dict[str, str], labels: Selector, fields: Selector
+              ) -> Iterator[Obj | _Event]:
         """The events a watch request streams, blocking for new ones until timeout or `stop()`.
 
         Request errors (a malformed resourceVersion) raise here, before the stream starts.
@@ -711,7 +721,7 @@ class KubeApiServer:
         labels: Selector,
         fields: Selector,
         bookmarks: bool = False,
-    ) -> Iterator[Obj]:
+    ) -> Iterator[Obj | _Event]:
         yield from initial
         last_sent = time.monotonic()
         while True:
@@ -729,10 +739,8 @@ class KubeApiServer:
                 if self._stopping:
                     return
                 first = bisect.bisect_right(self._events, cursor, key=lambda e: e.resource_version)
-                batch = [
-                    {"type": e.type, "object": copy.deepcopy(e.object)}
-                    for e in self._events[first:]
-                    if self._selected(target, e.key, e.object, labels, fields)
+                batch: list[Obj | _Event] = [
+                    e for e in self._events[first:] if self._selected(target, e.key, e.object, labels, fields)
                 ]
                 cursor = self._resource_version
                 if not batch and bookmarks and time.monotonic() - last_sent >= self.bookmark_interval:
@@ -891,7 +899,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             for event in events:
-                line = json.dumps(event).encode() + b"\n"
+                # A stored event is immutable once committed: its encoding is shared by every watcher.
+                line = event.encoded() if isinstance(event, _Event) else json.dumps(event).encode() + b"\n"
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
