@@ -346,34 +346,43 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
         if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None:
             entry["addr_info"] = []
             by_index[entry["ifindex"]] = entry
-    # One address dump per family: the kernel marks a family's dump interrupted when that family's
-    # addresses change meanwhile, and IPv6's do for seconds after hundreds of interfaces come up
-    # (duplicate address detection), which must not cost the IPv4 read. A family whose dump keeps
-    # being interrupted is read interface by interface (each small dump consistent), not through `ip`.
-    for seq, family in ((2, socket.AF_INET), (3, socket.AF_INET6)):
-        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
-            + _IFADDRMSG.pack(family, 0, 0, 0, 0)
-        for attempt in range(_FAMILY_TRIES):
-            try:
-                found = [f for data, kind, body, end in _dump(sock, request, seq)
-                         if kind == RTM_NEWADDR and (f := _addr_entry(data, body, end)) is not None]
-                break
-            except DumpInterrupted:
-                if attempt == _FAMILY_TRIES - 1:
-                    found = _family_by_interface(sock, family, by_index)
-            except OSError as e:
-                if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
-                    raise
-                found = []  # a kernel without IPv6
-                break
-        for index, entry in found:
-            link = by_index.get(index)
-            if link is not None:  # an address of a link made after the link dump: the next read has both
-                link["addr_info"].append(entry)
+    # One address dump of every family; should the kernel mark it interrupted, one per family:
+    # a family's dump is interrupted only when that family's addresses change meanwhile, and
+    # IPv6's do for seconds after hundreds of interfaces come up (duplicate address detection),
+    # which must not cost the IPv4 read. A family whose dump keeps being interrupted is read
+    # interface by interface (each small dump consistent), not through `ip`.
+    try:
+        found = _addresses(sock, socket.AF_UNSPEC, 2)
+    except DumpInterrupted:
+        found = []
+        for seq, family in ((3, socket.AF_INET), (7, socket.AF_INET6)):
+            for attempt in range(_FAMILY_TRIES):
+                try:
+                    found += _addresses(sock, family, seq)
+                    break
+                except DumpInterrupted:
+                    if attempt == _FAMILY_TRIES - 1:
+                        found += _family_by_interface(sock, family, by_index)
+                except OSError as e:
+                    if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
+                        raise
+                    break  # a kernel without IPv6
+    for index, entry in found:
+        link = by_index.get(index)
+        if link is not None:  # an address of a link made after the link dump: the next read has both
+            link["addr_info"].append(entry)
     return {e["ifname"]: e for e in by_index.values()}
 
 
 _FAMILY_TRIES = 2
+
+
+def _addresses(sock: socket.socket, family: int, seq: int) -> list[tuple[int, dict[str, Any]]]:
+    """One namespace-wide address dump of `family` (AF_UNSPEC: every family): (index, entry)."""
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
+        + _IFADDRMSG.pack(family, 0, 0, 0, 0)
+    return [f for data, kind, body, end in _dump(sock, request, seq)
+            if kind == RTM_NEWADDR and (f := _addr_entry(data, body, end)) is not None]
 
 
 def _family_by_interface(sock: socket.socket, family: int, by_index: dict[int, dict[str, Any]]
