@@ -437,8 +437,8 @@ def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5)
     """{ifname: entry} for the named interfaces of one namespace (an absent one left out), each
     entry as `views` gives it, or the OSError the namespace gave.
 
-    Asked interface by interface (one RTM_GETLINK by name, one address dump per family filtered to
-    its index), so the cost follows the names asked, not the namespace: a peer call's page of 512
+    Asked interface by interface (one RTM_GETLINK by name, one address dump filtered to its
+    index), so the cost follows the names asked, not the namespace: a peer call's page of 512
     ends in a namespace of 1500 read the whole namespace each time. And no dump spans the
     namespace: the kernel marks a namespace-wide IPv6 address dump interrupted while it runs
     duplicate address detection on hundreds of new interfaces (every change bumps the family's
@@ -504,7 +504,7 @@ def _get_links(sock: socket.socket, names: list[str]) -> dict[str, dict[str, Any
     return found
 
 
-_SEQ_BASE = 1000  # link requests' sequence numbers (dumps use 1 to 6)
+_SEQ_BASE = 1000  # link requests' sequence numbers (dumps use 1 to 7)
 _UNSPEC_FILTER = True  # an address dump of every family honours the index filter (see _addresses_of)
 
 
