@@ -253,7 +253,7 @@ def _parse_ips(value: object, where: str, local_ip: IPInterface | None, problems
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     uid: int
     peer_pod: str
@@ -302,7 +302,7 @@ class Link:
         return Link(self.uid, pod, self.peer_intf, self.local_intf, self.peer_ip, self.local_ip, self.mtu)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skip:
     pod_name: str
     link_id: int
@@ -312,7 +312,7 @@ LINK_KINDS = ("", "veth", "vxlan", "macvlan")  # "" while the link is pending (n
 LINK_STATES = ("up", "pending", "error")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkStatus:
     uid: int
     kind: str  # veth | vxlan | macvlan
