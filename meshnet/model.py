@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
@@ -678,10 +680,28 @@ def _parse_ip(value: object, where: str, problems: list[str]) -> IPInterface | N
         problems.append(f"{where}: {value!r} has a scope id ('%...'); link addresses take none")
         return None
     try:
-        return ipaddress.ip_interface(value)
+        return _shared_interface(value)
     except ValueError:
         problems.append(f"{where}: {value!r} is not an IPv4 or IPv6 address with prefix length")
         return None
+
+
+# A link's two addresses are parsed twice, in each of its pods' Topologies (local_ip here is
+# peer_ip there), and meshnetd caches every Topology of the cluster: the same text gives the same
+# object while any Topology holds it (an IPv4Interface with its network is ~350 bytes; nobody
+# changes one). Weak values: nothing is kept for Topologies gone. Parsing runs on several threads.
+_INTERFACES: weakref.WeakValueDictionary[str, IPInterface] = weakref.WeakValueDictionary()
+_INTERFACES_LOCK = threading.Lock()
+
+
+def _shared_interface(text: str) -> IPInterface:
+    with _INTERFACES_LOCK:
+        found = _INTERFACES.get(text)
+    if found is not None:
+        return found
+    parsed = ipaddress.ip_interface(text)
+    with _INTERFACES_LOCK:
+        return _INTERFACES.setdefault(text, parsed)
 
 
 def _parse_link(raw: object, source: str, obj: str, index: int, problems: list[str]) -> Link | None:
