@@ -680,7 +680,7 @@ def _parse_ip(value: object, where: str, problems: list[str]) -> IPInterface | N
         problems.append(f"{where}: {value!r} has a scope id ('%...'); link addresses take none")
         return None
     try:
-        return _shared_interface(value)
+        return shared_interface(value)
     except ValueError:
         problems.append(f"{where}: {value!r} is not an IPv4 or IPv6 address with prefix length")
         return None
@@ -694,7 +694,8 @@ _INTERFACES: weakref.WeakValueDictionary[str, IPInterface] = weakref.WeakValueDi
 _INTERFACES_LOCK = threading.Lock()
 
 
-def _shared_interface(text: str) -> IPInterface:
+def shared_interface(text: str) -> IPInterface:
+    """`ipaddress.ip_interface(text)` (ValueError alike), the object any Topology holds for it."""
     with _INTERFACES_LOCK:
         found = _INTERFACES.get(text)
     if found is not None:
