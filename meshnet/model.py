@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
@@ -253,7 +255,7 @@ def _parse_ips(value: object, where: str, local_ip: IPInterface | None, problems
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     uid: int
     peer_pod: str
@@ -302,7 +304,7 @@ class Link:
         return Link(self.uid, pod, self.peer_intf, self.local_intf, self.peer_ip, self.local_ip, self.mtu)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skip:
     pod_name: str
     link_id: int
@@ -312,7 +314,7 @@ LINK_KINDS = ("", "veth", "vxlan", "macvlan")  # "" while the link is pending (n
 LINK_STATES = ("up", "pending", "error")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkStatus:
     uid: int
     kind: str  # veth | vxlan | macvlan
@@ -678,10 +680,29 @@ def _parse_ip(value: object, where: str, problems: list[str]) -> IPInterface | N
         problems.append(f"{where}: {value!r} has a scope id ('%...'); link addresses take none")
         return None
     try:
-        return ipaddress.ip_interface(value)
+        return shared_interface(value)
     except ValueError:
         problems.append(f"{where}: {value!r} is not an IPv4 or IPv6 address with prefix length")
         return None
+
+
+# A link's two addresses are parsed twice, in each of its pods' Topologies (local_ip here is
+# peer_ip there), and meshnetd caches every Topology of the cluster: the same text gives the same
+# object while any Topology holds it (an IPv4Interface with its network is ~350 bytes; nobody
+# changes one). Weak values: nothing is kept for Topologies gone. Parsing runs on several threads.
+_INTERFACES: weakref.WeakValueDictionary[str, IPInterface] = weakref.WeakValueDictionary()
+_INTERFACES_LOCK = threading.Lock()
+
+
+def shared_interface(text: str) -> IPInterface:
+    """`ipaddress.ip_interface(text)` (ValueError alike), the object any Topology holds for it."""
+    with _INTERFACES_LOCK:
+        found = _INTERFACES.get(text)
+    if found is not None:
+        return found
+    parsed = ipaddress.ip_interface(text)
+    with _INTERFACES_LOCK:
+        return _INTERFACES.setdefault(text, parsed)
 
 
 def _parse_link(raw: object, source: str, obj: str, index: int, problems: list[str]) -> Link | None:

@@ -27,6 +27,7 @@ from meshnet.executor import (
     LinkExists,
     LinkNotFound,
     NetnsNotFound,
+    open_journal,
 )
 
 Call = tuple[tuple[str, ...], str]  # (argv, stdin)
@@ -213,6 +214,17 @@ def test_journal_records_every_batch(fp: FakeProcess, tmp_path: Path) -> None:
     assert entries[3]["netns"] == "pa" and entries[3]["commands"] == ["link del eth1"]
     on_disk = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
     assert on_disk == entries
+
+
+def test_daemon_journal_keeps_nothing_in_memory(fp: FakeProcess, tmp_path: Path) -> None:
+    """meshnetd's journal (keep=0) goes to its file only: nothing in the daemon reads it back, and
+    held in memory it grew with every batch (issue 14 item 6)."""
+    journal = open_journal(tmp_path / "journal.jsonl", keep=0)
+    fp.register(ip_argv(fp, None))
+    Executor(journal=journal).apply([Command(None, ("link", "set", "eth1", "up"))])
+    assert journal.entries == []
+    on_disk = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [e["commands"] for e in on_disk] == [["link set eth1 up"]]
 
 
 def test_show_parses_json_and_maps_errors(fp: FakeProcess) -> None:

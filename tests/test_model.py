@@ -101,6 +101,16 @@ def test_ipv4_and_ipv6_cidrs_are_parsed() -> None:
     assert l2.peer_ip == ipaddress.IPv6Interface("2001:db8::2/64")
 
 
+def test_a_links_addresses_are_one_object_in_both_pods_topologies() -> None:
+    """meshnetd caches every Topology: each link's two addresses are parsed in both of its pods'
+    (issue 14 item 6), and the same text gives the same object while one is held."""
+    r1 = parse_topology(topo("r1", link(1, local_ip="10.9.0.1/30", peer_ip="10.9.0.2/30")))
+    r2 = parse_topology(topo("r2", link(1, peer="r1", local_ip="10.9.0.2/30", peer_ip="10.9.0.1/30")))
+    assert r1.links[0].local_ip is r2.links[0].peer_ip
+    assert r1.links[0].peer_ip is r2.links[0].local_ip
+    assert r1.links[0].local_ip == ipaddress.IPv4Interface("10.9.0.1/30")
+
+
 @pytest.mark.parametrize("fld", ["local_ip", "peer_ip"])
 @pytest.mark.parametrize(("bad", "why"), [
     ("12.12.12.1", "no prefix length"),

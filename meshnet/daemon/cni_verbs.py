@@ -17,7 +17,7 @@ from meshnet import naming
 from meshnet.cni import delegate, protocol, results
 from meshnet.cni.protocol import CniError, CniRequest
 from meshnet.command import Command
-from meshnet.daemon import kernel, netns, phases, sandboxes, vni
+from meshnet.daemon import kernel, memory, netns, phases, sandboxes, vni
 from meshnet.daemon.link_status import LinkStatusWriter, veth_ends_built, veth_ends_lost
 from meshnet.daemon.peer_client import PeerNotifier
 from meshnet.daemon.state import NodeState, PodKey
@@ -65,6 +65,7 @@ class CniVerbs:
         finally:
             with self._lock:
                 self._inflight -= 1
+            memory.trim()  # what the call freed goes back to the kernel before the next one
 
     @property
     def busy(self) -> bool:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from meshnet import naming
+from meshnet.daemon import memory
 from meshnet.daemon.config import DaemonConfig, hold_instance_locks, parse_args
 from meshnet.executor import Executor, Journal, open_journal
 from meshnet.plan import DEFAULT_MTU, NodeInfo
@@ -117,6 +118,8 @@ class ReconcileLoop:
                     with self._lock:
                         self._full = True
                     self.stopping.wait(1.0)
+                finally:
+                    memory.trim()  # the pass's kernel views and plans are freed: give their pages back
                 self.ready.set()
             self._wake.wait(max(0.0, min(1.0, next_full - time.monotonic())))
             if self._wake.is_set():
@@ -140,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     # Before the journal, the socket or the kernel is touched: one meshnetd per node (issue 13).
     locks = hold_instance_locks(cfg)  # noqa: F841 - held, by their open descriptors, until the process ends
-    journal: Journal = open_journal(cfg.journal or None)
+    # Nothing in the daemon reads its journal back: the file (if any) and the log say what ran.
+    journal: Journal = open_journal(cfg.journal or None, keep=0)
     executor = Executor(journal=journal, log=log)
     # Two questions every start asks the kernel (`ip` and `tc` processes), asked while the
     # interpreter imports the rest: a restarted daemon is ready sooner (issue 12's restart figure).

@@ -13,6 +13,7 @@ from concurrent import futures
 import grpc
 
 from meshnet import naming
+from meshnet.daemon import memory
 from meshnet.daemon.config import TlsPaths
 from meshnet.daemon.node import NodeDaemon
 from meshnet.daemon.peer_auth import Caller, parse_peer
@@ -88,6 +89,10 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
         except ExecError as e:
             self.log(event=f"peer-{what}-failed", pods=pods, error=str(e))
             context.abort(grpc.StatusCode.INTERNAL, str(e))
+        finally:
+            # A page of far ends (its kernel view, plans, batch) is freed now: the next page, served
+            # on another thread of the pool, does not start from a heap grown by this one.
+            memory.trim()
         self.log(event=f"peer-{what}", caller=str(caller), pods=pods, links=len(links),
                  changed=sum(a not in ("unchanged", "absent") for a in actions))
         return meshnet_pb2.BatchReply(replies=[meshnet_pb2.LinkReply(action=a) for a in actions])
