@@ -893,3 +893,50 @@ def test_an_add_reads_only_its_own_and_its_peers_copies_however_crowded_its_name
     assert crowded[:3] == alone[:3]
     assert crowded[1].vni_block == 17  # the namespace's block, found without the walk
     assert crowded[3] <= {(NS, p) for p in ("a", "b", "c", "d", "localhost")}, sorted(crowded[3])
+
+
+def test_an_event_pass_leaves_a_pod_to_its_own_add_and_judges_the_latest_copy(
+        store: SqliteStore, paper: PaperNetns, kernel: FakeProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod an event queued is not raced for while its own ADD is served (that ADD builds its
+    links and writes their outcome): it is looked at the loop's next turn. And a pod queued only
+    as unsettled is judged on the latest copy, not the one the pass started with."""
+    from meshnet.model import LinkStatus
+    from meshnet.store.cache import Informer
+
+    n = make_node(store)
+    stopping = threading.Event()
+    watcher = threading.Thread(target=Informer(n.core.state.cache).run, args=(store, stopping))
+    watcher.start()
+    try:
+        cache, rec, key = n.core.state.cache, n.core.reconciler, (NS, "a")
+        assert cache.wait_synced(10)
+        looked: list[str] = []
+        monkeypatch.setattr(rec, "reconcile_pod", lambda topo, peers: looked.append(topo.name) or 0)
+        set_alive(store, "b", "node0", NODE0.vtep_ip, paper.make("pb"), "cid-b", here=n.core)
+        set_alive(store, "a", "node0", NODE0.vtep_ip, paper.make("pa"), "cid-a", here=n.core)
+        wait_for(lambda: (t := cache.get(*key)) is not None and t.status.alive)
+        n.core.cni._adding[key] = 1  # a's ADD is being served
+        n.core.reconcile({key})
+        assert looked == [] and key in rec.take_retries()
+        del n.core.cni._adding[key]
+        n.core.reconcile({key})
+        assert looked == ["a"]
+        # Queued as unsettled (its veth to b pending, b alive); the pass's copy is that old one,
+        # but the latest copy shows the link up (b's ADD built it meanwhile): nothing to look at.
+        pending = replace(get(store, "a"), status=replace(get(store, "a").status,
+                                                          links=(LinkStatus(1, "veth", "pending"),)))
+        store.update_link_states(NS, "a", "cid-a", [LinkStatus(1, "veth", "up", intf="eth1")], known=get(store, "a"))
+        wait_for(lambda: [s.state for s in (cache.get(*key) or pending).status.links] == ["up"])
+        monkeypatch.setattr(rec, "_local_pods", lambda wanted: ([pending], {key}))
+        for settled, expected in ((True, ["a"]), (False, ["a", "a"])):
+            with rec._lock:
+                rec._skip_if_settled.add(key)
+            if not settled:
+                store.update_link_states(NS, "a", "cid-a", [LinkStatus(1, "veth", "pending")], known=get(store, "a"))
+                wait_for(lambda: [s.state for s in (cache.get(*key) or pending).status.links] == ["pending"])
+            n.core.reconcile({key})
+            assert looked == expected
+    finally:
+        stopping.set()
+        watcher.join(10)
+        n.core.close()
