@@ -74,7 +74,7 @@ class CniVerbs:
                     left = self._adding.pop(key) - 1
                     if left:
                         self._adding[key] = left
-            memory.trim()  # what the call freed goes back to the kernel before the next one
+            memory.trim_soon()  # what the call freed goes back to the kernel, once its answer is out
 
     @property
     def busy(self) -> bool:

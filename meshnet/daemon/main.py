@@ -119,7 +119,7 @@ class ReconcileLoop:
                         self._full = True
                     self.stopping.wait(1.0)
                 finally:
-                    memory.trim()  # the pass's kernel views and plans are freed: give their pages back
+                    memory.trim_soon()  # the pass's kernel views and plans are freed: give their pages back
                 self.ready.set()
             self._wake.wait(max(0.0, min(1.0, next_full - time.monotonic())))
             if self._wake.is_set():

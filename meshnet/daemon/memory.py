@@ -14,6 +14,8 @@ Elsewhere than glibc (musl, macOS) there is no `malloc_trim` and `trim` does not
 from __future__ import annotations
 
 import ctypes
+import threading
+import time
 from collections.abc import Callable
 
 
@@ -35,3 +37,34 @@ def trim() -> None:
     reconcile pass is done."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+# How long `trim_soon` waits: the answer to the call that asked goes out first, and the calls of a
+# burst are trimmed after once.
+TRIM_DELAY = 0.02
+_wanted = threading.Event()
+_started = False
+_start_lock = threading.Lock()
+
+
+def trim_soon() -> None:
+    """`trim` on a thread of its own, a moment from now: off the path of the CNI call or peer
+    request that freed the memory (trimming a heap a 1500-link call left took milliseconds, which
+    its caller waited for: the hot-change figure went from 0.105 to 0.110 s with it inline)."""
+    global _started
+    if _TRIM is None:
+        return
+    if not _started:
+        with _start_lock:
+            if not _started:
+                threading.Thread(target=_trimmer, name="memory-trim", daemon=True).start()
+                _started = True
+    _wanted.set()
+
+
+def _trimmer() -> None:
+    while True:
+        _wanted.wait()
+        _wanted.clear()
+        time.sleep(TRIM_DELAY)
+        trim()

@@ -92,7 +92,7 @@ class PeerServicer(meshnet_pb2_grpc.PeerServicer):
         finally:
             # A page of far ends (its kernel view, plans, batch) is freed now: the next page, served
             # on another thread of the pool, does not start from a heap grown by this one.
-            memory.trim()
+            memory.trim_soon()
         self.log(event=f"peer-{what}", caller=str(caller), pods=pods, links=len(links),
                  changed=sum(a not in ("unchanged", "absent") for a in actions))
         return meshnet_pb2.BatchReply(replies=[meshnet_pb2.LinkReply(action=a) for a in actions])
