@@ -34,6 +34,7 @@ import yaml
 
 from benchmarks.foundation import manifest_text as two_pod_manifest
 from meshnet.lab.cluster import Lab
+from meshnet.naming import LINK_GROUP
 
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
 Batch = tuple[str | None, list[str]]
@@ -142,12 +143,18 @@ def replay_bare(batches: list[Batch]) -> None:
             raise RuntimeError(f"bare replay failed in {ns}: {proc.stderr.strip()}")
 
 
-def fresh_netns(names: list[str]) -> None:
-    """Delete and re-create pod namespaces (untimed reset): what meshnet built in them goes whole."""
+def clear_links(names: list[str]) -> None:
+    """Remove what meshnet built in these namespaces (its link group; untimed), each namespace
+    otherwise as the lab left it (lo, eth0): the state the daemons built into.
+
+    Synchronous: the kernel unregisters the devices within the request. Deleting and re-creating
+    the namespaces instead (until wave 6) left their devices to the kernel's
+    namespace cleanup worker, which takes the same lock as every `ip` command: the floor was
+    timed while hundreds of namespaces were torn down (a 750-router floor measured 8.6 s on a
+    quiet machine in one run, 15.6 s in another)."""
     for ns in names:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=120)
-        subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=True, timeout=120)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], capture_output=True, check=True, timeout=120)
+        subprocess.run(["ip", "-n", ns, "link", "del", "group", str(LINK_GROUP)], capture_output=True, check=False,
+                       timeout=120)
 
 
 def links_all_up(lab: Lab) -> bool:
@@ -183,17 +190,15 @@ def stop_daemons(lab: Lab) -> None:
 
 
 def floor_of(lab: Lab, batches: list[Batch], pods: list[str], runs: int) -> list[float]:
-    """Replay `batches` bare `runs` times into fresh namespaces of `pods` (daemons stopped first).
-
-    The kernel destroys a deleted namespace's devices a little later; until then a new VXLAN with
-    the same VNI or a veth whose peer name is still taken fails with "File exists": wait and retry.
-    """
+    """Replay `batches` bare `runs` times into the namespaces of `pods`, emptied of meshnet's links
+    first (daemons stopped first; `clear_links`). Should a replay fail all the same (a device the
+    kernel has not let go of yet), wait and retry."""
     stop_daemons(lab)
     netns = [lab.state.pods[p].netns for p in pods]
     samples = []
     for _ in range(runs):
         for attempt in range(10):
-            fresh_netns(netns)
+            clear_links(netns)
             time.sleep(0.5 * attempt)
             start = time.perf_counter()
             try:
@@ -211,7 +216,7 @@ def delegate_alone(lab: Lab, pods: list[str], workers: int = 8) -> float:
     """Seconds for the eth0 delegate alone (the `bridge` + `host-local` plugins, with the lab's own
     delegate config) to ADD every pod's eth0, `workers` at a time as the lab's kubelet runs ADDs,
     each in its node's namespace as meshnetd runs it. The other half of the ISP target "≤ 2× floor
-    + the eth0 delegate's own cost". Run after `floor_of` (daemons stopped, namespaces fresh): each
+    + the eth0 delegate's own cost". Run after `floor_of` (daemons stopped): each
     pod's earlier address is released first (untimed DEL), so the lab's address range suffices;
     `lab down` DELs them again with the same container ids."""
     from meshnet.lab.kubelet import CNI_PLUGIN_DIRS
