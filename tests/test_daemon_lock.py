@@ -98,3 +98,24 @@ def test_the_lock_goes_with_the_process(tmp_path: Path) -> None:
                 pipe.close()
     for fd in hold_instance_locks(parse_args(args, env={})):
         os.close(fd)
+
+
+def test_a_sigterm_that_another_thread_receives_stops_the_daemon_promptly(first: subprocess.Popen[bytes]) -> None:
+    """A process-directed signal goes to any thread that does not block it. Sent here to one of the
+    daemon's other threads on purpose (tgkill): the main thread, waiting for the stop, must still
+    notice within its wake-up period (it used to wait untimed: `lab down` sent SIGKILL after 10 s)."""
+    import ctypes
+    import signal
+
+    sigterm_bit = 1 << (signal.SIGTERM - 1)
+    others = []
+    for task in Path(f"/proc/{first.pid}/task").iterdir():
+        tid = int(task.name)
+        blocked = next(int(line.split()[1], 16) for line in (task / "status").read_text().splitlines()
+                       if line.startswith("SigBlk:"))
+        if tid != first.pid and not blocked & sigterm_bit:
+            others.append(tid)
+    assert others, "every other thread blocks SIGTERM: nothing to test"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(first.pid, others[-1], signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+    assert first.wait(timeout=5) == 0
