@@ -179,7 +179,8 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
            "Every figure is measured beside its floor in the same run. The floors are the same `ip -batch`",
            "commands fed bare to `ip`: for the lab figures, the batches the daemons journaled during the",
            "measured run, replayed one `ip -batch` process each, in journal order, after the daemons are",
-           "stopped (no CNI, no eth0 delegate, no store, no gRPC, no Python).", "",
+           "stopped (no CNI, no eth0 delegate, no store, no gRPC, no Python), into the same namespaces once",
+           "meshnet's links are removed from them (synchronously: nothing is still being torn down).", "",
            "## Machine", ""]
     out += [f"- {k}: {v}" for k, v in info.items()]
     out += [f"- whole run: {total_s:.0f} s", "", "## Results", "",

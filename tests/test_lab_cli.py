@@ -133,3 +133,31 @@ def test_one_pod_name_in_two_namespaces_is_refused_before_anything_is_made(cli: 
     assert "Pod lab-b/r1: metadata.name" in up.stderr and "lab-a/r1" in up.stderr
     assert [n for n in list_netns() if n.startswith(f"mnl-{cli.name}-")] == []
     assert not (cli.root / cli.name).exists()
+
+
+def test_lab_down_resets_kube_statuses_at_a_teardown_rate_and_keeps_the_rest_of_the_url() -> None:
+    """One client resetting hundreds of statuses once: not paced like a node's daemon (50/s)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from meshnet.lab.cluster import TEARDOWN_BURST, TEARDOWN_QPS, teardown_store_url
+    from meshnet.store import open_store
+
+    def options(url: str) -> dict[str, str]:
+        return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+
+    assert options(teardown_store_url("kube")) == {"qps": f"{TEARDOWN_QPS:g}", "burst": str(TEARDOWN_BURST)}
+    raised = teardown_store_url("kube:?kubeconfig=/tmp/k%20c.yaml&qps=5&burst=10")
+    assert options(raised) == {"kubeconfig": "/tmp/k c.yaml", "qps": f"{TEARDOWN_QPS:g}", "burst": str(TEARDOWN_BURST)}
+    assert options(teardown_store_url("kube:?qps=1000&burst=2000")) == {"qps": "1000", "burst": "2000"}
+    assert teardown_store_url("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"
+    assert teardown_store_url("kube:?qps=lots") == "kube:?qps=lots"  # open_store names the bad value
+    with pytest.raises(ValueError, match="qps must be a number"):
+        open_store(teardown_store_url("kube:?qps=lots"))
+    from tests.kubeapi.server import KubeApiServer
+
+    with KubeApiServer() as server:
+        store = open_store(teardown_store_url(f"kube:?kubeconfig={server.kubeconfig}&qps=5"))
+        try:
+            assert (store.limiter.qps, store.limiter.burst) == (TEARDOWN_QPS, TEARDOWN_BURST)  # type: ignore[attr-defined]
+        finally:
+            store.close()
