@@ -39,7 +39,6 @@ class CniVerbs:
         self.link_status = link_status
         self.cni_path = cni_path
         self._inflight = 0  # CNI calls being served (guarded by `_lock`)
-        self._adding: dict[PodKey, int] = {}  # pods with an ADD being served, how many (guarded by `_lock`)
         self._lock = threading.Lock()
         # eth0 delegates run beside the link work of their ADD (own pool: they never wait on peers)
         self._delegates = ThreadPoolExecutor(max_workers=16, thread_name_prefix="delegate")
@@ -52,12 +51,8 @@ class CniVerbs:
         req = protocol.parse_request(env, stdin)
         handler = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "STATUS": self.status,
                    "GC": self.gc}[req.command]
-        # The pod as `_pod` names it (unvalidated here: only compared with the store's keys).
-        key = (req.pod_namespace or "default", req.pod_name) if req.command == "ADD" and req.pod_name else None
         with self._lock:
             self._inflight += 1
-            if key is not None:
-                self._adding[key] = self._adding.get(key, 0) + 1
         try:
             with self.link_status.working():  # the node is busy: peers' news is gathered meanwhile
                 return handler(req)
@@ -70,10 +65,6 @@ class CniVerbs:
         finally:
             with self._lock:
                 self._inflight -= 1
-                if key is not None:
-                    left = self._adding.pop(key) - 1
-                    if left:
-                        self._adding[key] = left
             memory.trim_soon()  # what the call freed goes back to the kernel, once its answer is out
 
     @property
@@ -81,11 +72,6 @@ class CniVerbs:
         """A CNI call is being served: the pods it touches are about to settle by themselves."""
         with self._lock:  # read by the reconcile thread, written by the CNI threads
             return self._inflight > 0
-
-    def adding(self, key: PodKey) -> bool:
-        """An ADD of this pod is being served: it builds the pod's links and writes their outcome."""
-        with self._lock:
-            return key in self._adding
 
     def _pod(self, req: CniRequest) -> PodKey:
         name = req.pod_name

@@ -39,7 +39,6 @@ class NodeDaemon:
         self.cni = CniVerbs(self.state, self.vni_blocks, self.peer_client, self.link_status, cni_path=cni_path)
         self.peer_service = PeerService(self.state, self.link_status)
         self.reconciler = Reconciler(self.state, self.vni_blocks, self.peer_client, self.link_status)
-        self.reconciler.adding = self.cni.adding
 
     # the CNI shim (api.py)
     def handle(self, command: str, env: Mapping[str, str], stdin: str) -> dict[str, Any] | None:

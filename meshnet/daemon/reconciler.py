@@ -160,10 +160,6 @@ class Reconciler:
         # at the pass if their status has settled by then. Guarded by `_lock` (watch and pass).
         self._skip_if_settled: set[PodKey] = set()
         self._failed: set[PodKey] = set()  # pods whose last pass raised (guarded by `_lock`)
-        # Pods of an event's pass left for the next turn because their own ADD was being served
-        # (guarded by `_lock`); and how this node tells (NodeDaemon wires CniVerbs.adding in).
-        self._deferred: set[PodKey] = set()
-        self.adding: Callable[[PodKey], bool] = lambda key: False
         self._lock = threading.Lock()
         # The kernel views of the pass running on this thread (kernel.PassViews), and how many
         # namespaces the last pass read (the tests count them).
@@ -214,14 +210,11 @@ class Reconciler:
             due |= self._failed
             self._failed = set()
             self._skip_if_settled -= due  # they are looked at, whatever their status seems to say
-            due |= self._deferred  # still skipped if settled by now, as when they were queued
-            self._deferred = set()
         return due
 
     # --- passes ----------------------------------------------------------------------------------
 
     def _settled_since_queued(self, topo: Topology) -> bool:
-        """`topo` (the freshest copy) was queued only as unsettled, and is settled now."""
         with self._lock:
             if topo.key not in self._skip_if_settled:
                 return False
@@ -267,20 +260,8 @@ class Reconciler:
             if wanted is None:
                 views.prefetch(self._namespaces(topologies))
             for topo in topologies:
-                if wanted is not None:
-                    if self.adding(topo.key):
-                        # Its own ADD builds its links and writes their outcome: looked at again at
-                        # the loop's next turn (skipped then if settled), not raced for its locks now.
-                        with self._lock:
-                            self._deferred.add(topo.key)
-                        continue
-                    # The pass's copies were taken at its start: an earlier pod's work, or an ADD
-                    # that ended meanwhile, may have settled this one since (a 1500-link pod was
-                    # read and compared again for nothing).
-                    if state.cache.synced:
-                        topo = state.cache.get(*topo.key) or topo
-                    if self._settled_since_queued(topo):
-                        continue
+                if wanted is not None and self._settled_since_queued(topo):
+                    continue
                 if state.alive_here(topo.status):
                     try:
                         changed += self.reconcile_pod(topo, state.peers_of(topo))
