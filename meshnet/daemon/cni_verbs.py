@@ -197,13 +197,24 @@ class CniVerbs:
     def _add_links(self, req: CniRequest) -> list[tuple[results.Interface, str | None]] | None:
         """Mark the pod alive and build its links; None when the pod has no Topology."""
         state = self.state
-        store = state.store
         timing = phases.current()
         namespace, pod = self._pod(req)
         timing.mark("parse request")
+        if not pod:
+            return None
+        # Until its status write says it is alive, the links it builds must not look like ends left
+        # towards a dead pod to this node's reconciler (`Reconciler._orphans`).
+        with state.adding((namespace, pod)):
+            return self._add_pod_links(req, namespace, pod)
+
+    def _add_pod_links(self, req: CniRequest, namespace: str,
+                       pod: str) -> list[tuple[results.Interface, str | None]] | None:
+        state = self.state
+        store = state.store
+        timing = phases.current()
         # The informer's copy (a miss, e.g. a Topology created a moment ago, costs one GET); a stale
         # one only costs the compare-and-set of the status write a retry.
-        topo = state.cached(namespace, pod) if pod else None
+        topo = state.cached(namespace, pod)
         timing.mark("cached read")
         if topo is None:
             return None

@@ -359,8 +359,12 @@ class Reconciler:
         that died or moved away. The peers are read again first, so a peer that came alive after
         this pass listed the store keeps the end its ADD just built (its event brings another pass)."""
         names = {lnk.uid: lnk.local_intf for lnk in topo.links}
+        # A peer whose ADD is being served here built its veth (this end too) before the write that
+        # says it is alive: the store still shows it dead until then, and the end is its new one.
+        adding = self.state.add_in_flight
         left = {p.peer_pod: names[p.uid] for p in plan.pending
-                if kernel.link_kind(view.get(names[p.uid])) in ("veth", "vxlan")}
+                if kernel.link_kind(view.get(names[p.uid])) in ("veth", "vxlan")
+                and not adding((topo.namespace, p.peer_pod))}
         if not left:
             return set()
         store = self.state.store

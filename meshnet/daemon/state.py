@@ -8,6 +8,7 @@ Locks (never held across a store or gRPC call, except the link locks):
   The watch thread writes them; CNI calls, peer requests and the reconciler read them (`cached`,
   `peers_of`, `namespace_topologies`), falling back to the store when the cache misses or has not
   been filled yet (unit tests that run no watch).
+- `_adding_lock`: the pods whose ADD is being served (`adding`), read by the reconciler.
 - `_applied_lock`: the impairments this daemon put in force per link end (`applied`), written
   after a successful apply by whoever built or changed the end (ADD, peer request, reconcile).
 Each room keeps its own bookkeeping under its own lock (peer back-off, owed far ends, VNI clashes,
@@ -17,8 +18,8 @@ pods to re-check); those are documented where they live.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 
 from meshnet.daemon import netns
 from meshnet.daemon.sandboxes import SandboxRecord
@@ -53,6 +54,8 @@ class NodeState:
         self._link_locks_guard = threading.Lock()
         self._applied: dict[tuple[str, str], Impairments | None] = {}  # guarded by `_applied_lock`
         self._applied_lock = threading.Lock()
+        self._adding: dict[PodKey, int] = {}  # pods whose ADD is being served here, how many (`_adding_lock`)
+        self._adding_lock = threading.Lock()
 
     # --- "alive on this node", written once ------------------------------------------------------
 
@@ -134,6 +137,26 @@ class NodeState:
         if self.cache.synced:
             return self.cache.all()
         return self.store.list(None)
+
+    # --- ADDs being served -----------------------------------------------------------------------
+
+    @contextmanager
+    def adding(self, key: PodKey) -> Iterator[None]:
+        """An ADD of this pod is being served: it builds links (a veth's far end in a peer's
+        namespace included) before its one status write says the pod is alive."""
+        with self._adding_lock:
+            self._adding[key] = self._adding.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._adding_lock:
+                left = self._adding.pop(key) - 1
+                if left:
+                    self._adding[key] = left
+
+    def add_in_flight(self, key: PodKey) -> bool:
+        with self._adding_lock:  # read by the reconcile thread, written by the CNI threads
+            return key in self._adding
 
     # --- per-link serialisation ------------------------------------------------------------------
 
