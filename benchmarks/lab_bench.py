@@ -314,7 +314,7 @@ def random_topology() -> dict[str, Any]:
             "peak_rss_mib": rss, "target_s": 15.0, "ok": figure <= 15.0}
 
 
-def _settled(server: Any, quiet: float = 1.0, limit: float = 60.0) -> None:
+def settled(server: Any, quiet: float = 1.0, limit: float = 60.0) -> None:
     """Wait until the API server has seen no request for `quiet` seconds (the daemons' reactions
     to a change are part of its cost), at most `limit` seconds."""
     deadline = time.monotonic() + limit
@@ -349,11 +349,11 @@ def kube_calls(manifest: str | None = None, nodes: int = 3, rounds: int = 5, pod
         for _ in range(rounds):
             for p in names:
                 lab.del_pod(p, remove_netns=False)
-            _settled(server)  # the reconcilers' reactions to the DELs are not counted
+            settled(server)  # the reconcilers' reactions to the DELs are not counted
             server.reset_counts()
             lab.add_pods(names)
             # News a daemon gathered goes out at the latest one window after it came.
-            _settled(server, quiet=LinkStatusWriter.DAEMON_WINDOW + 0.5)
+            settled(server, quiet=LinkStatusWriter.DAEMON_WINDOW + 0.5)
             calls = list(server.requests)
             totals.append(len(calls))
             by_kind: dict[str, int] = {}
