@@ -334,12 +334,16 @@ def _addr_entry(data: bytes, body: int, end: int) -> tuple[int, dict[str, Any]] 
     return index, entry
 
 
+# The attribute every link request carries: no counters.
+_SKIP_STATS = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+
+
 def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]:
     """One dump of the links and one of the addresses through a socket of the namespace."""
     sock.settimeout(timeout)
     sock.bind((0, 0))
     by_index: dict[int, dict[str, Any]] = {}
-    mask = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+    mask = _SKIP_STATS
     request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size + len(mask), RTM_GETLINK,
                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
     for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + mask, 1):
@@ -469,7 +473,7 @@ def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5)
 
 def _get_links(sock: socket.socket, names: list[str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
-    mask = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+    mask = _SKIP_STATS
     for first in range(0, len(names), _GET_BATCH):
         chunk = names[first:first + _GET_BATCH]
         requests = []
