@@ -189,10 +189,31 @@ def stop_daemons(lab: Lab) -> None:
         lab.stop_daemon(node)
 
 
+def wait_quiet(busy_below: float = 0.15, window: float = 0.25, limit: float = 30.0) -> float:
+    """Wait until the machine's CPUs were less than `busy_below` busy over `window` seconds (at most
+    `limit`); returns the seconds waited. Deleting a big lab's links leaves the kernel work to do
+    after `ip` returns (the routes and neighbours that went with them: an ISP lab carries 1.2
+    million routes), and a floor replayed meanwhile timed that work too."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    start = time.monotonic()
+    total0, idle0 = sample()
+    while time.monotonic() - start < limit:
+        time.sleep(window)
+        total1, idle1 = sample()
+        if total1 > total0 and 1 - (idle1 - idle0) / (total1 - total0) < busy_below:
+            break
+        total0, idle0 = total1, idle1
+    return round(time.monotonic() - start, 2)
+
+
 def floor_of(lab: Lab, batches: list[Batch], pods: list[str], runs: int) -> list[float]:
     """Replay `batches` bare `runs` times into the namespaces of `pods`, emptied of meshnet's links
-    first (daemons stopped first; `clear_links`). Should a replay fail all the same (a device the
-    kernel has not let go of yet), wait and retry."""
+    first (daemons stopped first; `clear_links`), each once the machine is quiet (`wait_quiet`).
+    Should a replay fail all the same (a device the kernel has not let go of yet), wait and retry."""
     stop_daemons(lab)
     netns = [lab.state.pods[p].netns for p in pods]
     samples = []
@@ -200,6 +221,7 @@ def floor_of(lab: Lab, batches: list[Batch], pods: list[str], runs: int) -> list
         for attempt in range(10):
             clear_links(netns)
             time.sleep(0.5 * attempt)
+            wait_quiet()
             start = time.perf_counter()
             try:
                 replay_bare(batches)
