@@ -189,24 +189,30 @@ def stop_daemons(lab: Lab) -> None:
         lab.stop_daemon(node)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far (/proc/stat): what the processes above
+    do not show (kernel threads finishing their work: namespace and device teardown, RCU; and on a
+    shared machine, other people's work)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / tick, idle / tick
+
+
 def wait_quiet(busy_below: float = 0.15, window: float = 0.25, limit: float = 30.0) -> float:
     """Wait until the machine's CPUs were less than `busy_below` busy over `window` seconds (at most
     `limit`); returns the seconds waited. Deleting a big lab's links leaves the kernel work to do
     after `ip` returns (the routes and neighbours that went with them: an ISP lab carries 1.2
     million routes), and a floor replayed meanwhile timed that work too."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
-
     start = time.monotonic()
-    total0, idle0 = sample()
+    busy0, idle0 = machine_cpu()
     while time.monotonic() - start < limit:
         time.sleep(window)
-        total1, idle1 = sample()
-        if total1 > total0 and 1 - (idle1 - idle0) / (total1 - total0) < busy_below:
+        busy1, idle1 = machine_cpu()
+        spent = (busy1 - busy0) + (idle1 - idle0)
+        if spent > 0 and (busy1 - busy0) / spent < busy_below:
             break
-        total0, idle0 = total1, idle1
+        busy0, idle0 = busy1, idle1
     return round(time.monotonic() - start, 2)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 os.environ["MESHNET_TIMING"] = "1"  # before the lab (and its daemons' environment) is made
 
 from benchmarks.foundation import manifest_text as two_pod_manifest
-from benchmarks.lab_bench import bench_lab, cold_add_seconds, hub_manifest, random_manifest
+from benchmarks.lab_bench import bench_lab, cold_add_seconds, hub_manifest, machine_cpu, random_manifest
 from meshnet.lab.cluster import Lab
 from meshnet.lab.reports import daemon_events
 
@@ -112,19 +112,9 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
-def _machine_cpu() -> tuple[float, float]:
-    """(busy, idle) CPU seconds of the whole machine so far (/proc/stat): what the processes above
-    do not show (kernel threads finishing their work: namespace and device teardown, RCU; and on a
-    shared machine, other people's work)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / tick, idle / tick
-
-
 def _cpu_now(lab: Lab) -> dict[str, Any]:
     return {"self": resource.getrusage(resource.RUSAGE_SELF), "kids": resource.getrusage(resource.RUSAGE_CHILDREN),
-            "daemons": [_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], "machine": _machine_cpu(),
+            "daemons": [_proc_cpu(lab.state.daemons[n]) for n in lab.state.nodes], "machine": machine_cpu(),
             "wall": time.perf_counter()}
 
 

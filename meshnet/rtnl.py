@@ -343,10 +343,9 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
     sock.settimeout(timeout)
     sock.bind((0, 0))
     by_index: dict[int, dict[str, Any]] = {}
-    mask = _SKIP_STATS
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size + len(mask), RTM_GETLINK,
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size + len(_SKIP_STATS), RTM_GETLINK,
                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-    for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + mask, 1):
+    for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _SKIP_STATS, 1):
         if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None:
             entry["addr_info"] = []
             by_index[entry["ifindex"]] = entry
@@ -473,14 +472,13 @@ def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5)
 
 def _get_links(sock: socket.socket, names: list[str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
-    mask = _SKIP_STATS
     for first in range(0, len(names), _GET_BATCH):
         chunk = names[first:first + _GET_BATCH]
         requests = []
         for i, name in enumerate(chunk):
             raw = name.encode() + b"\0"
             attr = _RTATTR.pack(4 + len(raw), IFLA_IFNAME) + raw + b"\0" * (_align(len(raw)) - len(raw))
-            payload = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr + mask
+            payload = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr + _SKIP_STATS
             requests.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), RTM_GETLINK, NLM_F_REQUEST,
                                            _SEQ_BASE + i, 0) + payload)
         sock.send(b"".join(requests))
