@@ -14,7 +14,7 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from meshnet.naming import ifname_problem
@@ -248,7 +248,7 @@ def _vxlan(data: dict[int, bytes]) -> dict[str, Any]:
     return out
 
 
-def _link_entry(data: bytes, body: int, end: int) -> dict[str, Any] | None:
+def _link_entry(data: bytes, body: int, end: int, slim: bool = False) -> dict[str, Any] | None:
     if body + _IFINFOMSG.size > end:
         return None
     _family, link_type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
@@ -256,6 +256,8 @@ def _link_entry(data: bytes, body: int, end: int) -> dict[str, Any] | None:
     name = _string(attrs.get(IFLA_IFNAME, b""))
     if not name:
         return None
+    if slim:
+        return _slim_link(index, name, flags, attrs)
     entry: dict[str, Any] = {"ifindex": index, "ifname": name, "flags": _flag_names(flags)}
     link = _u32(attrs.get(IFLA_LINK))
     netnsid = attrs.get(IFLA_LINK_NETNSID)
@@ -298,7 +300,63 @@ def _link_entry(data: bytes, body: int, end: int) -> dict[str, Any] | None:
     return entry
 
 
-def _addr_entry(data: bytes, body: int, end: int) -> tuple[int, dict[str, Any]] | None:
+# Slim entries (`views(..., slim=True)`, `ends(..., slim=True)`): only the keys the daemon reads
+# (meshnet.daemon.kernel: ifname, flags, group, linkinfo, addr_info's family/local/prefixlen/scope),
+# their repeated values shared. A daemon holds a whole namespace's view through a reconcile pass and
+# a peer page's ends through its apply: 1500 full entries are ~2.7 MiB, slim ones about a third.
+_SLIM_FLAGS: dict[int, tuple[str, ...]] = {}
+_SLIM_GROUPS: dict[int, str] = {}
+_SLIM_KINDS: dict[str, dict[str, Any]] = {}
+
+
+def _slim_link(index: int, name: str, flags: int, attrs: dict[int, bytes]) -> dict[str, Any]:
+    names = _SLIM_FLAGS.get(flags)
+    if names is None:
+        names = tuple(_flag_names(flags))
+        if len(_SLIM_FLAGS) < 256:  # bounded, as below: a pod's owner sets some flags itself
+            _SLIM_FLAGS[flags] = names
+    entry: dict[str, Any] = {"ifindex": index, "ifname": name, "flags": names}
+    group = _u32(attrs.get(IFLA_GROUP))
+    if group is not None:
+        text = _SLIM_GROUPS.get(group)
+        if text is None:
+            text = "default" if group == 0 else str(group)
+            if len(_SLIM_GROUPS) < 256:  # group numbers come from whoever made the links
+                _SLIM_GROUPS[group] = text
+        entry["group"] = text
+    info = attrs.get(IFLA_LINKINFO)
+    if info is not None:
+        nested = _attrs(info, 0, len(info))
+        if IFLA_INFO_KIND in nested:
+            kind = _string(nested[IFLA_INFO_KIND])
+            raw = nested.get(IFLA_INFO_DATA)
+            if raw is not None and kind == "vxlan":
+                entry["linkinfo"] = {"info_kind": kind, "info_data": _vxlan(_attrs(raw, 0, len(raw)))}
+            elif raw is not None and kind == "macvlan":
+                mode = _u32(_attrs(raw, 0, len(raw)).get(1))  # IFLA_MACVLAN_MODE
+                entry["linkinfo"] = {"info_kind": kind} if mode is None else \
+                    {"info_kind": kind, "info_data": {"mode": _MACVLAN_MODES.get(mode, "unknown")}}
+            else:
+                # One shared dict per kind (read only: nothing changes an entry's linkinfo).
+                shared = _SLIM_KINDS.get(kind)
+                if shared is None:
+                    shared = {"info_kind": kind}
+                    if len(_SLIM_KINDS) < 64:
+                        _SLIM_KINDS[kind] = shared
+                entry["linkinfo"] = shared
+    return entry
+
+
+def slimmed(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A full entry cut to a slim one's keys (the tests compare the two reads with it)."""
+    out = {k: entry[k] for k in ("ifindex", "ifname", "group", "linkinfo") if k in entry}
+    out["flags"] = tuple(entry.get("flags", ()))
+    if "addr_info" in entry:
+        out["addr_info"] = [{k: a[k] for k in ("family", "local", "prefixlen", "scope")} for a in entry["addr_info"]]
+    return out
+
+
+def _addr_entry(data: bytes, body: int, end: int, slim: bool = False) -> tuple[int, dict[str, Any]] | None:
     if body + _IFADDRMSG.size > end:
         return None
     family, prefixlen, flags8, scope, index = _IFADDRMSG.unpack_from(data, body)
@@ -310,6 +368,9 @@ def _addr_entry(data: bytes, body: int, end: int) -> tuple[int, dict[str, Any]] 
     if local is None and peer is None:
         return None
     v4 = family == socket.AF_INET
+    if slim:
+        return index, {"family": "inet" if v4 else "inet6", "local": local or peer, "prefixlen": prefixlen,
+                       "scope": _SCOPES.get(scope) or str(scope)}
     entry: dict[str, Any] = {"family": "inet" if v4 else "inet6", "local": local or peer}
     if local is not None and peer is not None and peer != local:
         entry["address"] = peer  # point-to-point: the far end
@@ -338,7 +399,7 @@ def _addr_entry(data: bytes, body: int, end: int) -> tuple[int, dict[str, Any]] 
 _SKIP_STATS = _RTATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
 
 
-def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]:
+def _read_view(sock: socket.socket, timeout: float, slim: bool = False) -> dict[str, dict[str, Any]]:
     """One dump of the links and one of the addresses through a socket of the namespace."""
     sock.settimeout(timeout)
     sock.bind((0, 0))
@@ -346,7 +407,7 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
     request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size + len(_SKIP_STATS), RTM_GETLINK,
                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
     for data, kind, body, end in _dump(sock, request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _SKIP_STATS, 1):
-        if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None:
+        if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end, slim)) is not None:
             entry["addr_info"] = []
             by_index[entry["ifindex"]] = entry
     # One address dump of every family; should the kernel mark it interrupted, one per family:
@@ -355,17 +416,17 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
     # which must not cost the IPv4 read. A family whose dump keeps being interrupted is read
     # interface by interface (each small dump consistent), not through `ip`.
     try:
-        found = _addresses(sock, socket.AF_UNSPEC, 2)
+        found = _addresses(sock, socket.AF_UNSPEC, 2, slim)
     except DumpInterrupted:
         found = []
         for seq, family in ((3, socket.AF_INET), (7, socket.AF_INET6)):
             for attempt in range(_FAMILY_TRIES):
                 try:
-                    found += _addresses(sock, family, seq)
+                    found += _addresses(sock, family, seq, slim)
                     break
                 except DumpInterrupted:
                     if attempt == _FAMILY_TRIES - 1:
-                        found += _family_by_interface(sock, family, by_index)
+                        found += _family_by_interface(sock, family, by_index, slim)
                 except OSError as e:
                     if e.errno != errno.EAFNOSUPPORT or family != socket.AF_INET6:
                         raise
@@ -380,15 +441,15 @@ def _read_view(sock: socket.socket, timeout: float) -> dict[str, dict[str, Any]]
 _FAMILY_TRIES = 2
 
 
-def _addresses(sock: socket.socket, family: int, seq: int) -> list[tuple[int, dict[str, Any]]]:
+def _addresses(sock: socket.socket, family: int, seq: int, slim: bool = False) -> list[tuple[int, dict[str, Any]]]:
     """One namespace-wide address dump of `family` (AF_UNSPEC: every family): (index, entry)."""
     request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) \
         + _IFADDRMSG.pack(family, 0, 0, 0, 0)
     return [f for data, kind, body, end in _dump(sock, request, seq)
-            if kind == RTM_NEWADDR and (f := _addr_entry(data, body, end)) is not None]
+            if kind == RTM_NEWADDR and (f := _addr_entry(data, body, end, slim)) is not None]
 
 
-def _family_by_interface(sock: socket.socket, family: int, by_index: dict[int, dict[str, Any]]
+def _family_by_interface(sock: socket.socket, family: int, by_index: dict[int, dict[str, Any]], slim: bool = False
                          ) -> list[tuple[int, dict[str, Any]]]:
     """One family's addresses of the links read, one dump per interface (needs the kernel's strict
     checking for the index filter: EINTR when it has none, so the caller's fallback reads via `ip`)."""
@@ -398,19 +459,21 @@ def _family_by_interface(sock: socket.socket, family: int, by_index: dict[int, d
         raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change") from e
     out: list[tuple[int, dict[str, Any]]] = []
     for index in list(by_index):
-        got = _family_of(sock, family, index, 5)
+        got = _family_of(sock, family, index, 5, slim)
         out += [(index, a) for a in got or ()]  # None: gone since the link dump (the next read knows)
     return out
 
 
-def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[str, dict[str, dict[str, Any]] | OSError]:
+def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5, slim: bool = False
+          ) -> dict[str, dict[str, dict[str, Any]] | OSError]:
     """{netns: {ifname: entry}} for each named namespace, each entry shaped as `ip -j -d addr show`
     prints it (the keys meshnet reads: ifindex, ifname, flags, mtu, qdisc, operstate, group,
     link_type, address, link_index/link_netnsid, linkinfo with vxlan id/remote/local/port or macvlan
     mode, addr_info with family/local/prefixlen/scope and address flags), or the OSError that
     namespace gave (gone, a bad name, the kernel's error). One thread opens a socket in each
     namespace of a chunk in turn; the dumps are read here, each socket closed after its namespace's
-    read (at most CHUNK open at once, whatever the number of pods)."""
+    read (at most CHUNK open at once, whatever the number of pods). `slim`: entries with only the
+    keys the daemon reads (`_slim_link`)."""
     unique = list(dict.fromkeys(names))
     out: dict[str, dict[str, dict[str, Any]] | OSError] = {}
     for first in range(0, len(unique), CHUNK):
@@ -418,7 +481,7 @@ def views(names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[st
         socks = in_each_netns(chunk, _open)
         try:
             for ns, sock in zip(chunk, socks, strict=True):
-                out[ns] = sock if isinstance(sock, OSError) else _read_one(ns, sock, timeout, tries)
+                out[ns] = sock if isinstance(sock, OSError) else _read_one(ns, sock, timeout, tries, slim)
         finally:
             for sock in socks:
                 if isinstance(sock, socket.socket):
@@ -436,7 +499,8 @@ NETLINK_GET_STRICT_CHK = 12  # the kernel honours a dump request's filters (an a
 _GET_BATCH = 64  # link requests sent at once (their answers queue on the socket)
 
 
-def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5) -> dict[str, dict[str, Any]] | OSError:
+def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5,
+         slim: bool = False) -> dict[str, dict[str, Any]] | OSError:
     """{ifname: entry} for the named interfaces of one namespace (an absent one left out), each
     entry as `views` gives it, or the OSError the namespace gave.
 
@@ -458,9 +522,9 @@ def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5)
             sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             # A name Linux would refuse is no interface: never put in a request (callers pass names
             # a peer's request carried).
-            found = _get_links(sock, [n for n in dict.fromkeys(names) if not ifname_problem(n)])
+            found = _get_links(sock, [n for n in dict.fromkeys(names) if not ifname_problem(n)], slim)
             for name, entry in list(found.items()):
-                addrs = _addresses_of(sock, entry["ifindex"], tries)
+                addrs = _addresses_of(sock, entry["ifindex"], tries, slim)
                 if addrs is None:
                     del found[name]  # deleted since its link was read: absent, as a later dump would say
                 else:
@@ -470,7 +534,7 @@ def ends(netns: str, names: Iterable[str], timeout: float = 5.0, tries: int = 5)
             return e
 
 
-def _get_links(sock: socket.socket, names: list[str]) -> dict[str, dict[str, Any]]:
+def _get_links(sock: socket.socket, names: list[str], slim: bool = False) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for first in range(0, len(names), _GET_BATCH):
         chunk = names[first:first + _GET_BATCH]
@@ -500,7 +564,7 @@ def _get_links(sock: socket.socket, names: list[str]) -> dict[str, dict[str, Any
                         continue  # no such interface
                     raise OSError(-code if code < 0 else errno.EIO, f"netlink: link {chunk[seq - _SEQ_BASE]!r}: "
                                                                    f"error {-code}")
-                if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end)) is not None \
+                if kind == RTM_NEWLINK and (entry := _link_entry(data, body, end, slim)) is not None \
                         and entry["ifname"] == chunk[seq - _SEQ_BASE]:
                     found[entry["ifname"]] = entry
     return found
@@ -510,7 +574,7 @@ _SEQ_BASE = 1000  # link requests' sequence numbers (dumps use 1 to 7)
 _UNSPEC_FILTER = True  # an address dump of every family honours the index filter (see _addresses_of)
 
 
-def _addresses_of(sock: socket.socket, index: int, tries: int) -> list[dict[str, Any]] | None:
+def _addresses_of(sock: socket.socket, index: int, tries: int, slim: bool = False) -> list[dict[str, Any]] | None:
     """The addresses of one interface, IPv4 then IPv6 (as a full dump lists them), or None when the
     interface is gone. One dump of every family, filtered to the index (a third fewer round trips
     than one per family); should a family of this kernel refuse such a filter, one dump per family
@@ -518,21 +582,22 @@ def _addresses_of(sock: socket.socket, index: int, tries: int) -> list[dict[str,
     global _UNSPEC_FILTER
     if _UNSPEC_FILTER:
         try:
-            return _family_of(sock, socket.AF_UNSPEC, index, tries)
+            return _family_of(sock, socket.AF_UNSPEC, index, tries, slim)
         except DumpInterrupted:
             raise
         except OSError:
             _UNSPEC_FILTER = False  # read per family below, now and later
     out: list[dict[str, Any]] = []
     for family in (socket.AF_INET, socket.AF_INET6):
-        got = _family_of(sock, family, index, tries)
+        got = _family_of(sock, family, index, tries, slim)
         if got is None:
             return None
         out += got
     return out
 
 
-def _family_of(sock: socket.socket, family: int, index: int, tries: int) -> list[dict[str, Any]] | None:
+def _family_of(sock: socket.socket, family: int, index: int, tries: int,
+               slim: bool = False) -> list[dict[str, Any]] | None:
     """One family's addresses of one interface (a dump filtered to its index: the socket has strict
     checking on), read again while the kernel marks it interrupted; None when the interface is gone."""
     seq = 4 if family == socket.AF_INET else 5 if family == socket.AF_INET6 else 6
@@ -543,7 +608,7 @@ def _family_of(sock: socket.socket, family: int, index: int, tries: int) -> list
             time.sleep(0.005 * attempt)
         try:
             return [found[1] for data, kind, body, end in _dump(sock, request, seq)
-                    if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end)) is not None
+                    if kind == RTM_NEWADDR and (found := _addr_entry(data, body, end, slim)) is not None
                     and found[0] == index]
         except DumpInterrupted:
             if attempt == tries - 1:
@@ -557,7 +622,8 @@ def _family_of(sock: socket.socket, family: int, index: int, tries: int) -> list
     raise DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
 
 
-def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[str, dict[str, Any]] | OSError:
+def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int,
+              slim: bool = False) -> dict[str, dict[str, Any]] | OSError:
     """One namespace's view; a dump the kernel marks interrupted (links or addresses changing
     meanwhile, e.g. hundreds being made) is read again, and after `tries` the DumpInterrupted
     (errno EINTR) is returned: never a partial view taken for the namespace's state."""
@@ -568,7 +634,7 @@ def _read_one(ns: str, sock: socket.socket, timeout: float, tries: int) -> dict[
                 time.sleep(0.01 * attempt)
                 sock = in_netns(ns, _open)
             with sock:
-                return _read_view(sock, timeout)
+                return _read_view(sock, timeout, slim)
         except DumpInterrupted as e:
             last = e
         except OSError as e:

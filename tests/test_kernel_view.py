@@ -48,6 +48,7 @@ def _differences(fast: dict[str, Any], slow: dict[str, Any], where: str = "") ->
         theirs = slow.get(key)
         if key == "flags":
             theirs = [f for f in theirs or [] if f != "M-DOWN"]
+            value = list(value)  # a slim entry's are a shared tuple
         if isinstance(value, dict) and isinstance(theirs, dict):
             out += _differences(value, theirs, f"{where}{key}.")
         elif key == "addr_info" and isinstance(theirs, list) and len(value) == len(theirs):
@@ -59,15 +60,24 @@ def _differences(fast: dict[str, Any], slow: dict[str, Any], where: str = "") ->
 
 
 def _compare(executor: Executor, names: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Both readings and where they differ. Read again while they differ (a link-local address
+    """rtnetlink's full reading (`rtnl.views`), `ip`'s, and the daemon's slim one (`kernel.read_view`:
+    the keys it reads), and where they differ. Read again while they differ (a link-local address
     leaves `tentative` between two readings), for up to 5 s."""
     deadline = time.monotonic() + 5
     while True:
-        fast, slow = kernel.read_view(executor, names), _through_ip(executor, names)
+        full = rtnl.views(names)
+        fast: dict[str, Any] = {ns: full[ns] for ns in names}
+        slow = _through_ip(executor, names)
+        daemon = kernel.read_view(executor, names)
         problems = [f"{ns}: names {sorted(fast[ns])} vs {sorted(slow[ns])}" for ns in names
-                    if set(fast[ns]) != set(slow[ns])]
+                    if set(fast[ns]) != set(slow[ns]) or set(daemon[ns]) != set(slow[ns])]
         problems += [f"{ns}/{name}: {d}" for ns in names for name in fast[ns] if name in slow[ns]
                      for d in _differences(fast[ns][name], slow[ns][name])]
+        problems += [f"{ns}/{name} (slim): {d}" for ns in names for name in daemon[ns] if name in slow[ns]
+                     for d in _differences(daemon[ns][name], slow[ns][name])]
+        # Slim is the full entry cut to the daemon's keys, nothing else.
+        problems += [f"{ns}/{name}: slim {daemon[ns][name]} != {rtnl.slimmed(fast[ns][name])}" for ns in names
+                     for name in daemon[ns] if name in fast[ns] and daemon[ns][name] != rtnl.slimmed(fast[ns][name])]
         if not problems or time.monotonic() > deadline:
             return fast, problems
         time.sleep(0.2)
@@ -139,6 +149,7 @@ def test_the_view_is_what_ip_shows_for_every_link_kind(spaces: list[str]) -> Non
     applied = kernel.in_force_after(plans, caps)
     slow = _through_ip(executor, names)
     assert kernel.differences(plans, fast, caps, applied) == kernel.differences(plans, slow, caps, applied) == []
+    assert kernel.differences(plans, kernel.read_view(executor, names), caps, applied) == []  # the daemon's slim view
     assert fast[node]["ul0"]["addr_info"][0]["local"] == "198.51.100.10"
     # Some ends alone (a peer call's page): each as the whole view shows it; absent ones left out.
     wanted = {pa: ["eth2", "eth1", "nosuch"], pb: ["eth2"], pc: ["eth1"], node: ["ul0"], "mnt-gone-e1e1e1": ["eth1"]}
@@ -313,7 +324,7 @@ def test_a_dump_the_kernel_keeps_interrupting_is_read_through_ip(spaces: list[st
     """Never an empty view for a namespace that exists: that would read as every link missing."""
     calls: list[int] = []
 
-    def interrupted(sock: socket.socket, timeout: float) -> dict[str, Any]:
+    def interrupted(sock: socket.socket, timeout: float, slim: bool = False) -> dict[str, Any]:
         calls.append(1)
         raise rtnl.DumpInterrupted(errno.EINTR, "netlink: the dump was interrupted by a change")
 
@@ -386,7 +397,7 @@ def test_an_interrupted_address_dump_of_one_end_is_read_again_and_a_gone_one_is_
     # Names Linux refuses are never asked for: absent (a NUL would have named e1 to the kernel).
     asked: list[list[str]] = []
     get_links = rtnl._get_links
-    monkeypatch.setattr(rtnl, "_get_links", lambda sock, names: asked.append(names) or get_links(sock, names))
+    monkeypatch.setattr(rtnl, "_get_links", lambda sock, names, *a: asked.append(names) or get_links(sock, names, *a))
     found = rtnl.ends(ns, ["e1\x00x", "e1 x", "e" * 40, "", "e1"])
     assert isinstance(found, dict) and set(found) == {"e1"} and asked == [["e1"]]
     monkeypatch.setattr(rtnl, "_get_links", get_links)
@@ -395,11 +406,11 @@ def test_an_interrupted_address_dump_of_one_end_is_read_again_and_a_gone_one_is_
     families: list[int] = []
     family_of = rtnl._family_of
 
-    def refusing(sock: socket.socket, family: int, index: int, tries: int) -> Any:
+    def refusing(sock: socket.socket, family: int, index: int, tries: int, slim: bool = False) -> Any:
         families.append(family)
         if family == socket.AF_UNSPEC:
             raise OSError(errno.EINVAL, "netlink dump: error 22")
-        return family_of(sock, family, index, tries)
+        return family_of(sock, family, index, tries, slim)
 
     monkeypatch.setattr(rtnl, "_family_of", refusing)
     found = rtnl.ends(ns, ["e1", "f1"])

@@ -32,8 +32,9 @@ Applied = Mapping[tuple[str, str], Impairments | None]
 
 
 def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{netns: {ifname: entry}} for each namespace (missing ones are empty), each entry what
-    `ip -j -d addr show` prints for the link (the keys this module reads, and more: meshnet.rtnl).
+    """{netns: {ifname: entry}} for each namespace (missing ones are empty), each entry shaped as
+    `ip -j -d addr show` prints the link, with the keys this module reads (rtnetlink's slim entries:
+    ifname, flags, group, linkinfo, addr_info; the `ip` fallback's have all of them).
 
     Read in-process over rtnetlink (one dump of the links and one of the addresses per namespace,
     a short-lived thread entering the namespaces to open the sockets): one `ip` process per
@@ -42,7 +43,7 @@ def read_view(executor: Executor, names: Iterable[str]) -> dict[str, dict[str, d
     kernel or a sandbox that refuses setns, or dumps the kernel kept marking interrupted), so
     nothing is worse than before."""
     unique = list(dict.fromkeys(names))
-    found = rtnl.views(unique)
+    found = rtnl.views(unique, slim=True)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for ns in unique:
         view = found.get(ns)
@@ -69,7 +70,7 @@ def read_ends(executor: Executor, wanted: Mapping[str, Iterable[str]]) -> dict[s
     out: dict[str, dict[str, dict[str, Any]]] = {}
     whole: list[str] = []
     for ns, names in wanted.items():
-        found = rtnl.ends(ns, names)
+        found = rtnl.ends(ns, names, slim=True)
         if isinstance(found, dict):
             out[ns] = found
         elif found.errno == errno.ENOENT:
