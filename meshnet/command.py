@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Command:
     """One command: `ip -n netns ARGV...` (netns None: the executor's own namespace), or the same
     with `tc` for a link end's impairments."""
