@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 from meshnet import naming
@@ -174,13 +174,16 @@ class MacvlanPlan:
 LinkPlan = VethPlan | VxlanPlan | MacvlanPlan
 
 
+@lru_cache(maxsize=256)
 def pending_reason(peer_pod: str) -> str:
     """Why a link waits: recorded in its status by the plan and by the daemon alike, byte for byte
-    (a status that differs only in this text would be written again on every pass)."""
+    (a status that differs only in this text would be written again on every pass). One string per
+    peer pod: a plan of 1500 links towards one pod not up yet held 1500 copies of it."""
     return f"peer pod {peer_pod} is not up yet"
 
 
-@dataclass(frozen=True)
+# Slotted, unlike the link plans (render's recipes read those through their __dict__).
+@dataclass(frozen=True, slots=True)
 class Pending:
     """A link that cannot be built now: its peer is not alive yet (the peer's ADD will build it)."""
 
@@ -189,7 +192,7 @@ class Pending:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteEnd:
     """A vxlan end the peer's node must build (or update) once this pod's end exists."""
 
