@@ -72,6 +72,7 @@ def test_a_pass_keeps_the_veth_a_peers_add_built_before_writing_that_it_is_alive
             assert [s.state for s in store.get(NS, "p1").status.links] == ["up"]
             assert [s.state for s in store.get(NS, "p2").status.links] == ["up"]
             assert core.reconcile() == 0  # nothing left to heal
+            assert core.state.link_locks_in_use() == 0  # an idle node keeps no link's lock
         finally:
             go.set()
             core.close()

@@ -3,7 +3,8 @@
 Locks (never held across a store or gRPC call, except the link locks):
 - `link_locks(namespace, uids)`: one lock per link, held while its kernel objects are read and
   changed, so an ADD, a peer request and a reconcile pass never interleave on one link. Taken in
-  uid order, so two holders never wait on each other in a cycle.
+  uid order, so two holders never wait on each other in a cycle; kept only while held or waited
+  for (`_link_locks_guard` guards the table).
 - `cache` (meshnet.store.cache, its own lock): the informer's copies of every Topology, indexed.
   The watch thread writes them; CNI calls, peer requests and the reconciler read them (`cached`,
   `peers_of`, `namespace_topologies`), falling back to the store when the cache misses or has not
@@ -38,6 +39,16 @@ def alive_on(status: TopologyStatus, node_name: str) -> bool:
     return status.alive and status.node == node_name
 
 
+class _LinkLock:
+    """One link's lock, and how many callers hold or wait for it (guarded by the table's lock)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
 class NodeState:
     def __init__(self, node: NodeInfo, store: Store, executor: Executor, *, grpc_port: int,
                  log: Log | None = None, sandboxes: SandboxRecord | None = None,
@@ -50,7 +61,7 @@ class NodeState:
         # The namespaces of this node's pods as the CNI calls handed them (never the store's net_ns).
         self.sandboxes = sandboxes if sandboxes is not None else SandboxRecord("", self.log)
         self.cache = cache if cache is not None else TopologyCache()
-        self._link_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._link_locks: dict[tuple[str, int], _LinkLock] = {}  # links in use (`_link_locks_guard`)
         self._link_locks_guard = threading.Lock()
         self._applied: dict[tuple[str, str], Impairments | None] = {}  # guarded by `_applied_lock`
         self._applied_lock = threading.Lock()
@@ -161,14 +172,46 @@ class NodeState:
     # --- per-link serialisation ------------------------------------------------------------------
 
     def link_locks(self, namespace: str, uids: Iterable[int]) -> ExitStack:
-        """Serialise work per link (sorted, so two holders never wait on each other in a cycle)."""
-        stack = ExitStack()
+        """Serialise work per link (sorted, so two holders never wait on each other in a cycle).
+
+        A link's lock exists while someone holds or waits for it: the table follows the links in
+        use, not every (namespace, uid) this node ever served (it used to keep those for the
+        daemon's life, ~200 bytes each, whatever the churn of namespaces)."""
+        keys = [(namespace, uid) for uid in sorted(set(uids))]
         with self._link_locks_guard:
-            locks = [self._link_locks.setdefault((namespace, uid), threading.Lock())
-                     for uid in sorted(set(uids))]
-        for lock in locks:
-            stack.enter_context(lock)
+            using: list[tuple[tuple[str, int], _LinkLock]] = []
+            for key in keys:
+                entry = self._link_locks.get(key)
+                if entry is None:
+                    entry = self._link_locks[key] = _LinkLock()
+                entry.users += 1
+                using.append((key, entry))
+        held = 0
+
+        def release() -> None:
+            for _, entry in reversed(using[:held]):
+                entry.lock.release()
+            with self._link_locks_guard:
+                for key, entry in using:
+                    entry.users -= 1
+                    if not entry.users:  # nobody holds or waits for it: a later user makes a new one
+                        del self._link_locks[key]
+
+        stack = ExitStack()
+        stack.callback(release)
+        try:
+            for _, entry in using:
+                entry.lock.acquire()
+                held += 1
+        except BaseException:
+            stack.close()
+            raise
         return stack
+
+    def link_locks_in_use(self) -> int:
+        """How many links have a lock now (held or waited for): 0 on an idle node."""
+        with self._link_locks_guard:
+            return len(self._link_locks)
 
     # --- impairments in force per link end ------------------------------------------------------
 
