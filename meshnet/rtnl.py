@@ -14,7 +14,7 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from meshnet.naming import ifname_problem
@@ -283,67 +283,64 @@ def _link_entry(data: bytes, body: int, end: int, slim: bool = False) -> dict[st
                     entry[key] = _mac(attrs[attr])
     if netnsid is not None and len(netnsid) >= 4:
         entry["link_netnsid"] = _S32.unpack_from(netnsid)[0]
-    info = attrs.get(IFLA_LINKINFO)
-    if info is not None:
-        nested = _attrs(info, 0, len(info))
-        if IFLA_INFO_KIND in nested:
-            kind = _string(nested[IFLA_INFO_KIND])
-            linkinfo: dict[str, Any] = {"info_kind": kind}
-            raw = nested.get(IFLA_INFO_DATA)
-            if raw is not None and kind == "vxlan":
-                linkinfo["info_data"] = _vxlan(_attrs(raw, 0, len(raw)))
-            elif raw is not None and kind == "macvlan":
-                mode = _u32(_attrs(raw, 0, len(raw)).get(1))  # IFLA_MACVLAN_MODE
-                if mode is not None:
-                    linkinfo["info_data"] = {"mode": _MACVLAN_MODES.get(mode, "unknown")}
-            entry["linkinfo"] = linkinfo
+    linkinfo = _linkinfo(attrs)
+    if linkinfo is not None:
+        entry["linkinfo"] = linkinfo
     return entry
+
+
+def _linkinfo(attrs: dict[int, bytes]) -> dict[str, Any] | None:
+    """`linkinfo` as `ip -j -d` prints it: the kind, and a vxlan's or macvlan's data."""
+    info = attrs.get(IFLA_LINKINFO)
+    if info is None:
+        return None
+    nested = _attrs(info, 0, len(info))
+    if IFLA_INFO_KIND not in nested:
+        return None
+    kind = _string(nested[IFLA_INFO_KIND])
+    linkinfo: dict[str, Any] = {"info_kind": kind}
+    raw = nested.get(IFLA_INFO_DATA)
+    if raw is not None and kind == "vxlan":
+        linkinfo["info_data"] = _vxlan(_attrs(raw, 0, len(raw)))
+    elif raw is not None and kind == "macvlan":
+        mode = _u32(_attrs(raw, 0, len(raw)).get(1))  # IFLA_MACVLAN_MODE
+        if mode is not None:
+            linkinfo["info_data"] = {"mode": _MACVLAN_MODES.get(mode, "unknown")}
+    return linkinfo
 
 
 # Slim entries (`views(..., slim=True)`, `ends(..., slim=True)`): only the keys the daemon reads
 # (meshnet.daemon.kernel: ifname, flags, group, linkinfo, addr_info's family/local/prefixlen/scope),
 # their repeated values shared. A daemon holds a whole namespace's view through a reconcile pass and
 # a peer page's ends through its apply: 1500 full entries are ~2.7 MiB, slim ones about a third.
+# Each table is bounded: flags, groups and kinds come from whoever made the interfaces.
 _SLIM_FLAGS: dict[int, tuple[str, ...]] = {}
 _SLIM_GROUPS: dict[int, str] = {}
 _SLIM_KINDS: dict[str, dict[str, Any]] = {}
+_SLIM_BOUND = 256
+
+
+def _shared(table: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """The one value kept for `key` (made and kept while the table has room; read only after)."""
+    value = table.get(key)
+    if value is None:
+        value = make()
+        if len(table) < _SLIM_BOUND:
+            table[key] = value
+    return value
 
 
 def _slim_link(index: int, name: str, flags: int, attrs: dict[int, bytes]) -> dict[str, Any]:
-    names = _SLIM_FLAGS.get(flags)
-    if names is None:
-        names = tuple(_flag_names(flags))
-        if len(_SLIM_FLAGS) < 256:  # bounded, as below: a pod's owner sets some flags itself
-            _SLIM_FLAGS[flags] = names
-    entry: dict[str, Any] = {"ifindex": index, "ifname": name, "flags": names}
+    entry: dict[str, Any] = {"ifindex": index, "ifname": name,
+                             "flags": _shared(_SLIM_FLAGS, flags, lambda: tuple(_flag_names(flags)))}
     group = _u32(attrs.get(IFLA_GROUP))
     if group is not None:
-        text = _SLIM_GROUPS.get(group)
-        if text is None:
-            text = "default" if group == 0 else str(group)
-            if len(_SLIM_GROUPS) < 256:  # group numbers come from whoever made the links
-                _SLIM_GROUPS[group] = text
-        entry["group"] = text
-    info = attrs.get(IFLA_LINKINFO)
-    if info is not None:
-        nested = _attrs(info, 0, len(info))
-        if IFLA_INFO_KIND in nested:
-            kind = _string(nested[IFLA_INFO_KIND])
-            raw = nested.get(IFLA_INFO_DATA)
-            if raw is not None and kind == "vxlan":
-                entry["linkinfo"] = {"info_kind": kind, "info_data": _vxlan(_attrs(raw, 0, len(raw)))}
-            elif raw is not None and kind == "macvlan":
-                mode = _u32(_attrs(raw, 0, len(raw)).get(1))  # IFLA_MACVLAN_MODE
-                entry["linkinfo"] = {"info_kind": kind} if mode is None else \
-                    {"info_kind": kind, "info_data": {"mode": _MACVLAN_MODES.get(mode, "unknown")}}
-            else:
-                # One shared dict per kind (read only: nothing changes an entry's linkinfo).
-                shared = _SLIM_KINDS.get(kind)
-                if shared is None:
-                    shared = {"info_kind": kind}
-                    if len(_SLIM_KINDS) < 64:
-                        _SLIM_KINDS[kind] = shared
-                entry["linkinfo"] = shared
+        entry["group"] = _shared(_SLIM_GROUPS, group, lambda: "default" if group == 0 else str(group))
+    linkinfo = _linkinfo(attrs)
+    if linkinfo is not None:
+        # Data-less kinds (veth, ...) share one dict per kind: nothing changes an entry's linkinfo.
+        entry["linkinfo"] = linkinfo if "info_data" in linkinfo else \
+            _shared(_SLIM_KINDS, linkinfo["info_kind"], lambda: linkinfo)
     return entry
 
 

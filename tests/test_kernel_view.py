@@ -65,8 +65,7 @@ def _compare(executor: Executor, names: list[str]) -> tuple[dict[str, Any], list
     leaves `tentative` between two readings), for up to 5 s."""
     deadline = time.monotonic() + 5
     while True:
-        full = rtnl.views(names)
-        fast: dict[str, Any] = {ns: full[ns] for ns in names}
+        fast: dict[str, Any] = rtnl.views(names)
         slow = _through_ip(executor, names)
         daemon = kernel.read_view(executor, names)
         problems = [f"{ns}: names {sorted(fast[ns])} vs {sorted(slow[ns])}" for ns in names
@@ -448,3 +447,23 @@ def test_a_family_whose_dump_keeps_being_interrupted_is_read_interface_by_interf
     assert seqs.count(5) == len(view)  # one IPv6 dump per interface (lo, e1, f1)
     assert view == expected
     assert kernel.addresses(view["e1"]) >= {"10.82.0.1/30", "2001:db8:82::1/64"}
+
+
+def test_slim_views_share_values_in_bounded_tables_whatever_a_pods_owner_sets() -> None:
+    """Group numbers and flags are whoever made the interface's choice (a pod's owner can make
+    hundreds): the slim reader's shared tables stay bounded, and every entry still says its own."""
+    with netns_set(1) as (ns,):
+        lines = []
+        for i in range(150):
+            lines += [f"link add g{i} group {1000 + 2 * i} type veth peer name h{i} group {1001 + 2 * i}",
+                      *([f"link set g{i} up"] if i % 2 else [])]
+        ip("-n", ns, "-batch", "-", stdin="\n".join(lines) + "\n")
+        view = rtnl.views([ns], slim=True)[ns]
+        full = rtnl.views([ns])[ns]
+        def links_only(entry: dict[str, Any]) -> dict[str, Any]:  # addresses come and go (IPv6 DAD)
+            return {k: v for k, v in entry.items() if k != "addr_info"}
+
+        assert {n: links_only(rtnl.slimmed(e)) for n, e in full.items()} == {n: links_only(e) for n, e in view.items()}
+        assert view["g7"]["group"] == "1014" and view["h7"]["group"] == "1015"
+        assert kernel.admin_up(view["g7"]) and not kernel.admin_up(view["g8"])
+        assert len(rtnl._SLIM_GROUPS) <= 256 and len(rtnl._SLIM_FLAGS) <= 256  # 300 groups were read
