@@ -164,6 +164,23 @@ def test_pod_without_topology_has_only_lo_and_eth0(lab: Lab) -> None:
     assert (rc, answer) == (0, {})
 
 
+def test_every_pods_eth0_result_names_the_bridge_address_its_node_keeps(lab: Lab) -> None:
+    """The bridge plugin's CHECK compares the bridge address in a pod's result with the bridge's. When
+    the plugin makes the bridge, concurrent first ADDs on a node race: each reads the address, adds its
+    port (the kernel moves an unset bridge's address to its lowest port's), then sets the address it
+    read; a pod could keep an address a later ADD overwrote, and its CHECK failed for good (CI, wave
+    9). The lab makes each node's bridge first, with an address set by hand, which no port moves."""
+    bridges = {}
+    for i, node in enumerate(lab.state.nodes):
+        entry = lab.kernel_links(lab.node_netns(i))["mnl0"]
+        bridges[node] = entry["address"]
+        assert entry["address"] == f"02:6d:6e:00:00:{i:02x}", node
+    for rec in lab.state.pods.values():
+        if rec.state == "up" and rec.result:
+            mac = next(i["mac"] for i in rec.result["interfaces"] if i["name"] == "mnl0")
+            assert mac == bridges[rec.node], rec.name
+
+
 def test_pod_without_topology_gets_exactly_the_eth0_result(lab: Lab) -> None:
     lab.del_pod("e")
     rc, answer = add(lab, "e")

@@ -38,7 +38,7 @@ from meshnet.dryrun import (
 )
 from meshnet.executor import Executor
 from meshnet.lab import limits
-from meshnet.lab.kubelet import POD_SUBNET, Kubelet, check_cni_plugins, default_cni_bin
+from meshnet.lab.kubelet import POD_SUBNET, Kubelet, check_cni_plugins, default_cni_bin, pod_bridge_commands
 from meshnet.lab.processes import Supervisor
 from meshnet.lab.reports import Reports
 from meshnet.lab.state import LAB_ROOT, LabError, LabNames, LabState, PodRecord, StateFile, check_lab_name
@@ -195,7 +195,8 @@ class Lab:
         infos = tuple(self.node_info(i) for i in range(nodes))
         # The external namespace needs an address in each macvlan link's subnet to ping it.
         plans = every_link_plan(simulate_adds(manifest, self._layout(manifest, nodes)))
-        self.executor.run_sequence(infra_commands(self.prefix, infos, external_addresses(plans)))
+        bridges = [c for i, info in enumerate(infos) if info.netns for c in pod_bridge_commands(info.netns, i)]
+        self.executor.run_sequence(infra_commands(self.prefix, infos, external_addresses(plans)) + bridges)
 
     def _layout(self, manifest: Manifest, nodes: int) -> LabLayout:
         infos = tuple(self.node_info(i) for i in range(nodes))

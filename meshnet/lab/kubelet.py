@@ -31,6 +31,7 @@ from meshnet.lab.state import LabError, LabNames, PodRecord, StateFile
 from meshnet.netns_thread import in_netns
 
 POD_SUBNET = "203.0.113.0/24"  # eth0 of the pods; every node has its own bridge, so subnets may repeat
+POD_BRIDGE = "mnl0"  # the eth0 delegate's bridge in each node's namespace
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", DEFAULT_BIN_DIR)  # Debian's plugins first
 # A kubelet retries a sandbox whose network failed with back-off; CNI error 11 ("try again later")
 # is what the shim answers while meshnetd restarts. 0.2 s doubling to 5 s, for up to a minute.
@@ -67,6 +68,19 @@ def make_sandbox(executor: Executor, netns: str) -> None:
     750 pods started 1500 processes for its sandboxes, on 2 cores)."""
     executor.run_sequence([Command(None, ("netns", "add", netns))])
     in_netns(netns, loopback_up)
+
+
+def pod_bridge_commands(netns: str, index: int) -> list[Command]:
+    """The eth0 delegate's bridge on a node, made before its first pod, with an address set by hand.
+
+    A bridge the `bridge` plugin makes itself takes the lowest address of its ports, so it changes as
+    pods come and go, and the plugin's CHECK of an older pod then fails ("Bridge interface mnl0 Mac
+    doesn't match"). The kernel keeps an address that was set (NET_ADDR_SET), whatever the ports; the
+    plugin uses a bridge that already exists. Locally administered, one per node.
+    """
+    mac = f"02:6d:6e:00:{index // 256:02x}:{index % 256:02x}"
+    return [Command(netns, ("link", "add", POD_BRIDGE, "address", mac, "type", "bridge")),
+            Command(netns, ("link", "set", POD_BRIDGE, "up"))]
 
 
 def check_cni_plugins() -> None:
@@ -171,7 +185,7 @@ class Kubelet:
                 "cniVersion": "1.0.0",
                 "name": f"{name}-eth0",
                 "plugins": [{
-                    "type": "bridge", "bridge": "mnl0", "isGateway": True, "ipMasq": False,
+                    "type": "bridge", "bridge": POD_BRIDGE, "isGateway": True, "ipMasq": False,
                     "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
                              "dataDir": str(lab_dir / "ipam" / node)},
                 }],
