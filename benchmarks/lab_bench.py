@@ -315,20 +315,48 @@ def add_latency_impaired(runs: int = 15) -> dict[str, Any]:
     return {"figure_s": _median(samples), "samples_s": samples, "impairments": HUB_IMPAIRMENTS}
 
 
-def many_links(nodes: int, links: int = 1500) -> dict[str, Any]:
+# Each lab figure below and its floor are the median of this many labs, each with its own floor:
+# one lab and one bare replay swung between runs by more than the targets' margins (floors of the
+# 100-pod lab 1.28-2.12 s, of an ISP lab 7.3-10.7 s, between make bench runs of one wave).
+LAB_ROUNDS = 3
+FLOOR_RUNS = 3  # bare replays per ISP lab (one ISP lab is minutes, so its figure stays one run)
+
+
+def _rounds(once: Callable[[], dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """Run a lab figure `rounds` times: the figure and the floor are each the median of the runs,
+    the peak RSS the highest of them (a peak, not a typical value); every run's figures are kept."""
+    runs = [once() for _ in range(max(1, rounds))]
+    fig = statistics.median(r["figure_s"] for r in runs)
+    flo = statistics.median(r["floor_s"] for r in runs)
+    middle = sorted(runs, key=lambda r: r["figure_s"])[len(runs) // 2]
+    return {**middle, "figure_s": round(fig, 3), "floor_s": round(flo, 4), "ratio": round(fig / flo, 2),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "rounds": len(runs),
+            "figure_runs_s": [r["figure_s"] for r in runs], "floor_runs_s": [r["floor_s"] for r in runs],
+            "peak_rss_runs_mib": [r["peak_rss_mib"] for r in runs]}
+
+
+def many_links(nodes: int, links: int = 1500, rounds: int = LAB_ROUNDS) -> dict[str, Any]:
     """2 pods joined by `links` links: first ADD until every link is up, as `lab up` does it."""
+    result = _rounds(lambda: _many_links(nodes, links), rounds)
+    return {**result, "target_ratio": 2.0, "ok": result["figure_s"] <= 2.0 * result["floor_s"]}
+
+
+def _many_links(nodes: int, links: int) -> dict[str, Any]:
     with bench_lab(f"b{links}n{nodes}", two_pod_manifest(links), nodes) as (lab, marks):
         figure = cold_add_seconds(lab, marks)
         batches = journal_batches(lab, 0, time.time() + 0.5)
         rss = peak_rss_mib(lab)
         floor = floor_of(lab, batches, ["p1", "p2"], 1)
-    flo = _median(floor)
-    return {"figure_s": round(figure, 3), "floor_s": flo, "batches": len(batches),
-            "peak_rss_mib": rss, "ratio": round(figure / flo, 2), "target_ratio": 2.0, "ok": figure <= 2.0 * flo}
+    return {"figure_s": round(figure, 3), "floor_s": _median(floor), "batches": len(batches), "peak_rss_mib": rss}
 
 
-def random_topology() -> dict[str, Any]:
+def random_topology(rounds: int = LAB_ROUNDS) -> dict[str, Any]:
     """100 pods, 300 links (seeded random connected graph) over 3 nodes, as `lab up` does it."""
+    result = _rounds(_random_topology, rounds)
+    return {**result, "target_s": 15.0, "ok": result["figure_s"] <= 15.0}
+
+
+def _random_topology() -> dict[str, Any]:
     with bench_lab("brand", random_manifest(100, 300), 3) as (lab, marks):
         figure = cold_add_seconds(lab, marks)
         kinds: dict[str, int] = {}
@@ -337,9 +365,8 @@ def random_topology() -> dict[str, Any]:
         batches = journal_batches(lab, 0, time.time() + 0.5)
         rss = peak_rss_mib(lab)
         floor = floor_of(lab, batches, list(lab.state.pods), 1)
-    flo = _median(floor)
-    return {"figure_s": round(figure, 3), "floor_s": flo, "kinds": kinds, "batches": len(batches),
-            "peak_rss_mib": rss, "target_s": 15.0, "ok": figure <= 15.0}
+    return {"figure_s": round(figure, 3), "floor_s": _median(floor), "kinds": kinds, "batches": len(batches),
+            "peak_rss_mib": rss}
 
 
 def settled(server: Any, quiet: float = 1.0, limit: float = 60.0) -> None:
@@ -508,7 +535,7 @@ def _isp(nodes: int, store: str, routers: int, links: int, seed: int, idle_secon
         batches = journal_batches(lab, 0, time.time() + 0.5)
         # The routes' batches are not part of bring-up: only what came before them is replayed.
         batches = [b for b in batches if not any(c.startswith("route ") or "dev lo" in c for c in b[1])]
-        floor = floor_of(lab, batches, list(lab.state.pods), 1)
+        floor = floor_of(lab, batches, list(lab.state.pods), FLOOR_RUNS)
         delegate_s = delegate_alone(lab, list(lab.state.pods))
         for node in lab.state.nodes:
             lab.start_daemon(node)
@@ -518,7 +545,8 @@ def _isp(nodes: int, store: str, routers: int, links: int, seed: int, idle_secon
         problems = lab.down()
         down_s = time.perf_counter() - t0
     flo = _median(floor)
-    return {"nodes": nodes, "store": store, "routers": routers, "links": link_total, "figure_s": round(figure, 3),
+    return {"nodes": nodes, "floor_runs_s": [round(f, 3) for f in floor],
+            "store": store, "routers": routers, "links": link_total, "figure_s": round(figure, 3),
             "floor_s": flo, "ratio": round(figure / flo, 2), "delegate_s": round(delegate_s, 3),
             "target_s": round(2 * flo + delegate_s, 3), "per_link_ms": round(1000 * figure / link_total, 1),
             "batches": len(batches), "routes_compute_s": round(compute_s, 3), "routes_install_s": round(routes_s, 3),

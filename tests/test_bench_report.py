@@ -64,3 +64,24 @@ def test_the_figures_are_judged_against_issue_14s_raised_targets() -> None:
     assert rows["100 pods, 300 links"]["verdict"] == "met"
     assert rows["peak RSS of meshnetd"]["verdict"] == "**MISSED**"
     assert rows["peak RSS of meshnetd"]["figure"] == "61.0 MiB"
+
+
+def test_a_lab_figure_is_the_median_of_its_rounds_and_the_peak_rss_the_highest() -> None:
+    from benchmarks.lab_bench import _rounds
+
+    runs = iter([{"figure_s": 3.1, "floor_s": 1.3, "peak_rss_mib": 58.0, "batches": 684},
+                 {"figure_s": 2.5, "floor_s": 2.1, "peak_rss_mib": 61.5, "batches": 683},
+                 {"figure_s": 2.7, "floor_s": 1.4, "peak_rss_mib": 59.0, "batches": 685}])
+    r = _rounds(lambda: next(runs), 3)
+    assert (r["figure_s"], r["floor_s"], r["ratio"], r["peak_rss_mib"]) == (2.7, 1.4, 1.93, 61.5)
+    assert r["batches"] == 685  # the middle run's own details
+    assert (r["figure_runs_s"], r["floor_runs_s"]) == ([3.1, 2.5, 2.7], [1.3, 2.1, 1.4])
+    row = next(x for x in rows_from({"random": r}) if x["what"].startswith("100 pods"))
+    assert "(median of 3 labs: 2.500–3.100 s, floors 1.300–2.100 s)" in row["what"]
+
+
+def test_an_isp_floor_shows_the_range_of_its_replays() -> None:
+    r = {"routers": 750, "links": 900, "nodes": 3, "store": "sqlite", "per_link_ms": 26.0, "figure_s": 23.4,
+         "floor_s": 9.1, "floor_runs_s": [8.2, 9.1, 10.7], "ratio": 2.6, "down_s": 0.6, "routes_compute_s": 2.0,
+         "routes_install_s": 9.0, "peak_rss_mib": 90.0, "idle_cpu_per_daemon_pct": 1.0}
+    assert rows_from({"isp3s": r})[0]["floor"] == "9.100 s (median of 3: 8.200–10.700 s)"
