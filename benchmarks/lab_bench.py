@@ -365,8 +365,49 @@ def _random_topology() -> dict[str, Any]:
         batches = journal_batches(lab, 0, time.time() + 0.5)
         rss = peak_rss_mib(lab)
         floor = floor_of(lab, batches, list(lab.state.pods), 1)
+        outside = outside_parts(lab, list(lab.state.pods))
     return {"figure_s": round(figure, 3), "floor_s": _median(floor), "kinds": kinds, "batches": len(batches),
-            "peak_rss_mib": rss}
+            "peak_rss_mib": rss, "outside_s": outside}
+
+
+def outside_parts(lab: Lab, pods: list[str], workers: int = 8) -> dict[str, float]:
+    """What a lab figure carries and its floor does not, each part timed alone for `pods`, `workers`
+    at a time as the lab's kubelet runs ADDs, on the same machine once it is quiet (daemons stopped,
+    after `floor_of`): the eth0 delegate's ADDs (`delegate_alone`), the CNI binary's process starts
+    (VERSION: nsenter into the node, start, answer; an ADD's binary does that much before it
+    reaches meshnetd) and the runtime's sandboxes (a namespace with lo up, as `make_sandbox`).
+    None of it is meshnet's link work; together they show how much of a target is left for it."""
+    from meshnet.lab.kubelet import make_sandbox
+
+    st = lab.state
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+
+    def version(pod: str) -> None:
+        node_ns = f"/var/run/netns/{lab.names.node_netns(st.nodes.index(st.pods[pod].node))}"
+        proc = subprocess.run([nsenter, f"--net={node_ns}", "--", *st.cni_bin], input=b'{"cniVersion": "1.0.0"}',
+                              env={"CNI_COMMAND": "VERSION", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                              capture_output=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"CNI VERSION failed: {proc.stdout[-300:]!r} {proc.stderr[-300:]!r}")
+
+    # Named after the lab's own namespaces (its prefix), so `lab down` and `make clean-netns` know them.
+    sandboxes = [f"{lab.pod_netns(p)}x" for p in pods]
+
+    def timed(fn: Callable[[str], None], items: list[str]) -> float:
+        wait_quiet()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            start = time.perf_counter()
+            list(pool.map(fn, items))
+            return round(time.perf_counter() - start, 3)
+
+    try:
+        made = timed(lambda ns: make_sandbox(lab.executor, ns), sandboxes)
+    finally:
+        for ns in sandboxes:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=60)
+    wait_quiet()
+    return {"delegate": round(delegate_alone(lab, pods, workers), 3), "cni_starts": timed(version, pods),
+            "sandboxes": made}
 
 
 def settled(server: Any, quiet: float = 1.0, limit: float = 60.0) -> None:

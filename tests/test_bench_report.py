@@ -85,3 +85,13 @@ def test_an_isp_floor_shows_the_range_of_its_replays() -> None:
          "floor_s": 9.1, "floor_runs_s": [8.2, 9.1, 10.7], "ratio": 2.6, "down_s": 0.6, "routes_compute_s": 2.0,
          "routes_install_s": 9.0, "peak_rss_mib": 90.0, "idle_cpu_per_daemon_pct": 1.0}
     assert rows_from({"isp3s": r})[0]["floor"] == "9.100 s (median of 3: 8.200–10.700 s)"
+
+
+def test_the_100_pod_row_is_followed_by_what_the_floor_leaves_out() -> None:
+    r = {"figure_s": 2.6, "floor_s": 1.3, "peak_rss_mib": 50.0,
+         "outside_s": {"delegate": 0.9, "cni_starts": 0.6, "sandboxes": 0.3}}
+    rows = rows_from({"random": r})
+    out = next(x for x in rows if x["what"].startswith("100 pods: what the figure carries"))
+    assert out["figure"] == "1.800 s"
+    assert "eth0 delegate 0.900 s, CNI binary starts 0.600 s, sandboxes 0.300 s" in out["what"]
+    assert out["target"] == "(reported; 1.5× floor = 1.950 s)"
