@@ -184,6 +184,11 @@ def test_watch_relists_after_410_gone(kube_api: KubeApiServer, store: KubeStore,
     store.apply(topo("r0", "a"))
     deadline = time.monotonic() + 8
     with contextlib.closing(store.watch("a", stop=lambda: time.monotonic() > deadline, timeout=0.05)) as events:
+        # The watch lists and connects on a thread of its own: compacted before it connected, its
+        # first watch (not a reconnect) would be the one refused (CI saw that once, on a busy machine).
+        while not any(r.query.get("watch") == "true" for r in kube_api.requests if r.path == collection):
+            time.sleep(0.01)
+            assert time.monotonic() < deadline, "the watch never connected"
         store.apply(topo("r1", "b"))  # moves the server's version on; the watch of "a" does not see it
         kube_api.compact()  # ... so its reconnect gets 410 Gone
         watches_before = kube_api.count("GET", collection)
