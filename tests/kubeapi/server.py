@@ -420,6 +420,11 @@ class KubeApiServer:
         with self._cond:
             self._faults.append(_Fault(n, code, method))
 
+    def clear_faults(self) -> None:
+        """Requests are served again (what `fail_next` asked for and is not used up yet is dropped)."""
+        with self._cond:
+            self._faults.clear()
+
     def conflict_next(self, n: int, *, plural: str | None = None, name: str | None = None) -> None:
         """The next `n` updates (PUT/PATCH, also of `/status`) of an existing object answer 409."""
         with self._cond:
