@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -240,13 +241,14 @@ def floor_of(lab: Lab, batches: list[Batch], pods: list[str], runs: int) -> list
     return samples
 
 
-def delegate_alone(lab: Lab, pods: list[str], workers: int = 8) -> float:
+def delegate_alone(lab: Lab, pods: list[str], workers: int = 8, cpu: dict[str, float] | None = None) -> float:
     """Seconds for the eth0 delegate alone (the `bridge` + `host-local` plugins, with the lab's own
     delegate config) to ADD every pod's eth0, `workers` at a time as the lab's kubelet runs ADDs,
     each in its node's namespace as meshnetd runs it. The other half of the ISP target "≤ 2× floor
     + the eth0 delegate's own cost". Run after `floor_of` (daemons stopped): each
     pod's earlier address is released first (untimed DEL), so the lab's address range suffices;
-    `lab down` DELs them again with the same container ids."""
+    `lab down` DELs them again with the same container ids. `cpu`: gets the ADDs' CPU seconds
+    (this process and its reaped children) as "delegate"."""
     from meshnet.lab.kubelet import CNI_PLUGIN_DIRS
 
     st = lab.state
@@ -266,9 +268,13 @@ def delegate_alone(lab: Lab, pods: list[str], workers: int = 8) -> float:
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(lambda p: run("DEL", p), pods))
-        start = time.perf_counter()
+        wait_quiet()
+        before, start = _process_cpu(), time.perf_counter()
         list(pool.map(lambda p: run("ADD", p), pods))
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        if cpu is not None:
+            cpu["delegate"] = round(_process_cpu() - before, 3)
+        return wall
 
 
 def _median(samples: list[float]) -> float:
@@ -370,7 +376,7 @@ def _random_topology() -> dict[str, Any]:
             "peak_rss_mib": rss, "outside_s": outside}
 
 
-def outside_parts(lab: Lab, pods: list[str], workers: int = 8) -> dict[str, float]:
+def outside_parts(lab: Lab, pods: list[str], workers: int = 8) -> dict[str, Any]:
     """What a lab figure carries and its floor does not, each part timed alone for `pods`, `workers`
     at a time as the lab's kubelet runs ADDs, on the same machine once it is quiet (daemons stopped,
     after `floor_of`): the eth0 delegate's ADDs (`delegate_alone`), the CNI binary's process starts
@@ -393,21 +399,38 @@ def outside_parts(lab: Lab, pods: list[str], workers: int = 8) -> dict[str, floa
     # Named after the lab's own namespaces (its prefix), so `lab down` and `make clean-netns` know them.
     sandboxes = [f"{lab.pod_netns(p)}x" for p in pods]
 
-    def timed(fn: Callable[[str], None], items: list[str]) -> float:
+    cpu: dict[str, float] = {}
+
+    def timed(part: str, fn: Callable[[], Any]) -> float:
+        """Wall seconds of `fn`; its CPU seconds (this process and the children it reaped) into `cpu`."""
         wait_quiet()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            start = time.perf_counter()
-            list(pool.map(fn, items))
-            return round(time.perf_counter() - start, 3)
+        before = _process_cpu()
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+        cpu[part] = round(_process_cpu() - before, 3)
+        return round(wall, 3)
+
+    def each(fn: Callable[[str], None], items: list[str]) -> Callable[[], None]:
+        def run() -> None:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(fn, items))
+        return run
 
     try:
-        made = timed(lambda ns: make_sandbox(lab.executor, ns), sandboxes)
+        made = timed("sandboxes", each(lambda ns: make_sandbox(lab.executor, ns), sandboxes))
     finally:
         for ns in sandboxes:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=60)
-    wait_quiet()
-    return {"delegate": round(delegate_alone(lab, pods, workers), 3), "cni_starts": timed(version, pods),
-            "sandboxes": made}
+    delegate_s = round(delegate_alone(lab, pods, workers, cpu), 3)
+    return {"delegate": delegate_s, "cni_starts": timed("cni_starts", each(version, pods)), "sandboxes": made,
+            "cpu_s": cpu}
+
+
+def _process_cpu() -> float:
+    """CPU seconds of this process and of the children it has reaped, user and system."""
+    own, kids = os.times(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.user + own.system + kids.ru_utime + kids.ru_stime
 
 
 def settled(server: Any, quiet: float = 1.0, limit: float = 60.0) -> None:

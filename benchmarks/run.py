@@ -125,11 +125,13 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
         out = r.get("outside_s")
         if out:
             # Not meshnet's work, and not in the floor: what is left of the target for meshnet.
-            alone = sum(out.values())
+            parts = ("delegate", "cni_starts", "sandboxes")
+            alone, cpu = sum(out[k] for k in parts), out.get("cpu_s") or {}
             rows.append({"what": "100 pods: what the figure carries and the floor does not, each alone, 8 at a time "
                                  f"(eth0 delegate {_s(out['delegate'])}, CNI binary starts {_s(out['cni_starts'])}, "
                                  f"sandboxes {_s(out['sandboxes'])})",
-                         "figure": _s(alone), "floor": "—", "ratio": "—",
+                         "figure": _s(alone) + (f" ({sum(cpu.get(k, 0.0) for k in parts):.2f} CPU-s)" if cpu else ""),
+                         "floor": "—", "ratio": "—",
                          "target": f"(reported; 1.5× floor = {_s(1.5 * r['floor_s'])})", "verdict": "—"})
     peaks = [results[k]["peak_rss_mib"] for k in ("links1", "links2", "random") if results.get(k)]
     if peaks:

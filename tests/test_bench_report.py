@@ -89,9 +89,10 @@ def test_an_isp_floor_shows_the_range_of_its_replays() -> None:
 
 def test_the_100_pod_row_is_followed_by_what_the_floor_leaves_out() -> None:
     r = {"figure_s": 2.6, "floor_s": 1.3, "peak_rss_mib": 50.0,
-         "outside_s": {"delegate": 0.9, "cni_starts": 0.6, "sandboxes": 0.3}}
+         "outside_s": {"delegate": 0.9, "cni_starts": 0.6, "sandboxes": 0.3,
+                       "cpu_s": {"delegate": 1.5, "cni_starts": 1.0, "sandboxes": 0.25}}}
     rows = rows_from({"random": r})
     out = next(x for x in rows if x["what"].startswith("100 pods: what the figure carries"))
-    assert out["figure"] == "1.800 s"
+    assert out["figure"] == "1.800 s (2.75 CPU-s)"
     assert "eth0 delegate 0.900 s, CNI binary starts 0.600 s, sandboxes 0.300 s" in out["what"]
     assert out["target"] == "(reported; 1.5× floor = 1.950 s)"
