@@ -73,10 +73,13 @@ def make_sandbox(executor: Executor, netns: str) -> None:
 def pod_bridge_commands(netns: str, index: int) -> list[Command]:
     """The eth0 delegate's bridge on a node, made before its first pod, with an address set by hand.
 
-    A bridge the `bridge` plugin makes itself takes the lowest address of its ports, so it changes as
-    pods come and go, and the plugin's CHECK of an older pod then fails ("Bridge interface mnl0 Mac
-    doesn't match"). The kernel keeps an address that was set (NET_ADDR_SET), whatever the ports; the
-    plugin uses a bridge that already exists. Locally administered, one per node.
+    When the `bridge` plugin makes the bridge, each ADD reads its address, adds its port (the kernel
+    moves an unset bridge's address to its lowest port's), then sets the address it read and puts the
+    one it reads back in its result. Two first ADDs at once on a node can set different addresses: a
+    pod's result may then name one the bridge no longer has, and its CHECK fails for good ("Bridge
+    interface mnl0 Mac doesn't match"). The kernel keeps an address that was set (NET_ADDR_SET)
+    whatever the ports, and the plugin uses a bridge that already exists. Locally administered, one
+    per node.
     """
     mac = f"02:6d:6e:00:{index // 256:02x}:{index % 256:02x}"
     return [Command(netns, ("link", "add", POD_BRIDGE, "address", mac, "type", "bridge")),
