@@ -228,6 +228,8 @@ def render_markdown(info: dict[str, str], results: dict[str, Any], errors: dict[
             "  the peer's meshnetd builds over gRPC (one batched peer call for all 1500).",
             "- 100 pods / 300 links: a random spanning tree plus distinct extra edges (seed 7), pods",
             "  round-robin over 3 nodes, ADDed 8 at a time as a kubelet would; same timing and rounds as above.",
+            "  After its floor, what the figure carries and the floor does not is timed alone, 8 at a time:",
+            "  the eth0 delegate's ADDs, 100 CNI binary starts (VERSION), 100 sandboxes (wall and CPU).",
             "- ISP-sized labs: one lab each (minutes); its floor (three bare replays) and the eth0 delegate",
             "  timed alone (three runs) are medians.",
             "- Peak RSS: the highest `VmHWM` of the labs' meshnetd processes after those runs.",
