@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 # One "daemon": increments the counter in status.container_id `count` times.
 INCREMENTER = """
 import sys
+import threading
 from dataclasses import replace
 from meshnet.store.sqlite import SqliteStore
 
@@ -284,3 +286,88 @@ def test_short_lived_threads_leave_no_connection_open(tmp_path: Path) -> None:
     assert open_files() - before <= 8  # the pool's idle connections (KEEP_FREE), database and WAL each
     store.close()
     assert open_files() == 0
+
+
+def _consumer(store: SqliteStore, seen: list[str], hold: threading.Event, stop: threading.Event
+              ) -> threading.Thread:
+    """A watch of `store` whose consumer records the names it takes (and stops taking while `hold` is
+    clear), on a thread of its own, as a daemon's informer runs it."""
+    events = store.watch(None, stop=stop.is_set, timeout=30.0)  # polls every min(30 s, WATCH_POLL)
+
+    def run() -> None:
+        for event in events:
+            seen.append(event.topology.name)
+            hold.wait(10)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_caught_up_hands_out_another_processs_write_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A write by another process (here another store on the same file) reaches a watch at its next
+    poll; `caught_up` makes the watch look now and returns once its consumer took the change. The
+    poll is made long, so the test fails if `caught_up` only waited for it."""
+    monkeypatch.setattr(sqlite_store, "WATCH_POLL", 30.0)
+    daemon, other = SqliteStore(tmp_path / "s.db"), SqliteStore(tmp_path / "s.db")
+    seen: list[str] = []
+    hold, stop = threading.Event(), threading.Event()
+    hold.set()
+    thread = _consumer(daemon, seen, hold, stop)
+    try:
+        time.sleep(0.2)  # the watch polled once and waits for its next poll
+        other.apply(topo("a1"))
+        started = time.monotonic()
+        assert daemon.caught_up(5.0)
+        assert seen == ["a1"] and time.monotonic() - started < 2
+        # A consumer that does not take what it was handed: not caught up, said within the timeout.
+        hold.clear()
+        other.apply(topo("a2"))
+        other.apply(topo("a3"))
+        started = time.monotonic()
+        assert daemon.caught_up(0.3) is False and time.monotonic() - started < 2
+        assert seen == ["a1", "a2"]
+    finally:
+        stop.set()
+        hold.set()
+        thread.join(10)
+        daemon.close()
+        other.close()
+    assert not thread.is_alive()
+
+
+def test_caught_up_without_a_watch_returns_at_once(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store.apply(topo("r1"))
+    assert store.caught_up(0.0)
+    store.close()
+
+
+def test_caught_up_in_a_watch_consumers_own_thread_does_not_wait_for_that_watch(tmp_path: Path) -> None:
+    """A watch event's handler may serve an ADD (meshnetd adopts a sandbox the shim set up alone)
+    on the informer's thread: waiting there for that watch to move on would only time out."""
+    daemon, other = SqliteStore(tmp_path / "s.db"), SqliteStore(tmp_path / "s.db")
+    answers: list[tuple[bool, float]] = []
+    stop = threading.Event()
+    events = daemon.watch(None, stop=stop.is_set, timeout=30.0)
+
+    def run() -> None:
+        for event in events:
+            if event.topology.name == "a1":
+                other.apply(topo("a2"))  # a change this watch has not handed out yet
+                started = time.monotonic()
+                answers.append((daemon.caught_up(5.0), time.monotonic() - started))
+                stop.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        daemon.apply(topo("a1"))  # this process's write: the watch looks at once
+        thread.join(10)
+    finally:
+        stop.set()
+        daemon.close()
+        other.close()
+    assert len(answers) == 1 and answers[0][0] is True and answers[0][1] < 1.0, answers

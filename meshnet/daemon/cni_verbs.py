@@ -238,6 +238,10 @@ class CniVerbs:
         # the same write that records its links' outcome (one status write per ADD). Its peers'
         # daemons do not hear of it before that write, so they ask nothing of this node early.
         failure: ExecError | None = None
+        # The peers' copies as the store has them now: a peer DELeted on another node a moment ago
+        # must not be planned for as alive (a link would be built towards a pod that is gone).
+        state.caught_up()
+        timing.mark("cache caught up")
         for pause in (*vni.VNI_CLASH_PAUSES, None):
             planned = topo.with_status(mark_alive(topo.status))
             listed = state.peers_of(planned)  # its peers' cached copies: no LIST

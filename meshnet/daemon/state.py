@@ -124,6 +124,12 @@ class NodeState:
         self.cache.offer(topo)
         return topo
 
+    def caught_up(self, timeout: float = 0.2) -> bool:
+        """Wait (at most `timeout`) for the cache to hold every change the store had when called, when
+        the store can tell that cheaply (SQLite; see `Store.caught_up`). False: it did not, and the
+        cache is read as it is."""
+        return self.store.caught_up(timeout) if self.cache.synced else False
+
     def catch_up(self, topo: Topology, timeout: float = 2.0) -> bool:
         """Wait for the cache to hold everything written before `topo` (this node's own write):
         planning from it then sees a peer that came alive first, as a LIST would have."""

@@ -91,6 +91,13 @@ class Store(Protocol):
         difference as events."""
         ...
 
+    def caught_up(self, timeout: float) -> bool:
+        """Wait until this process's watches have handed out every change committed before the call
+        (by any process), at most `timeout` seconds; False: they had not. A reader of a watch cache
+        calls it first to read what a fresh read would give. A store that would need a request for
+        it (Kubernetes: its watch is pushed, not polled) answers True at once."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -304,6 +304,11 @@ class KubeStore:
 
     # -- watch ---------------------------------------------------------------------------------
 
+    def caught_up(self, timeout: float) -> bool:
+        """True at once: the API server pushes watch events as they happen, and learning its current
+        resourceVersion would cost a request per call (issue 14: reads come from the watch cache)."""
+        return True
+
     def watch(self, namespace: str | None = None, *, stop: Callable[[], bool] = lambda: False,
               timeout: float = 1.0, on_list: Callable[[Sequence[Topology]], None] | None = None
               ) -> Generator[WatchEvent, None, None]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -168,6 +170,12 @@ class SqliteStore:
         # writes are still found by polling).
         self._written = threading.Condition()
         self._writes = 0
+        # How far each watch of this process has handed its changes out (a watch hands out the next
+        # only once its consumer took the last): `caught_up` waits on it. A condition of its own, so
+        # that a watch's progress wakes only those waiters, never another watch.
+        self._progress = threading.Condition()
+        self._handed: dict[int, tuple[int, int]] = {}  # watch -> (cursor, the thread consuming it)
+        self._watch_ids = itertools.count()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._write() as db:
@@ -423,8 +431,15 @@ class SqliteStore:
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
         seen_writes = self._writes
+        me = next(self._watch_ids)
         try:
             while not stop() and not self._closed:
+                # Every change up to `cursor` was handed out and taken: the consumer asked for more.
+                with self._progress:
+                    now = (cursor, threading.get_ident())
+                    if self._handed.get(me) != now:
+                        self._handed[me] = now
+                        self._progress.notify_all()
                 try:
                     db.execute("BEGIN")
                     newest, oldest = db.execute(WATCH_BOUNDS).fetchone()
@@ -461,4 +476,33 @@ class SqliteStore:
                     track(known, event)
                     yield event
         finally:
+            with self._progress:
+                self._handed.pop(me, None)
+                self._progress.notify_all()
             db.close()
+
+    def caught_up(self, timeout: float) -> bool:
+        """Wait until this process's watches have handed out every change committed before the call,
+        by any process, and their consumers took them (at most `timeout` seconds; False: not yet).
+
+        Other processes' writes reach a watch at its next poll (WATCH_POLL): a daemon's cache can be
+        that far behind a write another node's daemon made, e.g. a peer pod's DEL a moment before
+        this pod's ADD. Reading the newest change id is one index search; the watches are told to
+        look now. What Kubernetes does for consistent reads from its watch cache, with etcd's
+        current revision."""
+        with self._read() as db:
+            newest = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM change").fetchone()[0])
+        with self._written:  # as a write does: a watch waiting for its next poll looks now
+            self._writes += 1
+            self._written.notify_all()
+        deadline = time.monotonic() + timeout
+        me = threading.get_ident()
+        with self._progress:
+            # Not a watch this very thread consumes (a watch event's handler that serves an ADD):
+            # it cannot move on while we wait.
+            while any(handed < newest for handed, thread in self._handed.values() if thread != me):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._progress.wait(left)
+        return True
