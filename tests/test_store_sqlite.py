@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 # One "daemon": increments the counter in status.container_id `count` times.
 INCREMENTER = """
 import sys
-import threading
 from dataclasses import replace
 from meshnet.store.sqlite import SqliteStore
 
@@ -316,7 +315,10 @@ def test_caught_up_hands_out_another_processs_write_at_once(tmp_path: Path, monk
     hold.set()
     thread = _consumer(daemon, seen, hold, stop)
     try:
-        time.sleep(0.2)  # the watch polled once and waits for its next poll
+        deadline = time.monotonic() + 10
+        while not daemon._handed:  # the watch polled once and waits for its next poll
+            assert time.monotonic() < deadline, "the watch never started"
+            time.sleep(0.01)
         other.apply(topo("a1"))
         started = time.monotonic()
         assert daemon.caught_up(5.0)

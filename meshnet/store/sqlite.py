@@ -96,6 +96,7 @@ def _status(namespace: str, name: str, text: str) -> TopologyStatus:
 # The watch's poll: the change log's newest and oldest ids. MIN and MAX as two subqueries, each one
 # index search; together in one SELECT, SQLite scans the whole change table (282 us per poll at
 # 3150 rows: most of an idle lab daemon's CPU).
+NEWEST_CHANGE = "SELECT COALESCE(MAX(id), 0) FROM change"  # where a watch starts, or catches up to
 WATCH_BOUNDS = "SELECT COALESCE((SELECT MAX(id) FROM change), 0), (SELECT MIN(id) FROM change)"
 
 
@@ -395,7 +396,7 @@ class SqliteStore:
               ) -> Generator[WatchEvent, None, None]:
         """Changes after this call (not after the first `next`): the starting point is taken now."""
         with self._read() as db:
-            cursor = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM change").fetchone()[0])
+            cursor = int(db.execute(NEWEST_CHANGE).fetchone()[0])
             known = {t.key: t for t in self._list(db, namespace)}
         if on_list is not None:
             on_list(list(known.values()))
@@ -460,7 +461,7 @@ class SqliteStore:
                     # Pruned past our cursor: changes are lost, so report the difference instead.
                     log.warning("sqlite store %s: watch fell behind the change log, re-listing", self.path)
                     with self._read() as snapshot:
-                        cursor = int(snapshot.execute("SELECT COALESCE(MAX(id), 0) FROM change").fetchone()[0])
+                        cursor = int(snapshot.execute(NEWEST_CHANGE).fetchone()[0])
                         current = self._list(snapshot, namespace)
                     yield from resync_events(known, current)
                     continue
@@ -491,7 +492,7 @@ class SqliteStore:
         look now. What Kubernetes does for consistent reads from its watch cache, with etcd's
         current revision."""
         with self._read() as db:
-            newest = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM change").fetchone()[0])
+            newest = int(db.execute(NEWEST_CHANGE).fetchone()[0])
         with self._written:  # as a write does: a watch waiting for its next poll looks now
             self._writes += 1
             self._written.notify_all()
