@@ -473,6 +473,23 @@ def test_gc_removes_what_is_no_longer_desired_and_leaves_foreign_interfaces(tmp_
         assert {"own0", "own1", "vx0"} <= set(lab.kernel_links(r1))
 
 
+def test_every_parallel_link_to_a_pod_that_went_unseen_is_removed_in_one_pass(tmp_path: Path) -> None:
+    """Two links between the same two pods (a LAG) leave two ends when the far pod goes while this
+    node's daemon is down: the daemon's first pass after its start removes both (it removed one per
+    pass, keyed by peer pod, and left the other until the next pass)."""
+    text = mesh_manifest(["p1", "p2"], [("p1", "p2"), ("p1", "p2")], nodes={"p1": "node0", "p2": "node1"})
+    with lab_up(tmp_path, text, nodes=2) as lab:
+        p1 = lab.pod_netns("p1")
+        assert {"e1", "e2"} <= set(lab.kernel_links(p1))
+        lab.stop_daemon("node0", signal.SIGKILL)
+        lab.del_pod("p2")  # its daemon cannot reach node0's: p1's two vxlan ends stay behind
+        assert {"e1", "e2"} <= set(lab.kernel_links(p1))
+        lab.start_daemon("node0")
+        lab.wait_daemon("node0")  # ready after its first pass
+        assert not {"e1", "e2"} & set(lab.kernel_links(p1))
+        assert_healthy(lab)
+
+
 def test_cni_gc_removes_pods_missing_from_valid_attachments(tmp_path: Path) -> None:
     with lab_up(tmp_path, THREE, nodes=2) as lab:  # r1, r3 on node0, r2 on node1
         recs = lab.state.pods

@@ -362,11 +362,13 @@ class Reconciler:
         # A peer whose ADD is being served here built its veth (this end too) before the write that
         # says it is alive: the store still shows it dead until then, and the end is its new one.
         adding = self.state.add_in_flight
-        left = {p.peer_pod: names[p.uid] for p in plan.pending
+        # By link, not by peer: two links to the same pod (parallel links, a LAG) are two ends.
+        left = {names[p.uid]: p.peer_pod for p in plan.pending
                 if kernel.link_kind(view.get(names[p.uid])) in ("veth", "vxlan")
                 and not adding((topo.namespace, p.peer_pod))}
         if not left:
             return set()
         store = self.state.store
-        fresh = self.state.pod_states(t for pod in left if (t := store.get(topo.namespace, pod)) is not None)
-        return {intf for pod, intf in left.items() if pod not in fresh or not fresh[pod].alive}
+        peers = set(left.values())  # each read once
+        fresh = self.state.pod_states(t for pod in sorted(peers) if (t := store.get(topo.namespace, pod)) is not None)
+        return {intf for intf, pod in left.items() if pod not in fresh or not fresh[pod].alive}
