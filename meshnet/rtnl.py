@@ -162,21 +162,41 @@ def _open() -> socket.socket:
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
 
 
+# How often `links` reads a namespace whose dump the kernel marks interrupted before it settles
+# for the last read.
+LINK_DUMP_ATTEMPTS = 3
+
+
 def links(netns: str, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
-    """{ifname: entry} of every link in the named namespace; OSError when it cannot be read."""
-    sock: socket.socket = in_netns(netns, _open)
-    with sock:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-        sock.send(request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
-        found: dict[str, dict[str, Any]] = {}
-        done = False
-        while not done:
-            entries, done = parse_links(sock.recv(_RECV))
-            for e in entries:
-                found[e["ifname"]] = e
-        return found
+    """{ifname: entry} of every link in the named namespace; OSError when it cannot be read.
+
+    A dump during which links came or went is marked interrupted by the kernel and may lack some
+    that were there all along (`lab status` then called a link "missing"): it is read again."""
+    found: dict[str, dict[str, Any]] = {}
+    for _ in range(LINK_DUMP_ATTEMPTS):
+        sock: socket.socket = in_netns(netns, _open)
+        with sock:
+            sock.settimeout(timeout)
+            sock.bind((0, 0))
+            request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+            sock.send(request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+            found, interrupted = _read_links(sock)
+        if not interrupted:
+            break
+    return found
+
+
+def _read_links(sock: socket.socket) -> tuple[dict[str, dict[str, Any]], bool]:
+    """One link dump's entries by name, and whether the kernel marked it interrupted."""
+    found: dict[str, dict[str, Any]] = {}
+    done = interrupted = False
+    while not done:
+        data = sock.recv(_RECV)
+        entries, done = parse_links(data)
+        interrupted = interrupted or any(flags & NLM_F_DUMP_INTR for _, flags, _, _ in _messages(data))
+        for e in entries:
+            found[e["ifname"]] = e
+    return found, interrupted
 
 
 # --- the full view: `ip -j -d addr show` ------------------------------------------------------------

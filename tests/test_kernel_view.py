@@ -207,6 +207,52 @@ def test_odd_answers_end_a_dump_with_an_oserror() -> None:
     assert rtnl._addr_entry(b"\x02\x18", 0, 2) is None
 
 
+def _link_message(name: str, index: int, flags: int = 0) -> bytes:
+    attr = name.encode() + b"\0"
+    attr += b"\0" * (-len(attr) % 4)
+    body = rtnl._IFINFOMSG.pack(0, 1, index, 0x1, 0) + rtnl._RTATTR.pack(4 + len(name) + 1, rtnl.IFLA_IFNAME) + attr
+    return rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + len(body), rtnl.RTM_NEWLINK, flags, 1, 0) + body
+
+
+def test_a_link_dump_the_kernel_marks_interrupted_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Links that came or went during a dump make the kernel mark it interrupted, and it may lack
+    interfaces that were there all along: `lab status` then called a link "missing"."""
+    done = rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + 4, rtnl.NLMSG_DONE, 0, 1, 0) + rtnl._S32.pack(0)
+    dumps = [[_link_message("lo", 1, rtnl.NLM_F_DUMP_INTR), done],  # eth5 missed: interrupted
+             [_link_message("lo", 1) + _link_message("eth5", 7), done]]
+    opened: list[list[bytes]] = []
+
+    class Dump:
+        def __init__(self) -> None:
+            self.answers = list(dumps[len(opened)])
+            opened.append(self.answers)
+
+        def __enter__(self) -> Dump:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def settimeout(self, _t: float) -> None:
+            pass
+
+        def bind(self, _a: object) -> None:
+            pass
+
+        def send(self, _b: bytes) -> None:
+            pass
+
+        def recv(self, _n: int) -> bytes:
+            return self.answers.pop(0)
+
+    monkeypatch.setattr(rtnl, "in_netns", lambda _ns, _fn: Dump())
+    assert set(rtnl.links("mnt-any")) == {"lo", "eth5"} and len(opened) == 2
+    # One that stays interrupted is read LINK_DUMP_ATTEMPTS times, and the last read is what is said.
+    dumps[1:] = [dumps[0]] * rtnl.LINK_DUMP_ATTEMPTS
+    opened.clear()
+    assert set(rtnl.links("mnt-any")) == {"lo"} and len(opened) == rtnl.LINK_DUMP_ATTEMPTS
+
+
 # --- a pass reads each namespace once ---------------------------------------------------------------
 
 MESH = """
