@@ -101,7 +101,8 @@ class PassViews:
     the veth peer of several pods (a node's pods share namespaces through their veths).
 
     A view served from an earlier pod's read may be older than the pod's own link locks: a pass
-    acts on it only after `read(..., fresh=True)` (the caller asks when the old view shows work),
+    acts on it only after `read(..., fresh=True)` (the caller asks when the old view shows work,
+    or when the pass would record up a link the status does not show up),
     and forgets what it changed, so acting is always on a read made under the pod's locks, as
     before, and an idle pass reads every namespace exactly once. Used by one thread at a time."""
 

@@ -314,11 +314,13 @@ class Reconciler:
             caps = state.executor.capabilities()
             view, earlier = views.read(names)
             stale, todo = self._work(topo, ns_name, plan, view, caps)
-            if (stale or todo) and earlier:
+            if earlier and (stale or todo or self._would_call_up(topo, plan)):
                 # Part of the view came from an earlier pod's read, before these locks: act only on
-                # a fresh one (another ADD or peer may have changed those namespaces since). The
-                # work is worked out again only if the kernel changed: rendering 500 missing links
-                # twice was a third of a restarted daemon's first pass.
+                # a fresh one (another ADD or peer may have changed those namespaces since). Writing
+                # "up" for a link the status does not show up is acting too: an end that went since
+                # that read (a failed build's rollback) would be recorded up with nothing in the
+                # kernel. The work is worked out again only if the kernel changed: rendering 500
+                # missing links twice was a third of a restarted daemon's first pass.
                 fresh, _ = views.read(names, fresh=True)
                 if fresh != view:
                     view = fresh
@@ -346,6 +348,16 @@ class Reconciler:
         errors.update(self.peers.retry_far_ends(topo, plan, errors))
         self.link_status.write_outcome(topo, st.container_id, plan, errors)
         return len({c.uid for c in todo}) + len(stale)
+
+    def _would_call_up(self, topo: Topology, plan: PodPlan) -> bool:
+        """The pass's outcome would record a link up that the pod's status (with the news gathered
+        for it and not written yet) does not show up."""
+        recorded = {s.uid: s.state for s in topo.status.links}
+        if any(recorded.get(lp.uid) != "up" for lp in plan.links):
+            return True
+        # Gathered news is looked at only then: an idle node has none, a busy one many pods of it.
+        gathered = self.link_status.pending(topo.namespace, topo.name)
+        return any(gathered[lp.uid].state != "up" for lp in plan.links if lp.uid in gathered)
 
     def _work(self, topo: Topology, ns_name: str, plan: PodPlan, view: kernel.KernelView,
               caps: Capabilities) -> tuple[list[Command], list[Command]]:
