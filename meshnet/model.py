@@ -608,6 +608,9 @@ class Topology:
     status: TopologyStatus = field(default_factory=TopologyStatus)
     resource_version: str = ""
     source: str = field(default="", compare=False)
+    # metadata.generation: the API server counts spec changes in it (0: not known, e.g. SQLite).
+    # A later copy of the object with the same generation has this spec (`parse_topology`'s `like`).
+    generation: int = field(default=0, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -640,9 +643,10 @@ class Topology:
         return out
 
     @classmethod
-    def from_api(cls, raw: Mapping[str, Any], source: str = "") -> Topology:
-        """Parse and validate one Topology object (a YAML document or an API response)."""
-        return parse_topology(raw, source)
+    def from_api(cls, raw: Mapping[str, Any], source: str = "", like: Topology | None = None) -> Topology:
+        """Parse and validate one Topology object (a YAML document or an API response); `like`: see
+        `parse_topology`."""
+        return parse_topology(raw, source, like)
 
 
 @dataclass(frozen=True)
@@ -775,11 +779,38 @@ def _metadata(raw: Mapping[str, Any], source: str, kind: str, problems: list[str
     return str(name), str(namespace), str(meta.get("resourceVersion") or "")
 
 
-def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
-    """One Topology object → `Topology`, or `ManifestError` listing every problem of it."""
+def _generation(raw: Mapping[str, Any]) -> int:
+    meta = raw.get("metadata")
+    gen = meta.get("generation") if isinstance(meta, Mapping) else None
+    return gen if type(gen) is int and gen > 0 else 0
+
+
+def _same_spec(raw: Mapping[str, Any], like: Topology, source: str) -> Topology | None:
+    """`like`'s spec with `raw`'s status, when `raw` is the same object at the same generation: the
+    API server bumps metadata.generation on every spec change and never on a status write, and no
+    client sets it. A status write is most of what a watch brings; its spec was parsed once
+    already (a third of an event's cost to each daemon). None: parse the whole object."""
+    meta = raw.get("metadata")
+    if not like.generation or not isinstance(meta, Mapping) or _generation(raw) != like.generation:
+        return None
+    if (meta.get("name"), meta.get("namespace") or "default") != (like.name, like.namespace) \
+            or raw.get("apiVersion") not in (None, API_VERSION):
+        return None
+    status = TopologyStatus.from_api(raw.get("status"), f"{KIND} {like.namespace}/{like.name}")
+    return Topology(like.name, like.namespace, like.links, status, str(meta.get("resourceVersion") or ""), source,
+                    like.generation)
+
+
+def parse_topology(raw: Mapping[str, Any], source: str = "", like: Topology | None = None) -> Topology:
+    """One Topology object → `Topology`, or `ManifestError` listing every problem of it.
+
+    `like`: an earlier copy of the same object; its parsed spec is taken when the generation says
+    the spec is the same (`_same_spec`); the status is always parsed."""
     problems: list[str] = []
     if not isinstance(raw, Mapping):
         raise ManifestError([f"{source}: Topology: must be a mapping"])
+    if like is not None and (same := _same_spec(raw, like, source)) is not None:
+        return same
     name, namespace, rv = _metadata(raw, source, KIND, problems)
     obj = f"{KIND} {namespace}/{name}"
     api_version = raw.get("apiVersion")
@@ -817,7 +848,7 @@ def parse_topology(raw: Mapping[str, Any], source: str = "") -> Topology:
     if problems:
         raise ManifestError(problems)
     status = TopologyStatus.from_api(raw.get("status"), obj)
-    return Topology(name, namespace, tuple(links), status, rv, source)
+    return Topology(name, namespace, tuple(links), status, rv, source, _generation(raw))
 
 
 def check_peers(topologies: Iterable[Topology]) -> None:

@@ -233,3 +233,45 @@ def test_link_states_are_one_guarded_patch_whoever_wrote_other_entries(kube_api:
     assert [r.method for r in kube_api.requests] == ["PATCH", "GET", "PUT"]
     final = store.get("default", "r1")
     assert final is not None and final.status.links == (LinkStatus(1, "veth", "error", "x", "eth1"), up[1])
+
+
+def test_a_status_write_in_a_watch_keeps_the_parsed_spec_and_a_spec_change_is_parsed(
+        kube_api: KubeApiServer, store: KubeStore) -> None:
+    """Most watch events are status writes, and the spec's parse was two thirds of an event's cost
+    to every daemon: the API server's metadata.generation says whether the spec changed."""
+    store.apply(topo("r1"))
+    stop = threading.Event()
+    events = store.watch("default", stop=stop.is_set, timeout=0.05)
+    try:
+        store.update_status("default", "r1", bump)  # the watch has a copy to compare with
+        added = next(events)
+        first = next(events) if added.type == "ADDED" else added
+        assert first.topology.generation == 1
+        store.update_status("default", "r1", bump)
+        again = next(events)
+        assert again.topology.links is first.topology.links, "a status write re-parsed the spec"
+        assert again.topology.status.container_id == "2"  # the status itself is always parsed
+        store.apply(Topology("r1", "default", (Link(1, "r2", "eth1", "eth7"),)))  # a spec change
+        changed = next(events)
+        assert changed.topology.generation == 2 and changed.topology.links[0].peer_intf == "eth7"
+    finally:
+        stop.set()
+        list(events)
+
+
+def test_the_spec_is_reused_only_for_the_same_object_at_the_same_generation() -> None:
+    raw = topo("r1").to_api()
+    raw["metadata"].update(generation=3, resourceVersion="9")
+    like = Topology.from_api(raw)
+    raw["status"] = {"container_id": "c", "node": "n1"}
+    raw["metadata"]["resourceVersion"] = "10"
+    same = Topology.from_api(raw, like=like)
+    assert same.links is like.links and same.status.node == "n1" and same.resource_version == "10"
+    for key, value in (("generation", 4), ("generation", "3"), ("name", "r3"), ("namespace", "other")):
+        other = {**raw, "metadata": {**raw["metadata"], key: value}}
+        assert Topology.from_api(other, like=like).links is not like.links, (key, value)
+    gone = {**raw, "metadata": {k: v for k, v in raw["metadata"].items() if k != "generation"}}
+    assert Topology.from_api(gone, like=like).links is not like.links  # no generation: not known
+    # What is wrong in the status is still refused.
+    bad = {**raw, "status": {"src_ip": "not-an-address"}}
+    assert Topology.from_api(bad, like=like).status.problems

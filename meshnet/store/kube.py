@@ -269,7 +269,7 @@ class KubeStore:
             body["status"] = status.to_api()  # metadata.resourceVersion is the compare in CAS
             try:
                 return Topology.from_api(self._call(self._api.replace_namespaced_custom_object_status, GROUP,
-                                                    VERSION, namespace, PLURAL, name, body))
+                                                    VERSION, namespace, PLURAL, name, body), like=current)
             except kubernetes.client.ApiException as e:
                 if _not_found(e):
                     return None
@@ -292,7 +292,7 @@ class KubeStore:
             try:
                 return Topology.from_api(self._call(self._api.patch_namespaced_custom_object_status, GROUP, VERSION,
                                                     namespace, PLURAL, name, ops,
-                                                    _content_type="application/json-patch+json"))
+                                                    _content_type="application/json-patch+json"), like=known)
             except kubernetes.client.ApiException as e:
                 if _not_found(e):
                     return None
@@ -418,8 +418,12 @@ class _WatchReader(threading.Thread):
             self._version = str(obj.get("metadata", {}).get("resourceVersion") or self._version)
             if kind not in EVENT_TYPES:
                 continue  # BOOKMARK: only the version matters
+            meta = obj.get("metadata")
+            # A status write (most events) keeps the spec this watch parsed already.
+            like = self._known.get((str(meta.get("namespace") or "default"), str(meta.get("name")))) \
+                if kind == "MODIFIED" and isinstance(meta, dict) else None
             try:
-                topology = Topology.from_api(obj)
+                topology = Topology.from_api(obj, like=like)
             except ManifestError as e:
                 log.warning("skipping an invalid Topology in a watch: %s", e)
                 continue
