@@ -275,3 +275,30 @@ def test_the_spec_is_reused_only_for_the_same_object_at_the_same_generation() ->
     # What is wrong in the status is still refused.
     bad = {**raw, "status": {"src_ip": "not-an-address"}}
     assert Topology.from_api(bad, like=like).status.problems
+
+
+def test_a_request_does_not_look_the_proxy_up_in_the_environment_again(
+        kube_api: KubeApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubeconfig and in-cluster loaders assign `host` again before every request (their token
+    refresh hook), and the client re-read the proxy from the environment each time (a walk of
+    os.environ: a quarter of a status write's client CPU). The proxy chosen at load is kept."""
+    from kubernetes.client import configuration
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    store = KubeStore(kubeconfig=kube_api.kubeconfig, qps=10_000, burst=10_000)
+    looked = [0]
+    real = configuration.getproxies
+
+    def counted() -> dict[str, str]:
+        looked[0] += 1
+        return real()
+
+    monkeypatch.setattr(configuration, "getproxies", counted)
+    try:
+        store.apply(topo("r1"))
+        for _ in range(5):
+            store.update_status("default", "r1", bump)
+        assert store.get("default", "r1") is not None
+        assert looked[0] == 0
+    finally:
+        store.close()

@@ -140,6 +140,11 @@ class KubeStore:
                                                    client_configuration=config)
         except (kubernetes.config.ConfigException, OSError) as e:
             raise StoreUnavailable(f"no Kubernetes API configuration: {e}") from e
+        # Both loaders install a token-refresh hook that assigns `host` again before EVERY request,
+        # and the client then looks the proxy up in the environment again (getproxies: a walk of
+        # os.environ) - a quarter of a status write's client CPU. The proxy the environment gave
+        # for this host at load is kept as set explicitly: the host setter leaves it alone then.
+        config.proxy = config.proxy
         return config
 
     def close(self) -> None:
