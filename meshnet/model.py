@@ -789,7 +789,7 @@ def _same_spec(raw: Mapping[str, Any], like: Topology, source: str) -> Topology 
     """`like`'s spec with `raw`'s status, when `raw` is the same object at the same generation: the
     API server bumps metadata.generation on every spec change and never on a status write, and no
     client sets it. A status write is most of what a watch brings; its spec was parsed once
-    already (a third of an event's cost to each daemon). None: parse the whole object."""
+    already (over half of parsing an event, for each daemon). None: parse the whole object."""
     meta = raw.get("metadata")
     if not like.generation or not isinstance(meta, Mapping) or _generation(raw) != like.generation:
         return None

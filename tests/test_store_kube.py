@@ -237,7 +237,7 @@ def test_link_states_are_one_guarded_patch_whoever_wrote_other_entries(kube_api:
 
 def test_a_status_write_in_a_watch_keeps_the_parsed_spec_and_a_spec_change_is_parsed(
         kube_api: KubeApiServer, store: KubeStore) -> None:
-    """Most watch events are status writes, and the spec's parse was two thirds of an event's cost
+    """Most watch events are status writes, and the spec's parse was over half of an event's cost
     to every daemon: the API server's metadata.generation says whether the spec changed."""
     store.apply(topo("r1"))
     stop = threading.Event()
