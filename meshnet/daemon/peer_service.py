@@ -159,9 +159,19 @@ class PeerService:
     def remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
         """Remove this node's ends of links whose far pod (the caller's) went away, or that the spec
         no longer has."""
-        state = self.state
         if len(reqs) > PEER_BATCH_MAX:
             raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
+        # The links' locks come before the store is read: an update from the far pod's next
+        # incarnation (same VTEP and VNI when it is back on the same node) is then either done
+        # before the read, which sees that incarnation alive and refuses, or waits until this
+        # removal is over and builds the end again. Read first, a removal whose caller gave up
+        # (its deadline passed and its DEL went on) could delete the end that incarnation's update
+        # had just built: a DEL undoing a newer ADD.
+        with self.state.link_locks_of((r.namespace, r.uid) for r in reqs):
+            return self._remove(reqs, caller)
+
+    def _remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
+        state = self.state
         actions = ["absent"] * len(reqs)
         groups = self._group_backed_by_store(reqs, gone_ok=True)
         self._authorize("remove", reqs, caller, self._reader(), {(t.namespace, t.name, r.uid) for t, items in groups
@@ -173,19 +183,20 @@ class PeerService:
                 continue
             ns_name = netns.resolve(path)
             gone: list[PeerLink] = []
-            with state.link_locks(topo.namespace, [req.uid for _, req in items]):
-                view = kernel.read_ends(state.executor, {ns_name: [r.local_intf for _, r in items]})[ns_name]
-                for i, req in items:
-                    # Only an end of ours (link group) that points at the caller goes: a newer
-                    # incarnation elsewhere keeps its link, another plugin's device is never touched.
-                    entry = view.get(req.local_intf)
-                    if kernel.vxlan_towards(entry, req.peer_vtep, req.vni) and kernel.ours(entry):
-                        actions[i] = "removed"
-                        gone.append(req)
-                if gone:
-                    state.executor.run_best_effort(
-                        [Command(ns_name, ("link", "del", r.local_intf), r.uid) for r in gone])
+            view = kernel.read_ends(state.executor, {ns_name: [r.local_intf for _, r in items]})[ns_name]
+            for i, req in items:
+                # Only an end of ours (link group) that points at the caller goes: a newer
+                # incarnation elsewhere keeps its link, another plugin's device is never touched.
+                entry = view.get(req.local_intf)
+                if kernel.vxlan_towards(entry, req.peer_vtep, req.vni) and kernel.ours(entry):
+                    actions[i] = "removed"
+                    gone.append(req)
+            if gone:
+                state.executor.run_best_effort(
+                    [Command(ns_name, ("link", "del", r.local_intf), r.uid) for r in gone])
             # Exactly what a plan records for a pending link, so the next reconcile writes nothing.
+            # Under the locks, as an update writes its outcome: a later update's "up" is never
+            # overwritten by this "pending".
             self.link_status.write(topo, [LinkStatus(r.uid, "", "pending", pending_reason(r.peer_pod)) for r in gone])
         return actions
 

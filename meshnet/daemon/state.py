@@ -3,8 +3,9 @@
 Locks (never held across a store or gRPC call, except the link locks):
 - `link_locks(namespace, uids)`: one lock per link, held while its kernel objects are read and
   changed, so an ADD, a peer request and a reconcile pass never interleave on one link. Taken in
-  uid order, so two holders never wait on each other in a cycle; kept only while held or waited
-  for (`_link_locks_guard` guards the table).
+  (namespace, uid) order (`link_locks_of` for several namespaces at once), so two holders never
+  wait on each other in a cycle; kept only while held or waited for (`_link_locks_guard` guards
+  the table). A peer Remove holds them across its store reads (see `PeerService.remove`).
 - `cache` (meshnet.store.cache, its own lock): the informer's copies of every Topology, indexed.
   The watch thread writes them; CNI calls, peer requests and the reconciler read them (`cached`,
   `peers_of`, `namespace_topologies`), falling back to the store when the cache misses or has not
@@ -183,7 +184,12 @@ class NodeState:
         A link's lock exists while someone holds or waits for it: the table follows the links in
         use, not every (namespace, uid) this node ever served (it used to keep those for the
         daemon's life, ~200 bytes each, whatever the churn of namespaces)."""
-        keys = [(namespace, uid) for uid in sorted(set(uids))]
+        return self.link_locks_of((namespace, uid) for uid in uids)
+
+    def link_locks_of(self, links: Iterable[tuple[str, int]]) -> ExitStack:
+        """`link_locks` for links of any namespaces, (namespace, uid) each: taken in one order,
+        (namespace, uid) sorted, of which each single namespace's order is a part."""
+        keys = sorted(set(links))
         with self._link_locks_guard:
             using: list[tuple[tuple[str, int], _LinkLock]] = []
             for key in keys:
