@@ -136,26 +136,23 @@ def _messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
         i += _align(length)
 
 
-def parse_links(data: bytes) -> tuple[list[dict[str, Any]], bool]:
-    """The RTM_NEWLINK messages of one receive buffer as `ip -j` shaped entries (ifname, flags,
-    linkinfo.info_kind), and whether the dump ended (DONE or an error)."""
-    out: list[dict[str, Any]] = []
-    for kind, _flags, body, end in _messages(data):
-        if kind in (NLMSG_DONE, NLMSG_ERROR):
-            return out, True
-        if kind == RTM_NEWLINK and body + _IFINFOMSG.size <= end:
-            _family, _type, _index, flags, _change = _IFINFOMSG.unpack_from(data, body)
-            attrs = _attrs(data, body + _IFINFOMSG.size, end)
-            name = _string(attrs.get(IFLA_IFNAME, b""))
-            entry: dict[str, Any] = {"ifname": name, "flags": _flag_names(flags)}
-            info = attrs.get(IFLA_LINKINFO)
-            if info is not None:
-                kind_raw = _attrs(info, 0, len(info)).get(IFLA_INFO_KIND)
-                if kind_raw is not None:
-                    entry["linkinfo"] = {"info_kind": _string(kind_raw)}
-            if name:
-                out.append(entry)
-    return out, False
+def _short_link(data: bytes, body: int, end: int) -> dict[str, Any] | None:
+    """One RTM_NEWLINK message as an `ip -j` shaped entry (ifname, flags, linkinfo.info_kind):
+    what `lab status` needs; None for a message without a name."""
+    if body + _IFINFOMSG.size > end:
+        return None
+    _family, _type, _index, flags, _change = _IFINFOMSG.unpack_from(data, body)
+    attrs = _attrs(data, body + _IFINFOMSG.size, end)
+    name = _string(attrs.get(IFLA_IFNAME, b""))
+    if not name:
+        return None
+    entry: dict[str, Any] = {"ifname": name, "flags": _flag_names(flags)}
+    info = attrs.get(IFLA_LINKINFO)
+    if info is not None:
+        kind_raw = _attrs(info, 0, len(info)).get(IFLA_INFO_KIND)
+        if kind_raw is not None:
+            entry["linkinfo"] = {"info_kind": _string(kind_raw)}
+    return entry
 
 
 def _open() -> socket.socket:
@@ -168,35 +165,28 @@ LINK_DUMP_ATTEMPTS = 3
 
 
 def links(netns: str, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
-    """{ifname: entry} of every link in the named namespace; OSError when it cannot be read.
+    """{ifname: entry} of every link in the named namespace; OSError when it cannot be read (an
+    answer the kernel cut short included: a partial list would call links "missing").
 
     A dump during which links came or went is marked interrupted by the kernel and may lack some
     that were there all along (`lab status` then called a link "missing"): it is read again."""
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    request += _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
     found: dict[str, dict[str, Any]] = {}
     for _ in range(LINK_DUMP_ATTEMPTS):
+        found = {}
         sock: socket.socket = in_netns(netns, _open)
         with sock:
             sock.settimeout(timeout)
             sock.bind((0, 0))
-            request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-            sock.send(request + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
-            found, interrupted = _read_links(sock)
-        if not interrupted:
-            break
+            try:
+                for data, kind, body, end in _dump(sock, request, 1):
+                    if kind == RTM_NEWLINK and (entry := _short_link(data, body, end)) is not None:
+                        found[entry["ifname"]] = entry
+            except DumpInterrupted:
+                continue  # the last attempt's read is what is said
+        break
     return found
-
-
-def _read_links(sock: socket.socket) -> tuple[dict[str, dict[str, Any]], bool]:
-    """One link dump's entries by name, and whether the kernel marked it interrupted."""
-    found: dict[str, dict[str, Any]] = {}
-    done = interrupted = False
-    while not done:
-        data = sock.recv(_RECV)
-        entries, done = parse_links(data)
-        interrupted = interrupted or any(flags & NLM_F_DUMP_INTR for _, flags, _, _ in _messages(data))
-        for e in entries:
-            found[e["ifname"]] = e
-    return found, interrupted
 
 
 # --- the full view: `ip -j -d addr show` ------------------------------------------------------------

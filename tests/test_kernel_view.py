@@ -214,12 +214,12 @@ def _link_message(name: str, index: int, flags: int = 0) -> bytes:
     return rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + len(body), rtnl.RTM_NEWLINK, flags, 1, 0) + body
 
 
-def test_a_link_dump_the_kernel_marks_interrupted_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Links that came or went during a dump make the kernel mark it interrupted, and it may lack
-    interfaces that were there all along: `lab status` then called a link "missing"."""
-    done = rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + 4, rtnl.NLMSG_DONE, 0, 1, 0) + rtnl._S32.pack(0)
-    dumps = [[_link_message("lo", 1, rtnl.NLM_F_DUMP_INTR), done],  # eth5 missed: interrupted
-             [_link_message("lo", 1) + _link_message("eth5", 7), done]]
+_DONE = rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + 4, rtnl.NLMSG_DONE, 0, 1, 0) + rtnl._S32.pack(0)
+
+
+def fake_link_dumps(monkeypatch: pytest.MonkeyPatch, dumps: list[list[bytes]]) -> list[list[bytes]]:
+    """`rtnl.links` reads `dumps[i]` (one receive buffer each) through its i-th socket; returns
+    the sockets' answers opened so far."""
     opened: list[list[bytes]] = []
 
     class Dump:
@@ -243,14 +243,47 @@ def test_a_link_dump_the_kernel_marks_interrupted_is_read_again(monkeypatch: pyt
             pass
 
         def recv(self, _n: int) -> bytes:
-            return self.answers.pop(0)
+            return self.answers.pop(0) if self.answers else b""
 
     monkeypatch.setattr(rtnl, "in_netns", lambda _ns, _fn: Dump())
+    return opened
+
+
+def test_a_link_dump_the_kernel_marks_interrupted_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Links that came or went during a dump make the kernel mark it interrupted, and it may lack
+    interfaces that were there all along: `lab status` then called a link "missing"."""
+    dumps = [[_link_message("lo", 1, rtnl.NLM_F_DUMP_INTR), _DONE],  # eth5 missed: interrupted
+             [_link_message("lo", 1) + _link_message("eth5", 7), _DONE]]
+    opened = fake_link_dumps(monkeypatch, dumps)
     assert set(rtnl.links("mnt-any")) == {"lo", "eth5"} and len(opened) == 2
     # One that stays interrupted is read LINK_DUMP_ATTEMPTS times, and the last read is what is said.
     dumps[1:] = [dumps[0]] * rtnl.LINK_DUMP_ATTEMPTS
     opened.clear()
     assert set(rtnl.links("mnt-any")) == {"lo"} and len(opened) == rtnl.LINK_DUMP_ATTEMPTS
+
+
+@pytest.mark.parametrize("answer", [
+    b"",  # the socket's end before NLMSG_DONE
+    rtnl._NLMSGHDR.pack(4096, rtnl.RTM_NEWLINK, 0, 1, 0),  # a header claiming more than was received
+    rtnl._NLMSGHDR.pack(3, rtnl.RTM_NEWLINK, 0, 1, 0),  # one claiming less than a header
+    rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + 4, rtnl.NLMSG_ERROR, 0, 1, 0) + rtnl._S32.pack(-1),  # EPERM
+], ids=["eof", "too-long", "too-short", "error"])
+def test_a_link_dump_cut_short_is_an_oserror_not_a_shorter_list(monkeypatch: pytest.MonkeyPatch,
+                                                                 answer: bytes) -> None:
+    """What was read before it would call every later link "missing": the namespace reads as
+    unreadable instead (`lab status`: its links missing, as for a namespace that is gone)."""
+    fake_link_dumps(monkeypatch, [[_link_message("lo", 1), answer]])
+    with pytest.raises(OSError):
+        rtnl.links("mnt-any")
+
+
+def test_a_link_message_without_a_name_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An attribute running past its message is dropped: the link has no name to report.
+    body = rtnl._IFINFOMSG.pack(0, 1, 5, 0x1, 0) + rtnl._RTATTR.pack(200, rtnl.IFLA_IFNAME) + b"eth1\0\0\0\0"
+    nameless = rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + len(body), rtnl.RTM_NEWLINK, 0, 1, 0) + body
+    short = rtnl._NLMSGHDR.pack(rtnl._NLMSGHDR.size + 4, rtnl.RTM_NEWLINK, 0, 1, 0) + b"\0" * 4  # no ifinfomsg
+    fake_link_dumps(monkeypatch, [[_link_message("lo", 1) + nameless + short + _link_message("eth5", 7), _DONE]])
+    assert set(rtnl.links("mnt-any")) == {"lo", "eth5"}
 
 
 # --- a pass reads each namespace once ---------------------------------------------------------------
