@@ -99,7 +99,7 @@ bench: setup ## measure the speed targets and write docs/performance.md (ISP-siz
 bench-quick: setup ## the speed targets without the ISP-sized labs (minutes each)
 	$(PY) -m benchmarks.run --write docs/performance.md --skip isp
 
-clean-netns: ## remove namespaces left by an interrupted test or lab (prefixes mnt-, mnl-, mnb-)
+clean-netns: ## remove what an interrupted test, benchmark or lab left: namespaces (mnt-, mnl-, mnb-), a killed run's labs whole
 	scripts/cleanup
 
 cni-binary: setup ## build the standalone CNI binary (no Python needed on the host) into build/cni-binary

@@ -36,6 +36,7 @@ import yaml
 from benchmarks.foundation import manifest_text as two_pod_manifest
 from meshnet.lab.cluster import Lab
 from meshnet.naming import LINK_GROUP
+from tests.owned import Claim
 
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
 Batch = tuple[str | None, list[str]]
@@ -96,6 +97,7 @@ def bench_lab(tag: str, manifest: str, nodes: int, **up: Any) -> Iterator[tuple[
     path.write_text(manifest)
     marks: list[tuple[float, str]] = []
     lab = Lab(tag, root=root, progress=lambda msg: marks.append((time.perf_counter(), msg)))
+    claim = Claim(lab.name, lab.dir, (root,))  # a killed bench's lab: `make clean-netns` reaps it
     try:
         lab.up(str(path), nodes, **up)
         failed = {r.name: r.error for r in lab.state.pods.values() if r.state != "up"}
@@ -108,6 +110,7 @@ def bench_lab(tag: str, manifest: str, nodes: int, **up: Any) -> Iterator[tuple[
         stop_daemons(lab)
         lab.down()
         shutil.rmtree(root, ignore_errors=True)
+        claim.release()
 
 
 def journal_batches(lab: Lab, since: float, until: float) -> list[Batch]:
@@ -574,6 +577,7 @@ def _isp(nodes: int, store: str, routers: int, links: int, seed: int, idle_secon
         path.write_text(text)
         marks: list[tuple[float, str]] = []
         lab = Lab(f"bisp{nodes}{store[0]}", root=root, progress=lambda msg: marks.append((time.perf_counter(), msg)))
+        stack.callback(Claim(lab.name, lab.dir, (root,)).release)  # last: once the rest is gone
 
         def cleanup() -> None:
             if lab.exists():

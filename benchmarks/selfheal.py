@@ -37,6 +37,7 @@ from meshnet.command import Command
 from meshnet.lab.cluster import Lab
 from meshnet.model import Link, Topology
 from meshnet.store import open_store
+from tests.owned import Claim
 from tests.test_selfheal import convergence_problems, link_subnet, mesh_manifest
 
 
@@ -44,6 +45,7 @@ from tests.test_selfheal import convergence_problems, link_subnet, mesh_manifest
 def _lab(manifest: str, nodes: int) -> Iterator[Lab]:
     root = Path(tempfile.mkdtemp(prefix="mnb", dir="/tmp"))  # short: the node sockets live there
     lab = Lab(f"b{secrets.token_hex(3)[:5]}", root=root)
+    claim = Claim(lab.name, lab.dir, (root,))  # a killed bench's lab: `make clean-netns` reaps it
     try:
         path = root / "manifest.yml"
         path.write_text(manifest)
@@ -55,6 +57,7 @@ def _lab(manifest: str, nodes: int) -> Iterator[Lab]:
     finally:
         lab.down()
         shutil.rmtree(root, ignore_errors=True)
+        claim.release()
 
 
 def _until(check: Callable[[], bool], timeout: float, step: float = 0.01) -> float | None:

@@ -52,6 +52,7 @@ from meshnet.lab.state import PodRecord
 from tests.cri import api_pb2 as cri
 from tests.cri import api_pb2_grpc as cri_grpc
 from tests.labkit import lab_leftovers
+from tests.owned import Claim
 
 PAUSE_IMAGE = "mnt.invalid/meshnet-pause:1"  # never pulled: imported from a local archive
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
@@ -213,11 +214,13 @@ def processes_mentioning(marker: str) -> list[int]:
 
 
 class CriCluster:
-    def __init__(self, lab: Lab, root: Path) -> None:
+    def __init__(self, lab: Lab, root: Path, claim: Claim) -> None:
         self.lab = lab
         self.root = root
+        self.claim = claim  # told each cgroup and sandbox namespace before they exist
         self.token = secrets.token_hex(3)
         self.cgroup_parent = f"/mnt-cri-{self.token}"
+        claim.add_cgroup(self.cgroup_parent)
         self.runtimes = {node: NodeRuntime(node, lab.node_netns(i), root / f"cri-{node}", self.cgroup_parent)
                          for i, node in enumerate(lab.state.nodes)}
         self.mode = ""
@@ -334,6 +337,7 @@ class CriCluster:
         rt.sandboxes[sb.id] = sb
         sb.netns = self.netns_of(sb)
         self.seen_netns.add(sb.netns)
+        self.claim.add_netns(sb.netns)
         return sb
 
     def status(self, sb: Sandbox) -> tuple[cri.PodSandboxStatus, dict[str, Any]]:
@@ -469,12 +473,13 @@ def cri_cluster(manifest: str | Path, nodes: int = 3) -> Iterator[CriCluster]:
     topologies = root / "topologies.yml"
     topologies.write_text("\n---".join(docs) + "\n")
     lab = Lab(f"c{secrets.token_hex(3)[:5]}", root=root)
+    claim = Claim(lab.name, lab.dir, (root,))
     cluster: CriCluster | None = None
     problems: list[str] = []
     left: list[str] = []
     try:
         lab.up(str(topologies), nodes)
-        cluster = CriCluster(lab, root)
+        cluster = CriCluster(lab, root, claim)
         with ThreadPoolExecutor(max_workers=nodes) as pool:
             list(pool.map(cluster.start, cluster.runtimes))
         yield cluster
@@ -490,6 +495,8 @@ def cri_cluster(manifest: str | Path, nodes: int = 3) -> Iterator[CriCluster]:
                 shutil.rmtree(root, ignore_errors=True)
                 if root.exists():
                     left.append(f"directory {root}")
+                if not left:  # else the record stays: the next `make clean-netns` reaps what is left
+                    claim.release()
     assert not left, f"CRI cluster {lab.name} left behind: {left}"
     assert not problems, f"CRI cluster {lab.name}: tearing down failed: {problems}"
 

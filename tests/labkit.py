@@ -22,6 +22,7 @@ from typing import Any
 
 from meshnet.daemon.netns import NETNS_DIR
 from meshnet.lab.cluster import Lab
+from tests.owned import Claim
 
 # A unix socket path is at most 107 bytes; the lab puts `<root>/<lab>/<node>.sock` there.
 _MAX_ROOT = 70
@@ -89,6 +90,7 @@ def lab_up(tmp_path: Path, manifest: str | Path, nodes: int = 1, store: str = "s
         path.write_text(text)
         text = str(path)
     lab = Lab(f"t{secrets.token_hex(3)[:5]}", root=root)
+    claim = Claim(lab.name, lab.dir, (short_root,) if short_root is not None else ())
     problems: list[str] = []
     try:
         lab.up(text, nodes, store=store, kubeconfig=str(kubeconfig), workers=workers, cni_bin=cni_bin,
@@ -101,5 +103,7 @@ def lab_up(tmp_path: Path, manifest: str | Path, nodes: int = 1, store: str = "s
             left = lab_leftovers(lab)
             if short_root is not None:
                 shutil.rmtree(short_root, ignore_errors=True)
+            if not left:  # else the record stays: the next `make clean-netns` reaps what is left
+                claim.release()
             assert not left, f"lab {lab.name} left behind: {left}"
     assert not problems, f"lab {lab.name}: tearing down failed: {problems}"
