@@ -79,10 +79,11 @@ def test_a_claim_with_a_field_out_of_shape_is_refused_naming_it(cleanup: ModuleT
 
 
 def test_records_that_are_not_roots_alone_are_left_alone(cleanup: ModuleType, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     owned_dir = tmp_path / "owned"
     owned_dir.mkdir(mode=0o700)
-    cleanup.OWNED_DIR = owned_dir
+    monkeypatch.setattr(cleanup, "OWNED_DIR", owned_dir)
     record = owned_dir / "t1a2b3.json"
     record.write_text(json.dumps(claim(dir=str(tmp_path / "lab"), dirs=[])))
     record.chmod(0o666)  # anyone could have written it
