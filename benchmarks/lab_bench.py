@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from benchmarks.foundation import manifest_text as two_pod_manifest
+from meshnet import watchdog
 from meshnet.lab.cluster import Lab
 from meshnet.naming import LINK_GROUP
 from tests.owned import Claim
@@ -141,10 +142,12 @@ def _done_before_failure(entry: dict[str, Any]) -> list[str]:
 
 def replay_bare(batches: list[Batch]) -> None:
     for ns, commands in batches:
-        proc = subprocess.run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input="\n".join(commands) + "\n",
-                              capture_output=True, text=True, check=False, timeout=300)
+        # As meshnet's executor waits for `ip` (meshnet.watchdog): subprocess.run(timeout=...) would
+        # add its exit polling's sleeps (~0.5-1 ms a batch) to the floor.
+        proc = watchdog.run(["ip", *(["-n", ns] if ns else []), "-batch", "-"],
+                            input=("\n".join(commands) + "\n").encode(), timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"bare replay failed in {ns}: {proc.stderr.strip()}")
+            raise RuntimeError(f"bare replay failed in {ns}: {proc.stderr.decode().strip()}")
 
 
 def clear_links(names: list[str]) -> None:

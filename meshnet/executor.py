@@ -22,6 +22,7 @@ from plumbum.commands.processes import CommandNotFound, ProcessTimedOut
 
 from meshnet.command import Command, phases
 from meshnet.plan import Capabilities
+from meshnet.watchdog import WATCHDOG
 
 _FAILED_LINE = re.compile(r"Command failed -:(\d+)")
 
@@ -248,10 +249,9 @@ class Executor:
         the same job."""
         proc = program[list(args)].popen(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            out, err = proc.communicate(stdin, timeout=self.timeout)
+            # Not communicate(timeout=...): it polls for the exit with sleeps (meshnet.watchdog).
+            out, err = WATCHDOG.communicate(proc, stdin, self.timeout)
         except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.communicate()
             raise ProcessTimedOut(f"timed out after {self.timeout}s", proc.args) from e
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 

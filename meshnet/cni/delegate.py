@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meshnet import watchdog
 from meshnet.cni import protocol, results
 
 DEFAULT_TIMEOUT = 120.0
@@ -73,14 +74,8 @@ def _invoke(
     # libcni passes the runtime's whole environment with the CNI_* variables set on top.
     child_env = {**os.environ, **env, "CNI_COMMAND": command}
     try:
-        proc = subprocess.run(
-            [binary],
-            input=json.dumps(stdin_conf).encode(),
-            env=child_env,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        # Not subprocess.run(timeout=...): it polls for the exit with sleeps (meshnet.watchdog).
+        proc = watchdog.run([binary], input=json.dumps(stdin_conf).encode(), env=child_env, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise protocol.CniError(
             protocol.INTERNAL, f"delegate plugin {plugin_type} timed out", f"{command} after {timeout:g} s"

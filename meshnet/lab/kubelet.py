@@ -13,7 +13,6 @@ import secrets
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from meshnet import watchdog
 from meshnet.cni.protocol import DEFAULT_BIN_DIR
 from meshnet.command import Command
 from meshnet.daemon.netns import NETNS_DIR
@@ -217,8 +217,7 @@ class Kubelet:
         node_ns = NETNS_DIR / self.names.node_netns(st.nodes.index(rec.node))
         # nsenter found on our PATH: the CNI binary's own PATH may be a host's without it.
         argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net={node_ns}", "--", *st.cni_bin]
-        proc = subprocess.run(argv, input=json.dumps(conf).encode(),
-                              env=env, capture_output=True, timeout=600, check=False)
+        proc = watchdog.run(argv, input=json.dumps(conf).encode(), env=env, timeout=600)  # no exit polling
         try:
             answer = json.loads(proc.stdout or b"{}")
         except ValueError:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
+from meshnet import watchdog
 from meshnet.model import IPInterface, Link, ManifestError, Topology, yaml_documents
 from meshnet.topo.builder import LOOPBACK_ANNOTATION
 
@@ -343,10 +344,11 @@ def install_routes(lab: Lab, workers: int = 0) -> dict[str, Any]:
             raise RouteError(f"{rec.name}: enabling forwarding failed: {e}") from e
         lines = batches.lines(rec.name)
         if lines:
-            proc = subprocess.run(["ip", "-n", rec.netns, "-batch", "-"], input="\n".join(lines) + "\n",
-                                  capture_output=True, text=True, check=False, timeout=300)
+            proc = watchdog.run(["ip", "-n", rec.netns, "-batch", "-"], input=("\n".join(lines) + "\n").encode(),
+                                timeout=300)  # no exit polling (meshnet.watchdog)
             if proc.returncode != 0:
-                raise RouteError(f"{rec.name}: installing routes failed: {proc.stderr.strip()[-500:]}")
+                raise RouteError(f"{rec.name}: installing routes failed: "
+                                 f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
         return len(plan.routes.get(rec.name, ()))
 
     workers = workers or (os.cpu_count() or 1) + 1
