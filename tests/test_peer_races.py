@@ -16,6 +16,7 @@ from meshnet.daemon.config import DEFAULT_GRPC_PORT as GRPC_PORT
 from meshnet.daemon.netns import NETNS_DIR
 from meshnet.daemon.node import NodeDaemon
 from meshnet.daemon.peer_auth import Caller
+from meshnet.daemon.peer_service import PeerDenied
 from meshnet.executor import Executor
 from meshnet.model import TopologyStatus, parse_manifest
 from meshnet.plan import NodeInfo
@@ -34,14 +35,19 @@ def c_alive(container: str) -> Any:
     return lambda _cur: TopologyStatus(src_ip=VTEP1, net_ns="/var/run/netns/x", container_id=container, node="node1")
 
 
+@pytest.mark.parametrize(("stalled_read", "outcome"), [
+    (1, ("refused", ["unchanged"])),  # its check before the locks: the check under them refuses
+    (2, (["removed"], ["created"])),  # its check under the locks: the update waits, builds again
+], ids=["before-the-locks", "under-the-locks"])
 def test_a_late_remove_never_deletes_the_end_the_far_pods_next_incarnation_built(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stalled_read: int, outcome: tuple[Any, Any]) -> None:
     """c (on node1) went: its DEL cleared its status and asked this node to remove b's end of their
     vxlan. That Remove read c dead, then stalled (a busy node; the DEL's deadline passed and the DEL
     went on). c came back on node1 (same VTEP, same VNI) and its ADD's update found b's end in
     place. The stalled Remove then went on and deleted it: a DEL undoing a newer ADD, the link
-    down until a pass noticed. Now the Remove holds the link's lock from before its read, so the
-    update waits for it and builds the end again."""
+    down until a pass noticed. Now the Remove checks again under the link's lock: stalled before
+    that, it is refused (c is alive again); stalled after, it holds the lock, so the update waits
+    for it and builds the end again."""
     with netns_set(3) as (node_ns, pa, pb):
         ip("-n", node_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "up0")  # the VTEP's uplink
         ip("-n", node_ns, "addr", "add", "198.51.100.1/24", "dev", "eth0")
@@ -68,11 +74,16 @@ def test_a_late_remove_never_deletes_the_end_the_far_pods_next_incarnation_built
             store.update_status(NS, "c", lambda _cur: TopologyStatus())  # c's DEL, first step
             original = core.peer_service.read_topology
 
+            reads = 0
+
             def stalled(namespace: str, pod: str, fresh: Any = None) -> Any:
+                nonlocal reads
                 found = original(namespace, pod, fresh)
-                if pod == "c" and fresh is None and not read.is_set():  # the Remove's look at c
-                    read.set()
-                    assert go.wait(20)
+                if pod == "c" and fresh is None:  # the Remove's look at c
+                    reads += 1
+                    if reads == stalled_read:
+                        read.set()
+                        assert go.wait(20)
                 return found
 
             monkeypatch.setattr(core.peer_service, "read_topology", stalled)
@@ -80,6 +91,8 @@ def test_a_late_remove_never_deletes_the_end_the_far_pods_next_incarnation_built
             def call(out: list[Any], fn: Any) -> None:
                 try:
                     out.append(fn([req], NODE1))
+                except PeerDenied as e:
+                    out.append("refused" if "pod c is alive on node node1" in str(e) else e)
                 except BaseException as e:  # reported by the assertions below
                     out.append(e)
 
@@ -112,7 +125,7 @@ def test_a_late_remove_never_deletes_the_end_the_far_pods_next_incarnation_built
             assert not remover.is_alive() and not updater.is_alive()
             assert "eth2" in rtnl.links(pb), f"the late Remove deleted the end c's next incarnation had built: " \
                                               f"{removed}, {updated}"
-            assert removed == [["removed"]] and updated == [["created"]], (removed, updated)
+            assert (removed[0], updated[0]) == outcome
             assert {s.uid: s.state for s in store.get(NS, "b").status.links} == {1: "up", 2: "up"}
             assert core.state.link_locks_in_use() == 0
         finally:

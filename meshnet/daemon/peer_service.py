@@ -161,21 +161,30 @@ class PeerService:
         no longer has."""
         if len(reqs) > PEER_BATCH_MAX:
             raise PeerDenied(f"{len(reqs)} links in one call: at most {PEER_BATCH_MAX}")
-        # The links' locks come before the store is read: an update from the far pod's next
+        # Checked once before the links' locks are taken: a forged batch never holds them.
+        self._removable(reqs, caller)
+        # Then read and checked again under the locks: an update from the far pod's next
         # incarnation (same VTEP and VNI when it is back on the same node) is then either done
-        # before the read, which sees that incarnation alive and refuses, or waits until this
-        # removal is over and builds the end again. Read first, a removal whose caller gave up
-        # (its deadline passed and its DEL went on) could delete the end that incarnation's update
-        # had just built: a DEL undoing a newer ADD.
+        # before that read, which sees the incarnation alive and refuses, or waits until this
+        # removal is over and builds the end again. Checked only before, a removal whose caller
+        # gave up (its deadline passed and its DEL went on) could delete the end that
+        # incarnation's update had just built: a DEL undoing a newer ADD.
         with self.state.link_locks_of((r.namespace, r.uid) for r in reqs):
             return self._remove(reqs, caller)
+
+    def _removable(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller
+                   ) -> list[tuple[Topology, list[tuple[int, PeerLink]]]]:
+        """The batch grouped by local pod, once the store backs it and `caller` may remove it
+        (else PeerDenied); each pod read afresh."""
+        groups = self._group_backed_by_store(reqs, gone_ok=True)
+        self._authorize("remove", reqs, caller, self._reader(), {(t.namespace, t.name, r.uid) for t, items in groups
+                                                                 for _, r in items if t.link(r.uid) is None})
+        return groups
 
     def _remove(self, reqs: Sequence[PeerLink], caller: peer_auth.Caller) -> list[str]:
         state = self.state
         actions = ["absent"] * len(reqs)
-        groups = self._group_backed_by_store(reqs, gone_ok=True)
-        self._authorize("remove", reqs, caller, self._reader(), {(t.namespace, t.name, r.uid) for t, items in groups
-                                                                 for _, r in items if t.link(r.uid) is None})
+        groups = self._removable(reqs, caller)
         for topo, items in groups:
             st = topo.status
             path = state.netns_here(topo) if state.alive_here(st) else ""  # never the store's net_ns
