@@ -100,22 +100,8 @@ def test_records_that_are_not_roots_alone_are_left_alone(cleanup: ModuleType, tm
 KILLED_RUN = """
 import json, sys, time
 from tests.crikit import cri_cluster
-manifest = '''
-apiVersion: networkop.co.uk/v1beta1
-kind: Topology
-metadata: {name: r1}
-spec:
-  links:
-  - {uid: 1, peer_pod: r2, local_intf: eth1, peer_intf: eth1, local_ip: 10.9.1.1/24, peer_ip: 10.9.1.2/24}
----
-apiVersion: networkop.co.uk/v1beta1
-kind: Topology
-metadata: {name: r2}
-spec:
-  links:
-  - {uid: 1, peer_pod: r1, local_intf: eth1, peer_intf: eth1, local_ip: 10.9.1.2/24, peer_ip: 10.9.1.1/24}
-'''
-with cri_cluster(manifest, nodes=1) as cluster:
+from tests.test_offline_lab import MANIFEST  # r1 -- r2 (its other documents are not Topologies)
+with cri_cluster(MANIFEST, nodes=1) as cluster:
     cluster.set_mode("chain")
     sbs = [cluster.run_pod(p, node="node0") for p in ("r1", "r2")]
     print(json.dumps({"lab": cluster.lab.name, "root": str(cluster.root), "cgroup": cluster.cgroup_parent,
