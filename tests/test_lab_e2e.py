@@ -18,6 +18,7 @@ from meshnet.lab.cluster import Lab
 from meshnet.model import Manifest, load_manifest
 from tests.labkit import lab_up
 from tests.netns import list_netns
+from tests.owned import Claim
 
 pytestmark = pytest.mark.root
 
@@ -161,6 +162,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_down_leaves_nothing_behind(tmp_path: Path) -> None:
     lab = Lab(f"d{os.getpid() % 100000}", root=tmp_path)
+    claim = Claim(lab.name, lab.dir)  # released once nothing is left: else the next cleanup reaps it
     try:
         lab.up(str(TESTS / "macvlan.yml"), 3)
         pids = list(lab.state.daemons.values())
@@ -177,3 +179,4 @@ def test_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert _processes_mentioning(str(lab.dir)) == []
     assert not lab.dir.exists()
     assert list(tmp_path.iterdir()) == []
+    claim.release()
