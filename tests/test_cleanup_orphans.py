@@ -61,6 +61,8 @@ def test_a_claim_as_the_suite_writes_it_is_read(cleanup: ModuleType) -> None:
     ({"dir": "/home/user"}, "dir"),
     ({"dir": "/tmp/../etc"}, "dir"),
     ({"dirs": ["/run/meshnet"]}, "dir"),
+    ({"dirs": ["/run/meshnet/labs"]}, "dir"),  # every lab's
+    ({"dirs": ["/tmp/pytest-of-root/pytest-3"]}, "dir"),  # every test's of a run
     ({"dirs": "/tmp/x"}, "dir"),
     ({"cgroups": ["/system.slice"]}, "cgroups"),
     ({"cgroups": ["/mnt-cri-0a1b2c/../../init.scope"]}, "cgroups"),
@@ -70,7 +72,8 @@ def test_a_claim_as_the_suite_writes_it_is_read(cleanup: ModuleType) -> None:
     ({"pid": True}, "pid"),
     ({"start": None}, "pid"),
 ], ids=["lab-path", "lab-long", "dir-root", "dir-tmp", "dir-tmp-slash", "dir-elsewhere", "dir-dotdot",
-        "dirs-run-meshnet", "dirs-not-list", "cgroup-system", "cgroup-dotdot", "netns-not-cni", "netns-not-list",
+        "dirs-run-meshnet", "dirs-all-labs", "dirs-pytest-run",
+        "dirs-not-list", "cgroup-system", "cgroup-dotdot", "netns-not-cni", "netns-not-list",
         "pid-string", "pid-bool", "start-missing"])
 def test_a_claim_with_a_field_out_of_shape_is_refused_naming_it(cleanup: ModuleType, change: dict[str, Any],
                                                                 field: str) -> None:
