@@ -245,8 +245,8 @@ class Executor:
         file for every batch, and registers each process with plumbum's one timeout thread, which
         keeps it in its heap until its deadline (`timeout`, 120 s) even when it ended at once. An
         ADD under load paid for both (a fifth of meshnetd's CPU in the 100-pod run's profile, and
-        every finished Popen held for two minutes). The pipe and `communicate`'s own timeout do
-        the same job."""
+        every finished Popen held for two minutes). The pipe and the process-wide watchdog
+        (meshnet.watchdog: no exit polling, no entry kept once the process ended) do the same job."""
         proc = program[list(args)].popen(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             # Not communicate(timeout=...): it polls for the exit with sleeps (meshnet.watchdog).
