@@ -580,6 +580,30 @@ def test_peer_remove_of_a_live_link_is_refused(a_and_c_alive: Node, caller: Call
     assert a_and_c_alive.executor.recorded == []
 
 
+def test_a_refused_peer_remove_never_takes_a_link_lock(a_and_c_alive: Node, store: SqliteStore,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Remove is checked before the links' locks: a forged or refused batch cannot hold them
+    (stalling this node's ADDs of those links); an allowed one takes them and checks again."""
+    state = a_and_c_alive.core.state
+    taken: list[list[tuple[str, int]]] = []
+    take = state.link_locks_of
+
+    def recorded(links: Any) -> Any:
+        links = list(links)
+        taken.append(links)
+        return take(links)
+
+    monkeypatch.setattr(state, "link_locks_of", recorded)
+    with pytest.raises(PeerDenied, match="pod c is alive on node node1: its link is live"):
+        a_and_c_alive.core.peer_remove([valid_update()], Caller(node="node1"))
+    with pytest.raises(PeerDenied, match="differs"):
+        a_and_c_alive.core.peer_remove([replace(valid_update(), local_intf="evil0")], Caller(node="node1"))
+    assert taken == []
+    store.update_status(NS, "c", lambda _cur: TopologyStatus())  # c's DEL
+    assert a_and_c_alive.core.peer_remove([valid_update()], Caller(node="node1")) == ["absent"]
+    assert taken == [[(NS, 2)]]
+
+
 def test_peer_remove_once_the_far_pod_is_gone(a_and_c_alive: Node, store: SqliteStore) -> None:
     store.update_status(NS, "c", lambda _cur: TopologyStatus())  # what c's DEL writes first
     with pytest.raises(PeerDenied, match=f"caller address {VTEP2} cannot remove ends towards VTEP {VTEP1}"):
